@@ -1,0 +1,246 @@
+"""The checkpoint directory (DESIGN.md "Checkpoint"): cbtool.json + safetensors files, no pickle.
+
+Writing builds the whole directory beside the target and swaps it in with renames, so a reader
+sees the old checkpoint or the new one, never a mixture; cbtool.json carries a sha256 per file and
+loading refuses any mismatch (hash, shape, version, missing key) with a `UserError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import cbtool
+from cbtool.errors import UserError
+from cbtool.model import ModelConfig, Transformer
+from cbtool.sites import BuiltinLocator, CodebookModel, CodebookSpec
+from cbtool.tokfsm import FSMSpec, TokFSM
+
+FORMAT = "cbtool-checkpoint"
+FORMAT_VERSION = 1
+META = "cbtool.json"
+CODEBOOKS = "codebooks.safetensors"
+MODEL = "model.safetensors"
+TRAIN_STATE = "train_state.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temp file in the same directory and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+    model: CodebookModel
+    task: TokFSM | None
+    train_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the checkpoint: hash of its cbtool.json (which hashes every file)."""
+        return sha256_file(self.path / META)
+
+
+def save_checkpoint(
+    out: Path,
+    model: CodebookModel,
+    meta: dict[str, Any],
+    save_base: bool = True,
+    train_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a checkpoint directory atomically. `meta` holds model/tokenizer/task/training."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint to {out}: {e.strerror or e}") from None
+    try:
+        tensors = {s.tensor_name: model.codebook(s).codes.detach().cpu().contiguous() for s in model.specs}
+        save_file(tensors, str(tmp / CODEBOOKS))
+        files = [CODEBOOKS]
+        if save_base:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.base.state_dict().items()}
+            save_file(state, str(tmp / MODEL))
+            files.append(MODEL)
+        if train_state is not None:
+            save_file({k: v.cpu().contiguous() for k, v in train_state.items()}, str(tmp / TRAIN_STATE))
+            files.append(TRAIN_STATE)
+        full = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "cbtool_version": cbtool.__version__,
+            **meta,
+            "codebooks": [s.to_dict() for s in model.specs],
+            "files": {name: sha256_file(tmp / name) for name in files},
+        }
+        atomic_write_text(tmp / META, json.dumps(full, indent=2))
+        _swap_in(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint to {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.exists() and not (out / META).is_file() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a cbtool checkpoint; refusing to replace it")
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Read and structurally validate cbtool.json; every problem is one UserError line."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist (train one with `cbtool train`)")
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} is not a directory")
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise UserError(f"{path} is not a cbtool checkpoint: no {META}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{meta_path} is not a cbtool checkpoint (format != {FORMAT!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{meta_path}: format version {version!r} is not supported (this cbtool reads {FORMAT_VERSION})"
+        )
+    for key, kind in (("model", dict), ("codebooks", list), ("files", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise UserError(f"{meta_path}: missing or malformed key {key!r}")
+    return meta
+
+
+def _verify_files(path: Path, meta: dict[str, Any]) -> None:
+    for name, digest in meta["files"].items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise UserError(f"{path / META}: file name {name!r} points outside the checkpoint")
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"checkpoint {path} is missing {name}")
+        if sha256_file(f) != digest:
+            raise UserError(f"checkpoint {path}: {name} does not match its sha256 (corrupt or changed)")
+
+
+def _specs(meta: dict[str, Any], where: Path) -> list[CodebookSpec]:
+    specs = []
+    try:
+        for d in meta["codebooks"]:
+            spec = CodebookSpec(
+                int(d["layer"]), str(d["component"]), int(d["groups"]), int(d["dim"]),
+                int(d["num_codes"]), int(d["k"]),
+            )
+            if spec.component not in ("attn_heads", "attn", "mlp") or min(
+                spec.groups, spec.dim, spec.num_codes, spec.k
+            ) < 1 or spec.k > spec.num_codes:
+                raise ValueError(f"bad codebook entry {d}")
+            specs.append(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where / META}: malformed codebook list ({e})") from None
+    return specs
+
+
+def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {f}: {e}") from None
+
+
+def build_base(meta: dict[str, Any], where: Path) -> tuple[torch.nn.Module, BuiltinLocator]:
+    model_meta = meta["model"]
+    if model_meta.get("kind") != "builtin":
+        raise UserError(f"{where / META}: unsupported model kind {model_meta.get('kind')!r}")
+    try:
+        cfg = ModelConfig(**model_meta["config"])
+        if min(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_mlp) < 1:
+            raise ValueError("sizes must be positive")
+        base = Transformer(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where / META}: malformed model config ({e})") from None
+    return base, BuiltinLocator(base)
+
+
+def build_task(meta: dict[str, Any]) -> TokFSM | None:
+    task = meta.get("task") or {}
+    if task.get("name") == "tokfsm":
+        fields = {k: task[k] for k in ("num_states", "out_degree", "seq_len", "seed") if k in task}
+        return TokFSM(FSMSpec(**fields))
+    return None
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_state: bool = False) -> Checkpoint:
+    path = Path(path)
+    meta = read_meta(path)
+    _verify_files(path, meta)
+    if CODEBOOKS not in meta["files"]:
+        raise UserError(f"checkpoint {path} lists no {CODEBOOKS}")
+    specs = _specs(meta, path)
+    base, locator = build_base(meta, path)
+    if MODEL in meta["files"]:
+        state = _load_tensors(path / MODEL)
+        try:
+            base.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"checkpoint {path}: {MODEL} does not fit the model config ({first})") from None
+    model = CodebookModel(base, locator, specs)
+    codes = _load_tensors(path / CODEBOOKS)
+    for spec in specs:
+        t = codes.get(spec.tensor_name)
+        expected = (spec.groups, spec.num_codes, spec.dim)
+        if t is None:
+            raise UserError(f"checkpoint {path}: {CODEBOOKS} lacks tensor {spec.tensor_name}")
+        if tuple(t.shape) != expected:
+            raise UserError(
+                f"checkpoint {path}: {spec.tensor_name} has shape {tuple(t.shape)}, cbtool.json says {expected}"
+            )
+        with torch.no_grad():
+            model.codebook(spec).codes.copy_(t)
+    train_state = None
+    if with_train_state and TRAIN_STATE in meta["files"]:
+        train_state = _load_tensors(path / TRAIN_STATE)
+    model.to(device).eval()
+    return Checkpoint(path, meta, model, build_task(meta), train_state)

@@ -1,0 +1,106 @@
+"""The `cbtool` command line: one Typer app; each command lives in `cbtool/commands/`.
+
+Exit codes (DESIGN.md): 0 ok, 1 a requested check failed, 2 bad input (one line on stderr),
+70 anything unexpected (a short message; the traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x vendors click
+    from typer._click import exceptions as cx
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import exceptions as cx
+
+import cbtool
+from cbtool.errors import CheckFailed, UserError
+
+EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
+
+
+class _Group(TyperGroup):
+    """Maps every failure to the documented exit code and one line on stderr."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or bool(os.environ.get("CBTOOL_DEBUG"))
+        try:
+            rc = super().main(args=args, prog_name=prog_name or "cbtool", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except (typer.Exit, getattr(cx, "Exit", typer.Exit)) as e:
+            sys.exit(e.exit_code)
+        except (typer.Abort, getattr(cx, "Abort", typer.Abort)):
+            _fail("aborted", 130)
+        except cx.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # typer already printed the help
+                sys.exit(0)
+            _fail(e.format_message(), EXIT_USAGE)
+        except cx.ClickException as e:
+            _fail(e.format_message(), EXIT_USAGE)
+        except UserError as e:
+            _fail(str(e), EXIT_USAGE)
+        except CheckFailed as e:
+            _fail(str(e), EXIT_CHECK)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except BrokenPipeError:
+            sys.exit(0)
+        except Exception as e:  # noqa: BLE001 - the documented last resort
+            if debug:
+                traceback.print_exc()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+                  EXIT_INTERNAL)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"cbtool: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="cbtool",
+    help="Train, store, search and steer codebook features (arXiv 2310.17230).\n\n"
+    "Quick start:  cbtool train && cbtool eval && cbtool embed && cbtool find-codes --labels state",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cbtool {cbtool.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for unexpected errors."),
+) -> None:
+    """Codebook features: train, embed, search, steer."""
+
+
+def _register() -> None:
+    from cbtool.commands import eval as eval_cmd
+    from cbtool.commands import info, train
+
+    for module in (train, eval_cmd, info):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,55 @@
+"""Shared pieces of the commands: the run directory, consoles, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+SCHEMA_VERSION = 1
+
+out = Console(highlight=False, soft_wrap=True)  # results: stdout
+err = Console(stderr=True, highlight=False)  # logs: stderr
+
+
+def run_dir(run: Path | None) -> Path:
+    """`--run DIR`, else $CBTOOL_RUN, else ./cbtool-run."""
+    if run is not None:
+        return Path(run)
+    return Path(os.environ.get("CBTOOL_RUN") or "cbtool-run")
+
+
+def default_checkpoint(path: Path | None, run: Path | None) -> Path:
+    return Path(path) if path is not None else run_dir(run) / "checkpoint"
+
+
+def default_store(path: Path | None, run: Path | None) -> Path:
+    return Path(path) if path is not None else run_dir(run) / "codes"
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def emit_json(kind: str, doc: dict[str, Any]) -> None:
+    """One JSON document on stdout, with schema_version and kind."""
+    print(json.dumps(_clean({"schema_version": SCHEMA_VERSION, "kind": kind, **doc}), indent=2))
+
+
+def emit_jsonl(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        print(json.dumps(_clean(row)))
+
+
+RUN_OPTION_HELP = "Run directory (default $CBTOOL_RUN or ./cbtool-run)."
+DEVICE_HELP = "auto, cpu or cuda."

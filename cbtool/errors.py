@@ -1,0 +1,9 @@
+"""The two kinds of expected failure, mapped to exit codes by the CLI (DESIGN.md)."""
+
+
+class UserError(Exception):
+    """Bad input of any kind: exit 2 with this one-line message."""
+
+
+class CheckFailed(Exception):
+    """A check the user asked for did not hold: exit 1 with this one-line message."""

@@ -1,0 +1,94 @@
+"""Evaluation: loss and TokFSM transition accuracy with codebooks on vs bypassed, code usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from cbtool.generate import sample
+from cbtool.sites import CodebookModel
+from cbtool.tokfsm import BOS, TokFSM
+
+EVAL_SEED = 987_654_321  # held-out data stream, disjoint from any training seed's stream
+
+
+@torch.no_grad()
+def fsm_loss(model: CodebookModel, fsm: TokFSM, num_seqs: int, device, batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy (nats/token) over held-out sequences."""
+    total, count = 0.0, 0
+    for i, lo in enumerate(range(0, num_seqs, batch_size)):
+        tokens, _ = fsm.step_batch(min(batch_size, num_seqs - lo), EVAL_SEED, i)
+        tokens = tokens.to(device)
+        logits, _ = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
+                               reduction="sum")
+        total += float(loss)
+        count += tokens[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def fsm_accuracy(
+    model: CodebookModel, fsm: TokFSM, num_samples: int, device, seed: int = 0,
+    digits: int = 64, temperature: float = 1.0, batch_size: int = 256,
+) -> float:
+    """Share of sampled state transitions that are edges of the FSM (generation from BOS)."""
+    digits = min(digits, fsm.spec.seq_len - 1)
+    gen = torch.Generator().manual_seed(seed)
+    valid = total = 0
+    for lo in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - lo)
+        prompt = torch.full((n, 1), BOS, dtype=torch.long, device=device)
+        out = sample(model, prompt, digits, gen, temperature=temperature)
+        v, t = fsm.transition_accuracy(out)
+        valid, total = valid + v, total + t
+    return valid / max(total, 1)
+
+
+@torch.no_grad()
+def code_usage(model: CodebookModel, fsm: TokFSM, num_seqs: int, device) -> dict[str, float]:
+    """Fraction of each site's codes that fire at least once on held-out sequences."""
+    cbs = [cb for _, cb in model.items()]
+    for cb in cbs:
+        cb.track_usage, _ = True, cb.usage.zero_()
+    try:
+        tokens, _ = fsm.step_batch(num_seqs, EVAL_SEED, 10**6)
+        for chunk in tokens.split(64):
+            model(chunk.to(device))
+        out = {}
+        for spec, cb in model.items():
+            for g, name in enumerate(spec.site_names):
+                out[name] = float((cb.usage[g] > 0).float().mean())
+        return out
+    finally:
+        for cb in cbs:
+            cb.track_usage = False
+            cb.usage.zero_()
+
+
+def evaluate_fsm(
+    model: CodebookModel, fsm: TokFSM, device, num_samples: int = 512, num_seqs: int = 256,
+    seed: int = 0, temperature: float = 1.0,
+) -> dict[str, Any]:
+    """The 'modest degradation' figure: loss and transition accuracy, codebooks on and bypassed."""
+    was_training = model.training
+    model.eval()
+    result: dict[str, Any] = {}
+    try:
+        for label, enabled in (("on", True), ("bypassed", False)):
+            model.set_enabled(enabled)
+            result[label] = {
+                "loss": fsm_loss(model, fsm, num_seqs, device),
+                "transition_accuracy": fsm_accuracy(model, fsm, num_samples, device, seed, temperature=temperature),
+                "greedy_accuracy": fsm_accuracy(model, fsm, min(num_samples, 64), device, seed, temperature=0.0),
+            }
+        model.set_enabled(True)
+        result["code_usage"] = code_usage(model, fsm, num_seqs, device)
+    finally:
+        model.set_enabled(True)
+        model.train(was_training)
+    result["samples"] = num_samples
+    result["temperature"] = temperature
+    return result

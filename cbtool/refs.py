@@ -1,0 +1,48 @@
+"""Code references `SITE:CODE` (DESIGN.md "Code references")."""
+
+from __future__ import annotations
+
+import re
+
+from cbtool.errors import UserError
+from cbtool.sites import Site
+
+
+def resolve_site(text: str, sites: dict[str, Site]) -> Site:
+    """`L.mlp`, `L.attn`, `L.attn.hH`, or a bare layer `L` (its MLP site, else its only site)."""
+    name = text.strip()
+    if name in sites:
+        return sites[name]
+    if re.fullmatch(r"\d+", name):
+        layer_sites = [s for s in sites.values() if s.spec.layer == int(name)]
+        mlp = [s for s in layer_sites if s.spec.component == "mlp"]
+        if mlp:
+            return mlp[0]
+        if len(layer_sites) == 1:
+            return layer_sites[0]
+        if not layer_sites:
+            raise UserError(f"layer {name} has no codebook; sites: {_listing(sites)}")
+        raise UserError(
+            f"bare layer {name} is ambiguous: use one of {', '.join(s.name for s in layer_sites)}"
+        )
+    raise UserError(f"unknown site {name!r}; sites: {_listing(sites)}")
+
+
+def parse_code_ref(text: str, sites: dict[str, Site]) -> tuple[Site, int]:
+    """`SITE:CODE` -> (site, code), refusing malformed text and out-of-range codes."""
+    m = re.fullmatch(r"\s*([^:\s]+)\s*:\s*(\S+)\s*", text)
+    if not m:
+        raise UserError(f"bad code reference {text!r}: expected SITE:CODE, e.g. 1.mlp:42")
+    site = resolve_site(m.group(1), sites)
+    if not re.fullmatch(r"\d+", m.group(2)):
+        raise UserError(f"bad code number {m.group(2)!r} in {text!r}: expected an integer >= 0")
+    code = int(m.group(2))
+    if code >= site.num_codes:
+        raise UserError(f"code {code} out of range for site {site.name} (0-{site.num_codes - 1})")
+    return site, code
+
+
+def _listing(sites: dict[str, Site], limit: int = 12) -> str:
+    names = list(sites)
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,339 @@
+"""Training: the two-phase recipe that reaches >= 95% TokFSM accuracy with codebooks on, on a CPU.
+
+Phase 1 (`base_steps`): train the plain transformer (codebooks bypassed).
+Switch: collect activations and initialise every codebook with k-means (see `kmeans_init`).
+Phase 2 (`steps`): train the codebooks with the base frozen: task loss through the codebooks
+plus `mse_coef` x reconstruction MSE (+ optional commitment), dead codes revived every
+`dead_window` steps. With `base_steps=0` codebooks are trained from scratch with the base.
+
+Every batch is a pure function of (seed, step) and the checkpoint carries the optimizer state, so
+`--resume` continues exactly where a run stopped and equals an uninterrupted run on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.nn import functional as F
+
+from cbtool.checkpoint import Checkpoint, save_checkpoint
+from cbtool.errors import UserError
+from cbtool.evaluate import evaluate_fsm
+from cbtool.kmeans_init import capture_inputs, init_codebook
+from cbtool.model import ModelConfig, Transformer
+from cbtool.sites import BuiltinLocator, CodebookModel, parse_sites_option
+from cbtool.tokfsm import FSMSpec, TokFSM
+
+MAX_CODES = 2**24  # refuse absurd sizes before allocating
+
+
+@dataclass
+class TrainConfig:
+    task: str = "tokfsm"
+    sites: str = "attn-heads,mlp"
+    num_codes: int = 1000
+    k: int = 1
+    base_steps: int = 900
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3  # phase 1 (base) learning rate
+    codebook_lr: float = 1e-3  # phase 2 learning rate
+    mse_coef: float = 1.0
+    commit_coef: float = 0.0
+    train_base: bool = False  # phase 2: also train the base (at lr x base_lr_factor)
+    base_lr_factor: float = 0.1
+    kmeans_seqs: int = 256
+    dead_window: int = 100
+    checkpoint_every: int = 200
+    eval_samples: int = 512
+    seed: int = 0
+    model: dict[str, int] = field(default_factory=lambda: ModelConfig().to_dict())
+    fsm: dict[str, int] = field(default_factory=lambda: {"num_states": 100, "out_degree": 10, "seq_len": 128})
+
+    def validate(self) -> None:
+        for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.base_steps + self.steps < 1:
+            raise UserError("nothing to train: --steps and --base-steps are both 0")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.num_codes <= MAX_CODES:
+            raise UserError(f"--num-codes must be in 1..{MAX_CODES}, got {self.num_codes}")
+        if not 1 <= self.k <= self.num_codes:
+            raise UserError(f"--k must be in 1..--num-codes ({self.num_codes}), got {self.k}")
+        for name in ("lr", "codebook_lr", "base_lr_factor"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+        for name in ("mse_coef", "commit_coef"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.task != "tokfsm":
+            raise UserError(f"unknown --task {self.task!r}: available: tokfsm")
+        cfg = self.model
+        if cfg["d_model"] % cfg["n_head"]:
+            raise UserError("d_model must be divisible by n_head")
+        # the largest codebook tensor must be allocatable: refuse before trying
+        if self.num_codes * cfg["d_model"] * 4 > 8 * 2**30:
+            raise UserError(f"--num-codes {self.num_codes} needs > 8 GiB per codebook; refusing")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the paper's TokFSM scale (20k steps x batch 512), as the same two-phase recipe: for a GPU
+    "paper": {"base_steps": 10_000, "steps": 10_000, "batch_size": 512, "lr": 1e-3,
+              "kmeans_seqs": 1024, "checkpoint_every": 1000, "eval_samples": 2048},
+    # seconds on a CPU: for tests and smoke runs
+    "tiny": {"base_steps": 30, "steps": 20, "batch_size": 8, "num_codes": 64, "kmeans_seqs": 16,
+             "checkpoint_every": 25, "eval_samples": 32,
+             "model": {"vocab_size": 11, "block_size": 128, "n_layer": 2, "n_head": 2, "d_model": 32,
+                       "d_mlp": 64}},
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, log: Console) -> None:
+        cfg.validate()
+        self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
+        self.fsm = TokFSM(FSMSpec(**cfg.fsm, seed=cfg.seed))
+        torch.manual_seed(cfg.seed)
+        base = Transformer(ModelConfig(**cfg.model))
+        chosen = parse_sites_option(cfg.sites, base.config.n_layer)
+        self.model = CodebookModel.build(base, BuiltinLocator(base), chosen, cfg.num_codes, cfg.k).to(device)
+        for cb in self.model.codebooks.values():
+            cb.commit_coef = cfg.commit_coef
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.elapsed = 0.0
+        self._make_optimizer()
+
+    # -- phases -------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.base_steps + self.cfg.steps
+
+    def phase(self, step: int) -> str:
+        return "base" if step < self.cfg.base_steps else "codebook"
+
+    def _make_optimizer(self) -> None:
+        cfg = self.cfg
+        codebook_params = list(self.model.codebooks.parameters())
+        base_params = list(self.model.base.parameters())
+        if self.phase(self.step) == "base":
+            self.model.set_enabled(False)
+            groups = [{"params": base_params, "lr": cfg.lr}]
+        else:
+            self.model.set_enabled(True)
+            train_base = cfg.train_base or cfg.base_steps == 0
+            for p in base_params:
+                p.requires_grad_(train_base)
+            base_lr = cfg.lr if cfg.base_steps == 0 else cfg.codebook_lr * cfg.base_lr_factor
+            groups = [{"params": codebook_params, "lr": cfg.codebook_lr}]
+            if train_base:
+                groups.append({"params": base_params, "lr": base_lr})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def _schedule(self, step: int) -> float:
+        """Warm-up then cosine to 10% within each phase."""
+        if self.phase(step) == "base":
+            lo, n = 0, self.cfg.base_steps
+        else:
+            lo, n = self.cfg.base_steps, self.cfg.steps
+        i = step - lo
+        warm = min(50, max(1, n // 10))
+        if i < warm:
+            return (i + 1) / warm
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, n - warm)))
+
+    def _switch_to_codebooks(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        cbs = [cb for _, cb in self.model.items()]
+        self.model.set_enabled(False)
+        self.model.eval()
+
+        def run() -> None:
+            tokens, _ = self.fsm.step_batch(cfg.kmeans_seqs, cfg.seed, -1)
+            for chunk in tokens.split(64):
+                self.model(chunk.to(self.device))
+
+        acts = capture_inputs(cbs, run)
+        for i, (cb, a) in enumerate(zip(cbs, acts, strict=True)):
+            init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97)
+        self.model.train()
+        self.log.print(f"codebooks initialised by k-means from {acts[0].shape[0]} tokens "
+                       f"in {time.perf_counter() - t0:.1f}s", highlight=False)
+
+    # -- one step -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step
+        if step == cfg.base_steps and (cfg.base_steps > 0 or cfg.steps > 0) and step < self.total_steps:
+            self._switch_to_codebooks()
+            self._make_optimizer()
+        phase = self.phase(step)
+        self.model.train()
+        tokens, _ = self.fsm.step_batch(cfg.batch_size, cfg.seed, step)
+        tokens = tokens.to(self.device)
+        logits, _ = self.model(tokens[:, :-1])
+        task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+        loss = task
+        aux = self.model.aux_loss() if phase == "codebook" else None
+        if aux is not None:
+            loss = loss + cfg.mse_coef * aux
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {float(loss)} at step {step}; try a lower --lr")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        scale = self._schedule(step)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        self.opt.step()
+        acc = float((logits.argmax(-1) == tokens[:, 1:]).float().mean())
+        self.step += 1
+        revived = 0
+        if phase == "codebook" and cfg.dead_window and (self.step - cfg.base_steps) % cfg.dead_window == 0:
+            gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
+            revived = sum(cb.revive_dead(gen) for cb in self.model.codebooks.values())
+        return {"step": self.step, "loss": task.item(), "mse": aux.item() if aux is not None else 0.0,
+                "acc": acc, "revived": revived}
+
+    def _set_usage_tracking(self) -> None:
+        on = self.phase(self.step) == "codebook" and self.cfg.dead_window > 0
+        for cb in self.model.codebooks.values():
+            cb.track_usage = on
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        progress = Progress(
+            TextColumn("[bold]{task.fields[phase]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} {task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True,
+        )
+        tokens_per_step = cfg.batch_size * (cfg.fsm["seq_len"] - 1)
+        with progress:
+            bar = progress.add_task("train", total=self.total_steps, completed=self.step, phase=self.phase(self.step),
+                                    loss=float("nan"), acc=0.0, tps=0.0)
+            while self.step < self.total_steps:
+                self._set_usage_tracking()
+                t0 = time.perf_counter()
+                row = self.train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                self.history.append(row)
+                progress.update(bar, completed=self.step, phase=self.phase(self.step - 1), loss=row["loss"],
+                                acc=row["acc"], tps=tokens_per_step / dt)
+                if progress.disable and (self.step % 100 == 0 or self.step == self.total_steps):
+                    self.log.print(f"step {self.step}/{self.total_steps} [{self.phase(self.step - 1)}] "
+                                   f"loss {row['loss']:.3f} acc {row['acc']:.3f} mse {row['mse']:.3f} "
+                                   f"{tokens_per_step / dt:,.0f} tok/s", highlight=False)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save(results=None)
+                    if on_checkpoint:
+                        on_checkpoint(self.step)
+        self.log.print("evaluating (codebooks on and bypassed)...", highlight=False)
+        results = evaluate_fsm(self.model, self.fsm, self.device, num_samples=cfg.eval_samples, seed=cfg.seed)
+        results["train_seconds"] = round(self.elapsed, 1)
+        results["final_train_loss"] = self.history[-1]["loss"] if self.history else None
+        self.save(results=results)
+        return results
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def meta(self, results: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "model": {"kind": "builtin", "config": self.cfg.model},
+            "tokenizer": {"kind": "tokfsm", "vocab_size": self.fsm.vocab_size},
+            "task": self.fsm.spec.to_dict(),
+            "training": {
+                "config": asdict(self.cfg),
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "finished": self.step >= self.total_steps,
+                "phase": self.phase(max(0, self.step - 1)),
+                "seconds": round(self.elapsed, 1),
+                "device": str(self.device),
+                "results": results,
+            },
+        }
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """Optimizer moments and step counters as flat tensors (safetensors, no pickle)."""
+        state = {"trainer.step": torch.tensor(self.step), "trainer.elapsed": torch.tensor(self.elapsed)}
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            s = self.opt.state.get(p)
+            if not s:
+                continue
+            for key, val in s.items():
+                state[f"opt.{i}.{key}"] = val.detach().clone() if torch.is_tensor(val) else torch.tensor(val)
+        for cb_key, cb in self.model.codebooks.items():
+            state[f"usage.{cb_key}"] = cb.usage.clone()
+            if cb.recent_inputs is not None:
+                state[f"recent.{cb_key}"] = cb.recent_inputs
+        return state
+
+    def save(self, results: dict[str, Any] | None) -> None:
+        save_checkpoint(self.out, self.model, self.meta(results), save_base=True, train_state=self.train_state())
+
+    @classmethod
+    def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console) -> Trainer:
+        training = ckpt.meta.get("training") or {}
+        if "config" not in training or ckpt.train_state is None:
+            raise UserError(f"{ckpt.path} has no resumable training state")
+        cfg = TrainConfig.from_dict(training["config"])
+        self = cls(cfg, out, device, log)
+        state = ckpt.train_state
+        self.step = int(state["trainer.step"])
+        self.elapsed = float(state["trainer.elapsed"])
+        self.model.load_state_dict(ckpt.model.state_dict())
+        self._make_optimizer()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            keys = [k for k in state if k.startswith(f"opt.{i}.")]
+            if keys:
+                self.opt.state[p] = {k.split(".", 2)[2]: state[k].to(device) if state[k].dim() else state[k]
+                                     for k in keys}
+        for cb_key, cb in self.model.codebooks.items():
+            if f"usage.{cb_key}" in state:
+                cb.usage.copy_(state[f"usage.{cb_key}"])
+            if f"recent.{cb_key}" in state:
+                cb.recent_inputs = state[f"recent.{cb_key}"].to(device)
+        for p in self.model.parameters():
+            p.data = p.data.to(device)
+        return self
+
+
+def apply_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown --preset {name!r}: use {', '.join(PRESETS)}")
+    return TrainConfig(**PRESETS[name])
