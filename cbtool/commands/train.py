@@ -35,6 +35,7 @@ def train(
     out_dir: Path | None = typer.Option(None, "--out", help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run at --out exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing checkpoint at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON document."),
 ) -> None:
     """Train a transformer with codebooks (TokFSM by default) and write a checkpoint.
@@ -56,6 +57,7 @@ def train(
             raise UserError(f"{target} is already finished ({trainer.step} steps); nothing to resume")
         err.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
     else:
+        check_target(target, overwrite)
         cfg = apply_preset(preset)
         overrides = {"task": task, "sites": sites, "num_codes": num_codes, "k": k, "base_steps": base_steps,
                      "steps": steps, "batch_size": batch_size, "lr": lr, "codebook_lr": codebook_lr,
@@ -76,6 +78,17 @@ def train(
     out.print(f"transition accuracy  codebooks on {on['transition_accuracy']:.3f}   "
               f"bypassed {off['transition_accuracy']:.3f}")
     out.print(f"loss (nats/token)    codebooks on {on['loss']:.4f}  bypassed {off['loss']:.4f}")
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse before any work to replace what the user has, unless asked to."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / "cbtool.json").is_file():
+            raise UserError(f"--out {target} exists and is not a cbtool checkpoint; refusing to replace it")
+        if not overwrite:
+            raise UserError(f"checkpoint {target} exists; pass --overwrite to replace it or --resume to continue it")
 
 
 def register(app: typer.Typer) -> None:

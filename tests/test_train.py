@@ -1,0 +1,146 @@
+"""Training through the real CLI: checkpoint written, read back by info/eval, resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from cbtool.checkpoint import load_checkpoint
+from cbtool.train import Trainer, TrainConfig, apply_preset
+from tests.helpers import run_cli
+
+
+def test_train_writes_checkpoint_that_info_and_eval_read(tiny_checkpoint):
+    meta = json.loads((tiny_checkpoint / "cbtool.json").read_text())
+    assert meta["format"] == "cbtool-checkpoint"
+    assert set(meta["files"]) >= {"codebooks.safetensors", "model.safetensors"}
+    assert meta["training"]["finished"] is True
+    assert [c["key"] for c in meta["codebooks"]] == ["0.attn.heads", "0.mlp", "1.attn.heads", "1.mlp"]
+
+    res = run_cli("info", tiny_checkpoint, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["schema_version"] == 1
+    assert "0.attn.h1" in doc["sites"] and "1.mlp" in doc["sites"]
+
+    res = run_cli("eval", tiny_checkpoint, "--json", "--samples", "16", "--device", "cpu")
+    assert res.exit_code == 0, res.stderr
+    ev = json.loads(res.stdout)
+    for label in ("on", "bypassed"):
+        assert 0.0 <= ev[label]["transition_accuracy"] <= 1.0
+        assert ev[label]["loss"] > 0
+    assert set(ev["code_usage"]) == set(doc["sites"])
+    # codebooks really are in the path: on and bypassed differ
+    assert ev["on"]["loss"] != ev["bypassed"]["loss"]
+
+
+def test_train_uses_run_dir_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("train", "--preset", "tiny", "--base-steps", "2", "--steps", "2", "--device", "cpu")
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "cbtool-run" / "checkpoint" / "cbtool.json").is_file()
+    assert run_cli("info").exit_code == 0
+
+
+def _train_args(out, *extra):
+    return ("train", "--preset", "tiny", "--out", out, "--device", "cpu", "--seed", "3",
+            "--checkpoint-every", "10", *extra)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupted_run(out, stop_at: int) -> None:
+    cfg = apply_preset("tiny")
+    cfg.seed, cfg.checkpoint_every = 3, 10
+
+    def stop(step: int) -> None:
+        if step == stop_at:
+            raise _Stop
+
+    trainer = Trainer(cfg, out, torch.device("cpu"), Console(stderr=True, quiet=True))
+    with pytest.raises(_Stop):
+        trainer.run(on_checkpoint=stop)
+
+
+@pytest.mark.parametrize("stop_at", [20, 40])  # 20: plain phase; 40: after the k-means switch at 30
+def test_resume_equals_uninterrupted(tmp_path, stop_at):
+    full = tmp_path / "full"
+    assert run_cli(*_train_args(full)).exit_code == 0
+    part = tmp_path / "part"
+    _interrupted_run(part, stop_at)
+    meta = json.loads((part / "cbtool.json").read_text())
+    assert meta["training"]["step"] == stop_at and meta["training"]["finished"] is False
+    res = run_cli("train", "--resume", "--out", part, "--device", "cpu")
+    assert res.exit_code == 0, res.stderr
+    for name in ("model.safetensors", "codebooks.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    ra = json.loads((full / "cbtool.json").read_text())["training"]["results"]
+    rb = json.loads((part / "cbtool.json").read_text())["training"]["results"]
+    assert ra["on"] == rb["on"] and ra["bypassed"] == rb["bypassed"]
+
+
+def test_resume_refuses_finished_and_missing(tmp_path, tiny_checkpoint):
+    res = run_cli("train", "--resume", "--out", tiny_checkpoint)
+    assert res.exit_code == 2 and "already finished" in res.stderr
+    res = run_cli("train", "--resume", "--out", tmp_path / "nothing")
+    assert res.exit_code == 2 and "nothing to resume" in res.stderr
+
+
+def test_codebook_phase_trains_only_codebooks_and_reduces_mse(tmp_path):
+    cfg = apply_preset("tiny")
+    cfg.base_steps, cfg.steps, cfg.checkpoint_every, cfg.dead_window = 20, 30, 0, 0
+    trainer = Trainer(cfg, tmp_path / "ck", torch.device("cpu"), Console(stderr=True, quiet=True))
+    for _ in range(cfg.base_steps):
+        trainer.train_step()
+    base_before = {k: v.clone() for k, v in trainer.model.base.state_dict().items()}
+    rows = [trainer.train_step() for _ in range(cfg.steps)]
+    for k, v in trainer.model.base.state_dict().items():
+        assert torch.equal(v, base_before[k]), f"frozen base weight {k} changed"
+    first, last = sum(r["mse"] for r in rows[:5]), sum(r["mse"] for r in rows[-5:])
+    assert last < first
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--k", "0"), "--k"),
+        (("--num-codes", str(10**12)), "--num-codes"),
+        (("--steps", "-1"), "--steps"),
+        (("--batch-size", "0"), "--batch-size"),
+        (("--lr", "nan"), "--lr"),
+        (("--sites", "7.mlp"), "out of range"),
+        (("--sites", "foo"), "foo"),
+        (("--task", "nope"), "nope"),
+        (("--preset", "huge"), "huge"),
+        (("--device", "tpu"), "tpu"),
+    ],
+)
+def test_bad_train_arguments_exit_2_with_one_line(tmp_path, args, needle):
+    res = run_cli("train", "--preset", "tiny", "--out", tmp_path / "ck", *args)
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and needle in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_trainconfig_roundtrip():
+    cfg = TrainConfig(num_codes=77, k=3)
+    assert TrainConfig.from_dict({**cfg.__dict__, "unknown": 1}) == cfg
+
+
+def test_loaded_checkpoint_matches_trained_model(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    tokens = torch.randint(1, 11, (2, 20))
+    logits_on, _ = ckpt.model(tokens)
+    ckpt.model.set_enabled(False)
+    logits_off, _ = ckpt.model(tokens)
+    assert not torch.allclose(logits_on, logits_off)
