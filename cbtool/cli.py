@@ -92,10 +92,10 @@ def _root(
 
 
 def _register() -> None:
+    from cbtool.commands import dead_codes, embed, find_codes, info, intervene, show_code, train
     from cbtool.commands import eval as eval_cmd
-    from cbtool.commands import info, train
 
-    for module in (train, eval_cmd, info):
+    for module in (train, eval_cmd, info, embed, find_codes, dead_codes, show_code, intervene):
         module.register(app)
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from cbtool.checkpoint import load_checkpoint
-from cbtool.train import Trainer, TrainConfig, apply_preset
+from cbtool.train import TrainConfig, Trainer, apply_preset
 from tests.helpers import run_cli
 
 

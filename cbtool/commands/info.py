@@ -27,7 +27,8 @@ def info(
         emit_json("info", {"path": str(ckpt.path), "sha256": ckpt.sha256, **meta,
                            "sites": list(ckpt.model.sites)})
         return
-    out.print(f"[bold]checkpoint[/] {ckpt.path}  (format {meta['format_version']}, cbtool {meta.get('cbtool_version')})")
+    version = f"format {meta['format_version']}, cbtool {meta.get('cbtool_version')}"
+    out.print(f"[bold]checkpoint[/] {ckpt.path}  ({version})")
     model = meta["model"]
     desc = ", ".join(f"{k}={v}" for k, v in (model.get("config") or {}).items())
     out.print(f"[bold]model[/] {model.get('kind')}: {desc}")

@@ -1,0 +1,155 @@
+"""`cbtool show-code`: the contexts a code fires on, with the firing token highlighted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, out
+from cbtool.commands.find_codes import open_store
+from cbtool.errors import UserError
+from cbtool.refs import parse_code_ref
+from cbtool.store import Store
+
+
+def _render(store: Store, text: str, tokens: np.ndarray, spans: np.ndarray, lo: int, hi: int) -> str:
+    """Text of tokens [lo, hi): their characters plus the text between them; names for specials."""
+    pieces = []
+    prev_end = None
+    for i in range(lo, hi):
+        s, e = int(spans[i, 0]), int(spans[i, 1])
+        if prev_end is not None and e > s and s > prev_end:
+            pieces.append(text[prev_end:s])
+        pieces.append(store.token_string(int(tokens[i]), text, (s, e)))
+        if e > s:
+            prev_end = e
+    return "".join(pieces)
+
+
+def code_contexts(store: Store, site: str, code: int, n_examples: int, context: int) -> dict[str, Any]:
+    positions = []  # (shard, local positions)
+    fires = 0
+    token_counts: dict[int, int] = {}
+    for s in range(store.num_shards):
+        pos = np.flatnonzero((np.asarray(store.codes(s, site)) == code).any(axis=1))
+        fires += len(pos)
+        if len(pos):
+            positions.append((s, pos))
+            tok = np.asarray(store.tokens(s))[pos].astype(np.int64)
+            for t, c in zip(*np.unique(tok, return_counts=True), strict=True):
+                token_counts[int(t)] = token_counts.get(int(t), 0) + int(c)
+    # examples spread evenly over all firings (deterministic)
+    picks = (
+        np.unique(np.linspace(0, fires - 1, num=min(n_examples, fires)).round().astype(np.int64))
+        if fires
+        else []
+    )
+    examples = []
+    cum = 0
+    doc_base = np.concatenate([[0], np.cumsum([int(x["docs"]) for x in store.manifest["shards"]])])
+    token_repr: dict[int, str] = {}
+    for s, pos in positions:
+        mine = [int(p) - cum for p in picks if cum <= p < cum + len(pos)]
+        text = store.text(s) if mine or any(t not in token_repr for t in token_counts) else ""
+        tokens = np.asarray(store.tokens(s))
+        spans = np.asarray(store.spans(s))
+        for t in token_counts:
+            if t not in token_repr:
+                hit = pos[tokens[pos] == t]
+                if len(hit):
+                    token_repr[t] = store.token_string(t, text, spans[hit[0]])
+        if mine:
+            offs = np.asarray(store.doc_offsets(s))
+            labels = {n: store.labels(s, n) for n in store.label_names}
+            for j in mine:
+                p = int(pos[j])
+                d = int(np.searchsorted(offs, p, side="right") - 1)
+                lo, hi = max(int(offs[d]), p - context), min(int(offs[d + 1]), p + context + 1)
+                examples.append(
+                    {
+                        "position": int(store.token_offsets[s] + p),
+                        "doc": int(doc_base[s] + d),
+                        "left": _render(store, text, tokens, spans, lo, p),
+                        "token": _render(store, text, tokens, spans, p, p + 1),
+                        "right": _render(store, text, tokens, spans, p + 1, hi),
+                        **{f"label_{n}": int(lab[p]) for n, lab in labels.items()},
+                    }
+                )
+        cum += len(pos)
+    top = sorted(token_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    return {
+        "fires": fires,
+        "share_of_tokens": fires / max(store.num_tokens, 1),
+        "top_tokens": [{"token": token_repr.get(t, f"<{t}>"), "token_id": t, "count": c} for t, c in top],
+        "examples": examples,
+    }
+
+
+def show_code(
+    args: list[str] = typer.Argument(  # noqa: B008
+        ...,
+        metavar="[STORE] SITE:CODE",
+        help="Optional store directory (default RUN/codes), then a code reference such as 1.mlp:412.",
+    ),
+    run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),  # noqa: B008
+    examples: int = typer.Option(10, "--examples", help="Contexts to show."),
+    context: int = typer.Option(8, "--context", help="Tokens of context on each side."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """The contexts a code fires on (firing token highlighted), its firing count, share of tokens,
+    and the tokens it fires on most.
+
+    Examples:
+      cbtool show-code 1.mlp:412
+      cbtool show-code runs/a/codes 0.attn.h2:7 --examples 20 --context 12 --json
+    """
+    if len(args) > 2:
+        raise UserError(f"expected [STORE] SITE:CODE, got {len(args)} arguments")
+    if examples < 0 or context < 0:
+        raise UserError("--examples and --context must be >= 0")
+    store = open_store(Path(args[0]) if len(args) == 2 else None, run)
+    site, code = parse_code_ref(args[-1], store.sites)
+    res = code_contexts(store, site.name, code, examples, context)
+    ref = f"{site.name}:{code}"
+    if as_json:
+        emit_json(
+            "show-code",
+            {
+                "store": str(store.path),
+                "code": ref,
+                "site": site.name,
+                "code_id": code,
+                "tokens": store.num_tokens,
+                **res,
+            },
+        )
+        return
+    out.print(
+        f"[bold]{ref}[/] fires on {res['fires']:,} of {store.num_tokens:,} tokens "
+        f"({res['share_of_tokens']:.2%})"
+    )
+    if res["top_tokens"]:
+        out.print(
+            "most frequent tokens: "
+            + ", ".join(f"{escape(repr(t['token']))} x{t['count']:,}" for t in res["top_tokens"])
+        )
+    if res["examples"]:
+        table = Table(title=f"contexts of {ref} (firing token \\[highlighted])")
+        table.add_column("doc", justify="right")
+        table.add_column("context")
+        for name in store.label_names:
+            table.add_column(name, justify="right")
+        for ex in res["examples"]:
+            mark = escape("[" + ex["token"] + "]")
+            ctx = f"{escape(ex['left'])}[bold reverse]{mark}[/]{escape(ex['right'])}"
+            table.add_row(str(ex["doc"]), ctx, *[str(ex[f"label_{n}"]) for n in store.label_names])
+        out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("show-code")(show_code)

@@ -1,0 +1,185 @@
+"""Features: sets of token positions in a code store (DESIGN.md "Definitions").
+
+- Regex: matched against each document's text; a token belongs to the feature when its characters
+  overlap a match (`match_on="all"`), or when it is the first token overlapping a match
+  (`match_on="first"`). Matches never span two documents. Empty matches cover no character and
+  select nothing.
+- Labels: the store's own per-token labels (TokFSM `state`), or an external file (.npy, or text with
+  one label per line) with exactly one label per stored token. Label values are mapped to indices
+  0..V-1 (-1: no label), so scoring handles all values at once.
+
+Everything is returned per shard, so features over a store larger than memory stay shard-sized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cbtool.errors import UserError
+from cbtool.store import Store
+
+MATCH_ON = ("first", "all")
+
+
+def compile_regex(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"invalid regex {pattern!r}: {e}") from None
+
+
+def match_ranges(regex: re.Pattern[str], text: str, doc_chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-empty match [start, end) character ranges, document by document, in text coordinates."""
+    starts: list[int] = []
+    ends: list[int] = []
+    bounds = doc_chars.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if a == b:
+            continue
+        for m in regex.finditer(text[a:b]):
+            if m.end() > m.start():
+                starts.append(a + m.start())
+                ends.append(a + m.end())
+    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+
+def tokens_overlapping(
+    spans: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_chars: int, match_on: str = "all"
+) -> np.ndarray:
+    """Boolean mask over tokens for match ranges (vectorised; no loop over tokens)."""
+    if match_on not in MATCH_ON:
+        raise UserError(f"--match-on must be first or all, got {match_on!r}")
+    n = spans.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    if len(starts) == 0 or n == 0:
+        return mask
+    ts = spans[:, 0].astype(np.int64)
+    te = spans[:, 1].astype(np.int64)
+    if match_on == "all":
+        covered = np.zeros(n_chars + 1, dtype=np.int64)
+        np.add.at(covered, starts, 1)
+        np.add.at(covered, ends, -1)
+        in_match = np.cumsum(covered)[:n_chars] > 0
+        prefix = np.concatenate([[0], np.cumsum(in_match)])
+        mask = (prefix[te] - prefix[ts]) > 0
+        return mask
+    # first: for each match, the first non-empty token whose end lies past the match start
+    nonempty = np.flatnonzero(te > ts)
+    ne_end = te[nonempty]
+    j = np.searchsorted(ne_end, starts, side="right")
+    ok = j < len(nonempty)
+    j = j[ok]
+    hit = ts[nonempty[j]] < ends[ok]
+    mask[nonempty[j[hit]]] = True
+    return mask
+
+
+def regex_feature(store: Store, pattern: str, match_on: str = "all") -> list[np.ndarray]:
+    """Per-shard boolean masks of the tokens a regex selects."""
+    regex = compile_regex(pattern)
+    if match_on not in MATCH_ON:
+        raise UserError(f"--match-on must be first or all, got {match_on!r}")
+    masks = []
+    for s in range(store.num_shards):
+        text = store.text(s)
+        starts, ends = match_ranges(regex, text, np.asarray(store.doc_chars(s)))
+        masks.append(tokens_overlapping(np.asarray(store.spans(s)), starts, ends, len(text), match_on))
+    return masks
+
+
+@dataclass
+class LabelFeature:
+    """Per-shard label indices (-1 = no label) and the value each index stands for."""
+
+    name: str
+    values: list[int | str]
+    index: list[np.ndarray]  # per shard, int64 in -1..V-1
+
+    def value_index(self, text: str) -> int:
+        """Index of a `--label VALUE` given on the command line."""
+        for i, v in enumerate(self.values):
+            if str(v) == text.strip():
+                return i
+        shown = ", ".join(str(v) for v in self.values[:10])
+        more = f", ... ({len(self.values)} values)" if len(self.values) > 10 else ""
+        raise UserError(
+            f"label value {text!r} does not occur in labels {self.name!r} (values: {shown}{more})"
+        )
+
+
+def _index_int_labels(name: str, parts: list[np.ndarray]) -> LabelFeature:
+    uniq = np.unique(np.concatenate([np.unique(p) for p in parts])) if parts else np.array([], np.int64)
+    values = uniq[uniq >= 0]
+    index = []
+    for p in parts:
+        idx = np.searchsorted(values, p)
+        idx = np.where(p >= 0, idx, -1).astype(np.int64)
+        index.append(idx)
+    return LabelFeature(name, [int(v) for v in values], index)
+
+
+def _split(store: Store, flat: np.ndarray) -> list[np.ndarray]:
+    offs = store.token_offsets
+    return [np.asarray(flat[offs[s] : offs[s + 1]]) for s in range(store.num_shards)]
+
+
+def label_feature(store: Store, source: str) -> LabelFeature:
+    """`--labels NAME` (a label stored with the store) or `--labels FILE` (.npy or one label per line)."""
+    if source in store.label_names:
+        return _index_int_labels(
+            source, [np.asarray(store.labels(s, source), dtype=np.int64) for s in range(store.num_shards)]
+        )
+    path = Path(source)
+    if not path.exists():
+        names = ", ".join(store.label_names) or "none"
+        raise UserError(f"--labels {source!r} is neither a label of the store (it has: {names}) nor a file")
+    if not path.is_file():
+        raise UserError(f"--labels {path} is not a file")
+    n = store.num_tokens
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read label file {path} as .npy without pickle ({e})") from None
+        if arr.ndim != 1:
+            raise UserError(f"label file {path} must be 1-D (one label per token), got shape {arr.shape}")
+        if arr.shape[0] != n:
+            raise UserError(f"label file {path} has {arr.shape[0]} labels but the store has {n} tokens")
+        if arr.dtype.kind in "iub":
+            return _index_int_labels(path.name, _split(store, np.asarray(arr, dtype=np.int64)))
+        if arr.dtype.kind in "US":
+            strs = np.asarray(arr).astype(str)
+            return _index_str_labels(store, path.name, strs)
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(np.asarray(arr) == np.round(arr)):
+            return _index_int_labels(path.name, _split(store, np.asarray(arr, dtype=np.int64)))
+        raise UserError(f"label file {path} has dtype {arr.dtype}; use integers (-1 = none) or strings")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"label file {path} is not UTF-8 text") from None
+    if len(lines) != n:
+        raise UserError(f"label file {path} has {len(lines)} lines but the store has {n} tokens")
+    return _index_str_labels(store, path.name, np.array([ln.strip() for ln in lines], dtype=str))
+
+
+def _index_str_labels(store: Store, name: str, strs: np.ndarray) -> LabelFeature:
+    """String labels; an empty string means no label. All-integer files keep integer values."""
+    present = strs != ""
+    values, inv = np.unique(strs[present], return_inverse=True)
+    idx = np.full(len(strs), -1, dtype=np.int64)
+    idx[present] = inv
+    out_values: list[int | str] = [str(v) for v in values]
+    try:  # "12" and "3" sort as numbers when every label is an integer
+        ints = np.array([int(v) for v in values], dtype=np.int64)
+        order = np.argsort(ints, kind="stable")
+        remap = np.empty_like(order)
+        remap[order] = np.arange(len(order))
+        idx[present] = remap[inv]
+        out_values = [int(v) for v in ints[order]]
+    except ValueError:
+        pass
+    return LabelFeature(name, out_values, _split(store, idx))

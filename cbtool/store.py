@@ -1,0 +1,502 @@
+"""The code store written by `cbtool embed` (DESIGN.md "Code store").
+
+A store is a directory::
+
+    manifest.json            format, checkpoint path + sha256, corpus, sites, shard plan, totals
+    shard-000000/            one complete shard (renamed into place only when fully written)
+        shard.json           index, tokens, docs, chars
+        tokens.npy           (n,) token ids, smallest unsigned dtype
+        doc_offsets.npy      (docs + 1,) token offsets of the documents within the shard
+        text.npy             utf-8 bytes of the shard's documents' texts, concatenated
+        doc_chars.npy        (docs + 1,) character offsets of the documents in the decoded text
+        spans.npy            (n, 2) character [start, end) of every token in the decoded text
+        labels.NAME.npy      (n,) per-token labels (-1 = none), e.g. labels.state.npy for TokFSM
+        codes.SITE.npy       (n, k) top-k code ids, smallest unsigned dtype that fits C
+        counts.SITE.npy      (C,) how many tokens each code fired on
+    shard-000001/ ...
+    shard-000002.lock        a writer's claim on a shard it is writing (host, pid)
+
+Everything is plain .npy, read with ``np.load(mmap_mode="r")`` (never pickle), so a store much larger
+than memory is read shard by shard. A shard is written into a temporary directory and renamed into
+place, so a crash leaves either a whole shard or none; `embed` resumes by skipping complete shards,
+and several processes may write disjoint shards of one store (a second writer of the same shard is
+refused while the first is alive).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cbtool
+from cbtool.checkpoint import META, atomic_write_text, sha256_file
+from cbtool.corpus import Document
+from cbtool.errors import UserError
+from cbtool.sites import CodebookSpec, Site
+
+FORMAT = "cbtool-codes"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_META = "shard.json"
+
+
+def code_dtype(num_codes: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds ids 0..num_codes-1."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if num_codes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+@dataclass
+class ShardArrays:
+    """One shard's contents before it is written."""
+
+    tokens: np.ndarray  # (n,)
+    doc_offsets: np.ndarray  # (docs + 1,)
+    text: str
+    doc_chars: np.ndarray  # (docs + 1,)
+    spans: np.ndarray  # (n, 2), offsets into `text`
+    labels: dict[str, np.ndarray]  # name -> (n,)
+    codes: dict[str, np.ndarray]  # site -> (n, k)
+
+
+def documents_to_arrays(docs: list[Document], label_name: str = "state") -> ShardArrays:
+    """Concatenate documents into shard arrays (codes are added by the caller)."""
+    if not docs:
+        raise ValueError("a shard needs at least one document")
+    lengths = np.array([len(d.tokens) for d in docs], dtype=np.int64)
+    doc_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    text = "".join(d.text for d in docs)
+    doc_chars = np.concatenate([[0], np.cumsum([len(d.text) for d in docs])]).astype(np.int64)
+    tokens = np.concatenate([np.asarray(d.tokens, dtype=np.int64) for d in docs])
+    spans = np.concatenate(
+        [np.asarray(d.spans, dtype=np.int64) + base for d, base in zip(docs, doc_chars[:-1], strict=True)]
+    )
+    labels: dict[str, np.ndarray] = {}
+    if all(d.labels is not None for d in docs):
+        labels[label_name] = np.concatenate([np.asarray(d.labels, dtype=np.int64) for d in docs])
+    return ShardArrays(tokens, doc_offsets, text, doc_chars, spans, labels, {})
+
+
+def _site_entry(site: Site) -> dict[str, Any]:
+    s = site.spec
+    return {
+        "name": site.name,
+        "layer": s.layer,
+        "component": s.component,
+        "group": site.group,
+        "groups": s.groups,
+        "dim": s.dim,
+        "num_codes": s.num_codes,
+        "k": s.k,
+        "dtype": code_dtype(s.num_codes).name,
+    }
+
+
+def match_sites(names: list[str], pattern: str | None, what: str = "the store") -> list[str]:
+    """`--sites` globs (comma-separated, e.g. `*.mlp,0.attn.h*`) over site names, in their order."""
+    if pattern is None or not pattern.strip():
+        return list(names)
+    chosen: set[str] = set()
+    for glob in (g.strip() for g in pattern.split(",")):
+        if not glob:
+            continue
+        hit = fnmatch.filter(names, glob)
+        if not hit:
+            raise UserError(f"--sites {glob!r} matches no site of {what}; sites: {_short(names)}")
+        chosen.update(hit)
+    if not chosen:
+        raise UserError("--sites selects no site")
+    return [n for n in names if n in chosen]
+
+
+def _short(names: list[str], limit: int = 12) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _smallest_uint(max_value: int) -> np.dtype:
+    return code_dtype(max_value + 1)
+
+
+class StoreWriter:
+    """Creates or reopens a store and writes shards atomically under a per-shard claim."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: Path, plan: dict[str, Any], overwrite: bool = False) -> StoreWriter:
+        """Create a store for `plan` (the manifest without totals), or reopen a compatible one.
+
+        `plan` holds: checkpoint {path, sha256}, corpus, shard_tokens, max_tokens, sites (entries),
+        labels (names), token_strings (optional)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"store path {path} exists and is not a directory")
+        man_path = path / MANIFEST
+        if path.exists() and overwrite:
+            if not man_path.is_file() and any(path.iterdir()):
+                raise UserError(f"{path} exists and is not a code store; refusing to replace it")
+            shutil.rmtree(path)
+        if man_path.is_file():
+            old = read_manifest(path)
+            keys = ("checkpoint", "corpus", "shard_tokens", "max_tokens", "sites")
+            for key in keys:
+                if old.get(key) != plan.get(key):
+                    raise UserError(
+                        f"store {path} was written with a different {key} "
+                        f"(use --overwrite to start over, or --out for a new store)"
+                    )
+            return cls(path, old)
+        if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
+            raise UserError(f"{path} exists and is not a code store; choose another --out")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create store {path}: {e.strerror or e}") from None
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "cbtool_version": cbtool.__version__,
+            **plan,
+            "complete": False,
+            "num_shards": None,
+            "tokens": None,
+            "docs": None,
+        }
+        atomic_write_text(man_path, json.dumps(manifest, indent=2))
+        return cls(path, manifest)
+
+    def is_complete(self, index: int) -> bool:
+        return (self.path / shard_name(index) / SHARD_META).is_file()
+
+    @contextmanager
+    def claim(self, index: int) -> Iterator[None]:
+        """Hold the lock file of shard `index` while writing it; refuse if a live writer holds it."""
+        lock = self.path / f"{shard_name(index)}.lock"
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(lock)
+                if _lock_is_stale(holder):
+                    lock.unlink(missing_ok=True)
+                    continue
+                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another writer"
+                raise UserError(
+                    f"shard {index} of {self.path} is being written by {who} "
+                    f"(delete {lock} if that writer is gone)"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        else:  # pragma: no cover - lost a race twice
+            raise UserError(f"could not claim shard {index} of {self.path}; another writer is active")
+        try:
+            for stale in self.path.glob(f".{shard_name(index)}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def write_shard(self, index: int, arrays: ShardArrays) -> int:
+        """Write one shard atomically (temp dir + rename). Returns its token count."""
+        final = self.path / shard_name(index)
+        if final.exists():
+            raise UserError(f"shard {index} of {self.path} already exists")
+        n = len(arrays.tokens)
+        sites = {e["name"]: e for e in self.manifest["sites"]}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{shard_name(index)}.tmp-", dir=self.path))
+        try:
+            vocab_max = int(arrays.tokens.max()) if n else 0
+            _save_npy(tmp / "tokens.npy", arrays.tokens.astype(_smallest_uint(vocab_max)))
+            _save_npy(tmp / "doc_offsets.npy", arrays.doc_offsets.astype(np.int64))
+            _save_npy(tmp / "text.npy", np.frombuffer(arrays.text.encode("utf-8"), dtype=np.uint8))
+            _save_npy(tmp / "doc_chars.npy", arrays.doc_chars.astype(np.int64))
+            span_dt = np.uint32 if len(arrays.text) < 2**32 else np.int64
+            _save_npy(tmp / "spans.npy", arrays.spans.astype(span_dt))
+            for name in self.manifest.get("labels", []):
+                lab = arrays.labels.get(name)
+                if lab is None or len(lab) != n:
+                    raise ValueError(f"shard {index}: labels {name!r} missing or of the wrong length")
+                _save_npy(tmp / f"labels.{name}.npy", lab.astype(np.int64))
+            for name, entry in sites.items():
+                ids = arrays.codes[name]
+                if ids.shape != (n, entry["k"]):
+                    raise ValueError(f"shard {index}: codes of {name} have shape {ids.shape}")
+                ids = ids.astype(entry["dtype"])
+                _save_npy(tmp / f"codes.{name}.npy", ids)
+                counts = np.bincount(ids.reshape(-1).astype(np.int64), minlength=entry["num_codes"])
+                _save_npy(tmp / f"counts.{name}.npy", counts.astype(np.int64))
+            meta = {
+                "index": index,
+                "tokens": n,
+                "docs": len(arrays.doc_offsets) - 1,
+                "chars": len(arrays.text),
+            }
+            atomic_write_text(tmp / SHARD_META, json.dumps(meta))
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return n
+
+    def finalize(self, num_shards: int) -> bool:
+        """When shards 0..num_shards-1 are all complete, record the totals. Returns completeness."""
+        if not all(self.is_complete(i) for i in range(num_shards)):
+            return False
+        metas = [_read_shard_meta(self.path, i) for i in range(num_shards)]
+        self.manifest.update(
+            complete=True,
+            num_shards=num_shards,
+            tokens=sum(m["tokens"] for m in metas),
+            docs=sum(m["docs"] for m in metas),
+            shards=[{"index": m["index"], "tokens": m["tokens"], "docs": m["docs"]} for m in metas],
+        )
+        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+        return True
+
+
+def _read_lock(lock: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _lock_is_stale(holder: dict[str, Any]) -> bool:
+    """A lock is stale when its writer was on this host and that process no longer exists."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"code store {path} does not exist (create one with `cbtool embed`)")
+    man_path = path / MANIFEST
+    if not path.is_dir() or not man_path.is_file():
+        raise UserError(f"{path} is not a code store: no {MANIFEST}")
+    try:
+        man = json.loads(man_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{man_path} is not valid JSON: {e}") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise UserError(f"{man_path} is not a cbtool code store (format != {FORMAT!r})")
+    if man.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{man_path}: store format version {man.get('format_version')!r} is not supported")
+    if not isinstance(man.get("sites"), list) or not isinstance(man.get("checkpoint"), dict):
+        raise UserError(f"{man_path}: missing or malformed sites/checkpoint")
+    return man
+
+
+def _read_shard_meta(path: Path, index: int) -> dict[str, Any]:
+    f = path / shard_name(index) / SHARD_META
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+        int(meta["tokens"]), int(meta["docs"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"store {path}: shard {index} is missing or corrupt ({e})") from None
+    return meta
+
+
+class Store:
+    """A complete code store, read lazily (memory-mapped, shard by shard)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        man = self.manifest
+        if not man.get("complete"):
+            done = len(list(self.path.glob("shard-*/" + SHARD_META)))
+            raise UserError(
+                f"code store {self.path} is incomplete ({done} shard(s) written); "
+                f"re-run `cbtool embed` to finish it"
+            )
+        self.sites: dict[str, Site] = {}
+        self.site_entries: dict[str, dict[str, Any]] = {}
+        try:
+            for e in man["sites"]:
+                spec = CodebookSpec(
+                    int(e["layer"]),
+                    str(e["component"]),
+                    int(e["groups"]),
+                    int(e["dim"]),
+                    int(e["num_codes"]),
+                    int(e["k"]),
+                )
+                self.sites[e["name"]] = Site(str(e["name"]), spec, int(e["group"]))
+                self.site_entries[e["name"]] = e
+            self.shard_tokens = [int(s["tokens"]) for s in man["shards"]]
+            self.num_tokens = int(man["tokens"])
+            self.num_docs = int(man["docs"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.path / MANIFEST}: malformed manifest ({e})") from None
+        self.num_shards = len(self.shard_tokens)
+        self.token_offsets = np.concatenate([[0], np.cumsum(self.shard_tokens)]).astype(np.int64)
+        self.label_names: list[str] = list(man.get("labels") or [])
+        self.token_strings: list[str] | None = man.get("token_strings")
+
+    # -- checkpoint identity -------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.manifest["checkpoint"].get("path", ""))
+
+    def check_checkpoint(self, required: bool = False) -> str | None:
+        """Refuse (exit 2) when the checkpoint the store came from has changed since.
+
+        Returns a warning line when it cannot be checked (moved away) and `required` is False."""
+        if not self.manifest["checkpoint"].get("path"):
+            if required:
+                raise UserError(f"store {self.path} records no checkpoint; one is needed here")
+            return None  # a synthetic store: nothing to check
+        ck = self.checkpoint_path
+        meta = ck / META
+        if not meta.is_file():
+            msg = f"checkpoint {ck} of store {self.path} is not available; its hash was not checked"
+            if required:
+                raise UserError(msg.replace("its hash was not checked", "it is needed here"))
+            return msg
+        if sha256_file(meta) != self.manifest["checkpoint"].get("sha256"):
+            raise UserError(
+                f"store {self.path} was embedded from checkpoint {ck}, which has changed since "
+                f"(sha256 mismatch); re-run `cbtool embed --overwrite`"
+            )
+        return None
+
+    # -- arrays --------------------------------------------------------------------------------
+    def _load(self, shard: int, name: str) -> np.ndarray:
+        f = self.path / shard_name(shard) / name
+        try:
+            return np.load(f, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"store {self.path}: cannot read {shard_name(shard)}/{name} ({e})") from None
+
+    def _checked(self, shard: int, name: str, rows: int | None = None) -> np.ndarray:
+        a = self._load(shard, name)
+        n = self.shard_tokens[shard] if rows is None else rows
+        if a.shape[0] != n:
+            raise UserError(
+                f"store {self.path}: {shard_name(shard)}/{name} has {a.shape[0]} rows, "
+                f"expected {n} (corrupt store)"
+            )
+        return a
+
+    def codes(self, shard: int, site: str) -> np.ndarray:
+        a = self._checked(shard, f"codes.{site}.npy")
+        if a.ndim != 2 or a.shape[1] != self.sites[site].spec.k:
+            raise UserError(f"store {self.path}: codes of {site} in {shard_name(shard)} have shape {a.shape}")
+        return a
+
+    def tokens(self, shard: int) -> np.ndarray:
+        return self._checked(shard, "tokens.npy")
+
+    def spans(self, shard: int) -> np.ndarray:
+        return self._checked(shard, "spans.npy")
+
+    def doc_offsets(self, shard: int) -> np.ndarray:
+        return self._load(shard, "doc_offsets.npy")
+
+    def doc_chars(self, shard: int) -> np.ndarray:
+        return self._load(shard, "doc_chars.npy")
+
+    def text(self, shard: int) -> str:
+        raw = self._load(shard, "text.npy")
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(
+                f"store {self.path}: text of {shard_name(shard)} is not UTF-8 (corrupt)"
+            ) from None
+
+    def labels(self, shard: int, name: str) -> np.ndarray:
+        if name not in self.label_names:
+            raise UserError(
+                f"store {self.path} has no labels {name!r}; it has: {', '.join(self.label_names) or 'none'}"
+            )
+        return self._checked(shard, f"labels.{name}.npy")
+
+    def counts(self, site: str) -> np.ndarray:
+        """(C,) firing counts of a site over the whole store."""
+        total = np.zeros(self.sites[site].num_codes, dtype=np.int64)
+        for s in range(self.num_shards):
+            c = self._load(s, f"counts.{site}.npy")
+            if c.shape != total.shape:
+                raise UserError(
+                    f"store {self.path}: counts of {site} in {shard_name(s)} have shape {c.shape}"
+                )
+            total += c
+        return total
+
+    def select_sites(self, pattern: str | None) -> list[str]:
+        return match_sites(list(self.sites), pattern, f"store {self.path}")
+
+    def token_string(self, token: int, text: str, span: tuple[int, int]) -> str:
+        """What a token looks like: its characters, or its name when it covers none (BOS)."""
+        s, e = int(span[0]), int(span[1])
+        if e > s:
+            return text[s:e]
+        if self.token_strings is not None and 0 <= token < len(self.token_strings):
+            return self.token_strings[token]
+        return f"<{token}>"
+
+
+def write_store(
+    path: Path,
+    sites: list[Site],
+    shards: list[ShardArrays],
+    labels: list[str] | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    corpus: dict[str, Any] | None = None,
+    token_strings: list[str] | None = None,
+) -> Store:
+    """Write a whole store from in-memory shards (synthetic stores for tests and benchmarks)."""
+    plan = {
+        "checkpoint": checkpoint or {"path": "", "sha256": None},
+        "corpus": corpus or {"kind": "synthetic"},
+        "shard_tokens": max(len(s.tokens) for s in shards),
+        "max_tokens": None,
+        "sites": [_site_entry(s) for s in sites],
+        "labels": list(labels or []),
+        "token_strings": token_strings,
+    }
+    writer = StoreWriter.open(path, plan, overwrite=True)
+    for i, arrays in enumerate(shards):
+        with writer.claim(i):
+            writer.write_shard(i, arrays)
+    writer.finalize(len(shards))
+    return Store(path)
