@@ -77,8 +77,11 @@ def save_checkpoint(
     meta: dict[str, Any],
     save_base: bool = True,
     train_state: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> None:
-    """Write a checkpoint directory atomically. `meta` holds model/tokenizer/task/training."""
+    """Write a checkpoint directory atomically. `meta` holds model/tokenizer/task/training.
+
+    `extra_files` (name -> bytes, e.g. tokenizer.json) are written and hashed like the rest."""
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,9 +93,12 @@ def save_checkpoint(
         save_file(tensors, str(tmp / CODEBOOKS))
         files = [CODEBOOKS]
         if save_base:
-            state = {k: v.detach().cpu().contiguous() for k, v in model.base.state_dict().items()}
+            state = _unshared(model.base.state_dict())
             save_file(state, str(tmp / MODEL))
             files.append(MODEL)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+            files.append(name)
         if train_state is not None:
             save_file({k: v.cpu().contiguous() for k, v in train_state.items()}, str(tmp / TRAIN_STATE))
             files.append(TRAIN_STATE)
@@ -112,6 +118,18 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors accepts: tied weights (e.g. embeddings = LM head) become separate copies."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -191,6 +209,10 @@ def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
 
 def build_base(meta: dict[str, Any], where: Path) -> tuple[torch.nn.Module, BuiltinLocator]:
     model_meta = meta["model"]
+    if model_meta.get("kind") == "hf":  # a local Hugging Face model referenced by path + content hash
+        from cbtool.hf import build_base_from_meta
+
+        return build_base_from_meta(meta, where)  # type: ignore[return-value]
     if model_meta.get("kind") != "builtin":
         raise UserError(f"{where / META}: unsupported model kind {model_meta.get('kind')!r}")
     try:

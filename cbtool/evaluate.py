@@ -92,3 +92,58 @@ def evaluate_fsm(
     result["samples"] = num_samples
     result["temperature"] = temperature
     return result
+
+
+@torch.no_grad()
+def text_loss(model: CodebookModel, blocks: torch.Tensor, device, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats/token) over (n, seq_len + 1) held-out token blocks."""
+    total, count = 0.0, 0
+    for chunk in blocks.split(batch_size):
+        tokens = chunk.to(device)
+        logits, _ = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
+                               reduction="sum")
+        total += float(loss)
+        count += tokens[:, 1:].numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def text_code_usage(model: CodebookModel, blocks: torch.Tensor, device,
+                    batch_size: int = 16) -> dict[str, float]:
+    """Fraction of each site's codes that fire at least once on the held-out blocks."""
+    cbs = [cb for _, cb in model.items()]
+    for cb in cbs:
+        cb.track_usage, _ = True, cb.usage.zero_()
+    try:
+        for chunk in blocks.split(batch_size):
+            model(chunk[:, :-1].to(device))
+        return {name: float((cb.usage[g] > 0).float().mean())
+                for spec, cb in model.items() for g, name in enumerate(spec.site_names)}
+    finally:
+        for cb in cbs:
+            cb.track_usage = False
+            cb.usage.zero_()
+
+
+def evaluate_text(model: CodebookModel, task, device, num_blocks: int = 256) -> dict[str, Any]:
+    """LM loss and perplexity on held-out text, codebooks on vs bypassed (`task`: cbtool.text.TextTask)."""
+    import math
+
+    blocks = task.heldout_blocks[: max(1, num_blocks)]
+    was_training = model.training
+    model.eval()
+    result: dict[str, Any] = {}
+    try:
+        for label, enabled in (("on", True), ("bypassed", False)):
+            model.set_enabled(enabled)
+            loss = text_loss(model, blocks, device)
+            result[label] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        model.set_enabled(True)
+        result["code_usage"] = text_code_usage(model, blocks, device)
+    finally:
+        model.set_enabled(True)
+        model.train(was_training)
+    result["heldout_tokens"] = int(blocks.shape[0] * (blocks.shape[1] - 1))
+    result["loss_increase"] = result["on"]["loss"] - result["bypassed"]["loss"]
+    return result

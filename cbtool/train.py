@@ -58,6 +58,14 @@ class TrainConfig:
     seed: int = 0
     model: dict[str, int] = field(default_factory=lambda: ModelConfig().to_dict())
     fsm: dict[str, int] = field(default_factory=lambda: {"num_states": 100, "out_degree": 10, "seq_len": 128})
+    # text task (cbtool.text) and pretrained Hugging Face bases (cbtool.hf)
+    corpus: str | None = None  # .txt/.jsonl/folder; None = the built-in Shakespeare corpus
+    text_field: str = "text"
+    seq_len: int = 128
+    vocab_size: int = 4096  # byte-level BPE trained for the built-in text model
+    base_model: str | None = None  # local HF model directory: frozen base with codebooks
+    gguf_file: str | None = None
+    eval_blocks: int = 256  # held-out blocks for LM loss on vs bypassed
 
     def validate(self) -> None:
         for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window"):
@@ -79,8 +87,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
-        if self.task != "tokfsm":
-            raise UserError(f"unknown --task {self.task!r}: available: tokfsm")
+        if self.task not in ("tokfsm", "text"):
+            raise UserError(f"unknown --task {self.task!r}: available: tokfsm, text")
+        if self.base_model is not None and self.task != "text":
+            raise UserError("--base-model trains on text: use --task text (the default with --base-model)")
+        if self.gguf_file is not None and self.base_model is None:
+            raise UserError("--gguf-file needs --base-model DIR (the folder holding the file)")
+        if self.task == "text" and self.seq_len < 2:
+            raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
         cfg = self.model
         if cfg["d_model"] % cfg["n_head"]:
             raise UserError("d_model must be divisible by n_head")
@@ -107,6 +121,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# text-task presets (`--task text` / `--base-model`), used in place of PRESETS for those runs
+TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    # the built-in text model on Shakespeare: <= 10 min on a 2-core CPU
+    "default": {"task": "text", "base_steps": 1200, "steps": 300, "batch_size": 16, "lr": 2e-3,
+                "num_codes": 1024, "k": 1, "kmeans_seqs": 128, "seq_len": 128, "vocab_size": 2048,
+                "eval_samples": 0, "model": {"vocab_size": 2048, "block_size": 129, "n_layer": 4, "n_head": 4,
+                                             "d_model": 128, "d_mlp": 512}},
+    "tiny": {"task": "text", "base_steps": 20, "steps": 10, "batch_size": 4, "num_codes": 32,
+             "kmeans_seqs": 8, "seq_len": 32, "vocab_size": 320, "checkpoint_every": 0, "eval_blocks": 8,
+             "eval_samples": 0, "model": {"vocab_size": 320, "block_size": 33, "n_layer": 2, "n_head": 2,
+                                          "d_model": 32, "d_mlp": 64}},
+    "paper": {"task": "text", "base_steps": 20_000, "steps": 5_000, "batch_size": 64, "lr": 1e-3,
+              "num_codes": 10_000, "k": 8, "kmeans_seqs": 1024, "seq_len": 256, "vocab_size": 8192,
+              "checkpoint_every": 1000, "eval_blocks": 1024, "eval_samples": 0,
+              "model": {"vocab_size": 8192, "block_size": 256, "n_layer": 6, "n_head": 8, "d_model": 512,
+                        "d_mlp": 2048}},
+}
+# a pretrained base: no plain phase, codebook-only training on its frozen weights
+HF_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"task": "text", "base_steps": 0, "steps": 300, "batch_size": 8, "num_codes": 1024, "k": 1,
+                "kmeans_seqs": 64, "seq_len": 128, "eval_samples": 0},
+    "tiny": {"task": "text", "base_steps": 0, "steps": 5, "batch_size": 2, "num_codes": 16, "kmeans_seqs": 4,
+             "seq_len": 32, "checkpoint_every": 0, "eval_blocks": 4, "eval_samples": 0},
+    "paper": {"task": "text", "base_steps": 0, "steps": 10_000, "batch_size": 32, "num_codes": 10_000, "k": 8,
+              "kmeans_seqs": 512, "seq_len": 256, "checkpoint_every": 1000, "eval_blocks": 1024,
+              "eval_samples": 0},
+}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,17 +164,65 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, log: Console) -> None:
         cfg.validate()
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
-        self.fsm = TokFSM(FSMSpec(**cfg.fsm, seed=cfg.seed))
-        torch.manual_seed(cfg.seed)
-        base = Transformer(ModelConfig(**cfg.model))
-        chosen = parse_sites_option(cfg.sites, base.config.n_layer)
-        self.model = CodebookModel.build(base, BuiltinLocator(base), chosen, cfg.num_codes, cfg.k).to(device)
+        self.text: Any = None  # a cbtool.text.TextTask for --task text
+        self.model_spec: dict[str, Any] = {"kind": "builtin", "config": cfg.model}
+        if cfg.task == "text":
+            self.model = self._build_text_model(cfg).to(device)
+        else:
+            self.fsm = TokFSM(FSMSpec(**cfg.fsm, seed=cfg.seed))
+            torch.manual_seed(cfg.seed)
+            base = Transformer(ModelConfig(**cfg.model))
+            chosen = parse_sites_option(cfg.sites, base.config.n_layer)
+            locator = BuiltinLocator(base)
+            self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k).to(device)
         for cb in self.model.codebooks.values():
             cb.commit_coef = cfg.commit_coef
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.elapsed = 0.0
         self._make_optimizer()
+
+    def _build_text_model(self, cfg: TrainConfig) -> CodebookModel:
+        """--task text: the data (cbtool.text) and the model, built-in or a pretrained HF base."""
+        from cbtool import text as textmod
+
+        if cfg.corpus is not None and cfg.corpus != textmod.BUILTIN_NAME:
+            cfg.corpus = str(Path(cfg.corpus).resolve())
+        sources = textmod.load_sources(cfg.corpus, cfg.text_field)
+        torch.manual_seed(cfg.seed)
+        if cfg.base_model is not None:
+            from cbtool import hf
+
+            base, locator, self.model_spec = hf.load_hf_model(cfg.base_model, cfg.gguf_file,
+                                                              frozen=not cfg.train_base)
+            cfg.base_model = self.model_spec["path"]
+            tok = hf.load_hf_tokenizer(cfg.base_model, cfg.gguf_file)
+            if tok.vocab_size > base.config.vocab_size:
+                raise UserError(f"tokenizer of {cfg.base_model} has {tok.vocab_size} tokens, the model "
+                                f"{base.config.vocab_size}: mismatched tokenizer")
+            if cfg.seq_len + 1 > base.config.block_size:
+                raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's "
+                                f"{base.config.block_size} positions")
+            chosen = parse_sites_option(cfg.sites, locator.n_layer)
+            locator.check_sites(chosen)
+        else:
+            tok = textmod.train_bpe(sources, cfg.vocab_size)
+            cfg.model = {**cfg.model, "vocab_size": tok.vocab_size, "block_size": cfg.seq_len + 1}
+            self.model_spec = {"kind": "builtin", "config": cfg.model}
+            base = Transformer(ModelConfig(**cfg.model))
+            locator = BuiltinLocator(base)
+            chosen = parse_sites_option(cfg.sites, base.config.n_layer)
+        self.tokenizer = tok
+        self.text = textmod.TextTask(tok, sources, cfg.seq_len, cfg.corpus, cfg.text_field)
+        self.fsm = self.text  # the trainer draws batches through step_batch(n, seed, step)
+        self.log.print(f"text corpus: {self.text.num_tokens:,} tokens, {self.text.train_blocks.shape[0]} "
+                       f"training / {self.text.heldout_blocks.shape[0]} held-out blocks of {cfg.seq_len}",
+                       highlight=False)
+        return CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.cfg.base_model is not None
 
     # -- phases -------------------------------------------------------------------------------
     @property
@@ -150,10 +241,11 @@ class Trainer:
             groups = [{"params": base_params, "lr": cfg.lr}]
         else:
             self.model.set_enabled(True)
-            train_base = cfg.train_base or cfg.base_steps == 0
+            train_base = cfg.train_base or (cfg.base_steps == 0 and not self.pretrained)
             for p in base_params:
                 p.requires_grad_(train_base)
-            base_lr = cfg.lr if cfg.base_steps == 0 else cfg.codebook_lr * cfg.base_lr_factor
+            scratch = cfg.base_steps == 0 and not self.pretrained
+            base_lr = cfg.lr if scratch else cfg.codebook_lr * cfg.base_lr_factor
             groups = [{"params": codebook_params, "lr": cfg.codebook_lr}]
             if train_base:
                 groups.append({"params": base_params, "lr": base_lr})
@@ -240,7 +332,8 @@ class Trainer:
             TimeElapsedColumn(), TimeRemainingColumn(),
             console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True,
         )
-        tokens_per_step = cfg.batch_size * (cfg.fsm["seq_len"] - 1)
+        seq = cfg.seq_len if self.text is not None else cfg.fsm["seq_len"] - 1
+        tokens_per_step = cfg.batch_size * seq
         with progress:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step, phase=self.phase(self.step),
                                     loss=float("nan"), acc=0.0, tps=0.0)
@@ -262,7 +355,13 @@ class Trainer:
                     if on_checkpoint:
                         on_checkpoint(self.step)
         self.log.print("evaluating (codebooks on and bypassed)...", highlight=False)
-        results = evaluate_fsm(self.model, self.fsm, self.device, num_samples=cfg.eval_samples, seed=cfg.seed)
+        if self.text is not None:
+            from cbtool.evaluate import evaluate_text
+
+            results = evaluate_text(self.model, self.text, self.device, num_blocks=cfg.eval_blocks)
+        else:
+            results = evaluate_fsm(self.model, self.fsm, self.device, num_samples=cfg.eval_samples,
+                                   seed=cfg.seed)
         results["train_seconds"] = round(self.elapsed, 1)
         results["final_train_loss"] = self.history[-1]["loss"] if self.history else None
         self.save(results=results)
@@ -270,10 +369,16 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def meta(self, results: dict[str, Any] | None) -> dict[str, Any]:
+        if self.text is not None:
+            tokenizer = {"kind": "hf" if self.pretrained else "bpe", "file": "tokenizer.json",
+                         "vocab_size": self.text.vocab_size, "eot_id": self.text.tok.eot_id}
+            task = self.text.spec()
+        else:
+            tokenizer, task = {"kind": "tokfsm", "vocab_size": self.fsm.vocab_size}, self.fsm.spec.to_dict()
         return {
-            "model": {"kind": "builtin", "config": self.cfg.model},
-            "tokenizer": {"kind": "tokfsm", "vocab_size": self.fsm.vocab_size},
-            "task": self.fsm.spec.to_dict(),
+            "model": self.model_spec,
+            "tokenizer": tokenizer,
+            "task": task,
             "training": {
                 "config": asdict(self.cfg),
                 "step": self.step,
@@ -303,7 +408,13 @@ class Trainer:
         return state
 
     def save(self, results: dict[str, Any] | None) -> None:
-        save_checkpoint(self.out, self.model, self.meta(results), save_base=True, train_state=self.train_state())
+        extra = None
+        if self.text is not None:
+            extra = {"tokenizer.json": self.text.tok.to_str().encode("utf-8")}
+        # a frozen pretrained base is referenced by path + hash, its weights saved only when trained
+        save_base = not self.pretrained or self.cfg.train_base
+        save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base,
+                        train_state=self.train_state(), extra_files=extra)
 
     @classmethod
     def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console) -> Trainer:
@@ -333,7 +444,9 @@ class Trainer:
         return self
 
 
-def apply_preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown --preset {name!r}: use {', '.join(PRESETS)}")
-    return TrainConfig(**PRESETS[name])
+def apply_preset(name: str, task: str = "tokfsm", base_model: str | None = None) -> TrainConfig:
+    """A preset's TrainConfig; text runs (`task="text"` or a base model) use the text presets."""
+    table = HF_PRESETS if base_model is not None else TEXT_PRESETS if task == "text" else PRESETS
+    if name not in table:
+        raise UserError(f"unknown --preset {name!r}: use {', '.join(table)}")
+    return TrainConfig(**table[name])

@@ -22,6 +22,7 @@ def evaluate(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    blocks: int = typer.Option(256, "--blocks", help="Text checkpoints: held-out blocks for the LM loss."),
 ) -> None:
     """Loss and accuracy with codebooks ON vs BYPASSED, and the share of codes that fire per site.
 
@@ -33,6 +34,9 @@ def evaluate(
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     dev = resolve_device(device)
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
+    if (ckpt.meta.get("task") or {}).get("name") == "text":
+        _evaluate_text(ckpt, dev, blocks, as_json)
+        return
     if ckpt.task is None:
         raise UserError(f"{ckpt.path} has no task this command can evaluate")
     res = evaluate_fsm(ckpt.model, ckpt.task, dev, num_samples=samples, seed=seed, temperature=temperature)
@@ -48,6 +52,34 @@ def evaluate(
         r = res[label]
         table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['transition_accuracy']:.3f}",
                       f"{r['greedy_accuracy']:.3f}")
+    out.print(table)
+    usage = Table(title="share of codes that fired on held-out data")
+    usage.add_column("site")
+    usage.add_column("alive", justify="right")
+    for name, frac in res["code_usage"].items():
+        usage.add_row(name, f"{frac:.1%}")
+    out.print(usage)
+
+
+def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> None:
+    """Text checkpoints: LM loss / perplexity on the held-out split, codebooks on vs bypassed."""
+    from cbtool.evaluate import evaluate_text
+    from cbtool.text import task_from_meta
+
+    if blocks < 1:
+        raise UserError(f"--blocks must be >= 1, got {blocks}")
+    task = task_from_meta(ckpt.meta, ckpt.path)
+    res = evaluate_text(ckpt.model, task, dev, num_blocks=blocks)
+    if as_json:
+        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res})
+        return
+    table = Table(title=f"{ckpt.path}: codebooks on vs bypassed ({res['heldout_tokens']:,} held-out tokens)")
+    table.add_column("")
+    table.add_column("LM loss (nats/token)", justify="right")
+    table.add_column("perplexity", justify="right")
+    for label in ("on", "bypassed"):
+        r = res[label]
+        table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}")
     out.print(table)
     usage = Table(title="share of codes that fired on held-out data")
     usage.add_column("site")

