@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cbtool train
+	$(BIN)/cbtool train --overwrite
 	$(BIN)/cbtool eval
-	$(BIN)/cbtool info
+	$(BIN)/cbtool embed --overwrite
+	$(BIN)/cbtool find-codes --labels state --sites '*.mlp' --top 10
+	$(BIN)/cbtool dead-codes --sites '*.mlp'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
