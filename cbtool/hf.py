@@ -12,6 +12,7 @@ Nothing here touches the network: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are set 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import os
@@ -177,6 +178,12 @@ class HFAdapter(nn.Module):
 
 
 # -- loading ------------------------------------------------------------------------------------------
+# The last base loaded in this process, keyed by (path, gguf file, content hash): a GGUF file takes tens of
+# seconds to parse and de-quantize, and in-process callers (tests, notebooks) open the same base repeatedly.
+_LOADED: dict[tuple[str, str | None, str], nn.Module] = {}  # one entry: the last base loaded
+_TOKENIZERS: dict[tuple[str, str | None, str], str] = {}
+
+
 def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool = True
                   ) -> tuple[HFAdapter, HFLocator, dict[str, Any]]:
     """Load a local HF causal LM (or GGUF) in fp32; returns adapter, locator and the model spec."""
@@ -185,22 +192,31 @@ def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool =
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file is not None:
         kw["gguf_file"] = gguf_file
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(p), **kw)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--base-model {p}: cannot read the model config ({_first_line(e)})") from None
-    if config.model_type not in SUPPORTED:
-        raise UserError(f"unsupported architecture {config.model_type!r} in {p}: cbtool supports "
-                        f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
-    try:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, **kw)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"--base-model {p}: cannot load the model ({_first_line(e)})") from None
+    digest = content_hash(p, gguf_file)
+    key = (str(p), gguf_file, digest)
+    cached = _LOADED.get(key)
+    if cached is None:
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(p), **kw)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--base-model {p}: cannot read the model config ({_first_line(e)})") from None
+        if config.model_type not in SUPPORTED:
+            raise UserError(f"unsupported architecture {config.model_type!r} in {p}: cbtool supports "
+                            f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
+        try:
+            cached = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config, dtype=torch.float32,
+                                                                       **kw)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"--base-model {p}: cannot load the model ({_first_line(e)})") from None
+        cached.eval()
+        _LOADED.clear()
+        _LOADED[key] = cached
+    hf_model = copy.deepcopy(cached)  # callers hook (and may train) their copy; the cached one stays pristine
     hf_model.eval()
     adapter = HFAdapter(hf_model, frozen=frozen)
     locator = HFLocator(hf_model)
-    spec = {"kind": "hf", "path": str(p), "gguf_file": gguf_file, "sha256": content_hash(p, gguf_file),
-            "family": config.model_type, "n_layer": locator.n_layer, "n_head": locator.n_head,
+    spec = {"kind": "hf", "path": str(p), "gguf_file": gguf_file, "sha256": digest,
+            "family": hf_model.config.model_type, "n_layer": locator.n_layer, "n_head": locator.n_head,
             "d_model": locator.d_model, "vocab_size": adapter.config.vocab_size}
     return adapter, locator, spec
 
@@ -211,6 +227,9 @@ def load_hf_tokenizer(path: str | Path, gguf_file: str | None = None):
 
     p = Path(path)
     tokenizers = _need_tokenizers()
+    key = (str(p.resolve()), gguf_file, content_hash(p, gguf_file)) if p.is_dir() else None
+    if key is not None and key in _TOKENIZERS:
+        return TextTokenizer.from_str(_TOKENIZERS[key])
     if gguf_file is None and (p / "tokenizer.json").is_file():
         try:
             tok = tokenizers.Tokenizer.from_file(str(p / "tokenizer.json"))
@@ -229,6 +248,9 @@ def load_hf_tokenizer(path: str | Path, gguf_file: str | None = None):
         if tok is None:
             raise UserError(f"--base-model {p}: only fast (tokenizers) tokenizers are supported")
     _untrim_offsets(tok)
+    if key is not None:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = tok.to_str()
     return TextTokenizer(tok)
 
 

@@ -161,13 +161,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, log: Console) -> None:
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, log: Console,
+                 tokenizer: Any = None) -> None:
+        """`tokenizer` (a cbtool.text.TextTokenizer): text runs use it instead of training or loading one
+        (`--resume` passes the checkpoint's tokenizer.json)."""
         cfg.validate()
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
         self.text: Any = None  # a cbtool.text.TextTask for --task text
         self.model_spec: dict[str, Any] = {"kind": "builtin", "config": cfg.model}
         if cfg.task == "text":
-            self.model = self._build_text_model(cfg).to(device)
+            self.model = self._build_text_model(cfg, tokenizer).to(device)
         else:
             self.fsm = TokFSM(FSMSpec(**cfg.fsm, seed=cfg.seed))
             torch.manual_seed(cfg.seed)
@@ -182,7 +185,7 @@ class Trainer:
         self.elapsed = 0.0
         self._make_optimizer()
 
-    def _build_text_model(self, cfg: TrainConfig) -> CodebookModel:
+    def _build_text_model(self, cfg: TrainConfig, tokenizer: Any = None) -> CodebookModel:
         """--task text: the data (cbtool.text) and the model, built-in or a pretrained HF base."""
         from cbtool import text as textmod
 
@@ -196,7 +199,7 @@ class Trainer:
             base, locator, self.model_spec = hf.load_hf_model(cfg.base_model, cfg.gguf_file,
                                                               frozen=not cfg.train_base)
             cfg.base_model = self.model_spec["path"]
-            tok = hf.load_hf_tokenizer(cfg.base_model, cfg.gguf_file)
+            tok = tokenizer if tokenizer is not None else hf.load_hf_tokenizer(cfg.base_model, cfg.gguf_file)
             if tok.vocab_size > base.config.vocab_size:
                 raise UserError(f"tokenizer of {cfg.base_model} has {tok.vocab_size} tokens, the model "
                                 f"{base.config.vocab_size}: mismatched tokenizer")
@@ -206,7 +209,7 @@ class Trainer:
             chosen = parse_sites_option(cfg.sites, locator.n_layer)
             locator.check_sites(chosen)
         else:
-            tok = textmod.train_bpe(sources, cfg.vocab_size)
+            tok = tokenizer if tokenizer is not None else textmod.train_bpe(sources, cfg.vocab_size)
             cfg.model = {**cfg.model, "vocab_size": tok.vocab_size, "block_size": cfg.seq_len + 1}
             self.model_spec = {"kind": "builtin", "config": cfg.model}
             base = Transformer(ModelConfig(**cfg.model))
@@ -419,23 +422,50 @@ class Trainer:
     @classmethod
     def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console) -> Trainer:
         training = ckpt.meta.get("training") or {}
-        if "config" not in training or ckpt.train_state is None:
+        if not isinstance(training, dict) or "config" not in training or ckpt.train_state is None:
             raise UserError(f"{ckpt.path} has no resumable training state")
-        cfg = TrainConfig.from_dict(training["config"])
-        self = cls(cfg, out, device, log)
+        bad = f"{ckpt.path}: malformed training state"
+        if not isinstance(training["config"], dict):
+            raise UserError(f"{bad} (config is not an object)")
+        try:
+            cfg = TrainConfig.from_dict(training["config"])
+            cfg.validate()
+            ModelConfig(**cfg.model)
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            raise UserError(f"{bad} ({e})") from None
         state = ckpt.train_state
+        for key in ("trainer.step", "trainer.elapsed"):
+            if key not in state or state[key].numel() != 1:
+                raise UserError(f"{bad} ({key} missing)")
+        tokenizer = None
+        if cfg.task == "text":  # the tokenizer the run started with, never a retrained one
+            from cbtool.text import checkpoint_tokenizer
+
+            tokenizer = checkpoint_tokenizer(ckpt.path)
+        self = cls(cfg, out, device, log, tokenizer=tokenizer)
         self.step = int(state["trainer.step"])
         self.elapsed = float(state["trainer.elapsed"])
-        self.model.load_state_dict(ckpt.model.state_dict())
+        if not 0 <= self.step <= self.total_steps:
+            raise UserError(f"{bad} (step {self.step} of {self.total_steps})")
+        try:
+            self.model.load_state_dict(ckpt.model.state_dict())
+        except RuntimeError as e:
+            raise UserError(f"{bad} (the model does not fit its training config: {str(e).splitlines()[0]})") from None
         self._make_optimizer()
         params = [p for g in self.opt.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             keys = [k for k in state if k.startswith(f"opt.{i}.")]
+            for k in keys:
+                if state[k].dim() and state[k].shape != p.shape:
+                    raise UserError(f"{bad} ({k} has shape {tuple(state[k].shape)}, its parameter "
+                                    f"{tuple(p.shape)})")
             if keys:
                 self.opt.state[p] = {k.split(".", 2)[2]: state[k].to(device) if state[k].dim() else state[k]
                                      for k in keys}
         for cb_key, cb in self.model.codebooks.items():
             if f"usage.{cb_key}" in state:
+                if state[f"usage.{cb_key}"].shape != cb.usage.shape:
+                    raise UserError(f"{bad} (usage.{cb_key} has the wrong shape)")
                 cb.usage.copy_(state[f"usage.{cb_key}"])
             if f"recent.{cb_key}" in state:
                 cb.recent_inputs = state[f"recent.{cb_key}"].to(device)

