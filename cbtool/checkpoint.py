@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ META = "cbtool.json"
 CODEBOOKS = "codebooks.safetensors"
 MODEL = "model.safetensors"
 TRAIN_STATE = "train_state.safetensors"
+MAX_CODES = 2**24  # as `train --num-codes`
+MAX_ELEMENTS = 2**34  # refuse absurd sizes in cbtool.json before allocating (64 GiB of float32)
 
 
 def sha256_file(path: Path) -> str:
@@ -139,14 +142,48 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:  # put the previous checkpoint back rather than leave none
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_swap(path: Path) -> bool:
+    """A writer killed between the two renames of `_swap_in` leaves no checkpoint at `path`, only the
+    previous one at `.NAME.old-PID`: when that writer is gone, rename it back. Returns True if it did."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    prefix = f".{path.name}.old-"
+    for old in sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix)):
+        pid = old.name[len(prefix):]
+        if not pid.isdigit() or not (old / META).is_file():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            if int(pid) != os.getpid():
+                continue  # its writer is alive and about to finish the swap
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue
+        try:
+            os.rename(old, path)
+        except OSError:
+            return False
+        return True
+    return False
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     """Read and structurally validate cbtool.json; every problem is one UserError line."""
     path = Path(path)
+    if not path.exists():
+        recover_interrupted_swap(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist (train one with `cbtool train`)")
     if not path.is_dir():
@@ -194,6 +231,8 @@ def _specs(meta: dict[str, Any], where: Path) -> list[CodebookSpec]:
                 spec.groups, spec.dim, spec.num_codes, spec.k
             ) < 1 or spec.k > spec.num_codes:
                 raise ValueError(f"bad codebook entry {d}")
+            if spec.num_codes > MAX_CODES or spec.groups * spec.num_codes * spec.dim > MAX_ELEMENTS:
+                raise ValueError(f"codebook {spec.groups}x{spec.num_codes}x{spec.dim} is absurdly large")
             specs.append(spec)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where / META}: malformed codebook list ({e})") from None
@@ -207,7 +246,11 @@ def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read {f}: {e}") from None
 
 
-def build_base(meta: dict[str, Any], where: Path) -> tuple[torch.nn.Module, BuiltinLocator]:
+def build_base(
+    meta: dict[str, Any], where: Path, state: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.nn.Module, BuiltinLocator]:
+    """The base model of a checkpoint; a built-in one is checked against `state` (its saved weights)
+    on the meta device first, so a config edited to absurd sizes is refused before allocating."""
     model_meta = meta["model"]
     if model_meta.get("kind") == "hf":  # a local Hugging Face model referenced by path + content hash
         from cbtool.hf import build_base_from_meta
@@ -219,17 +262,32 @@ def build_base(meta: dict[str, Any], where: Path) -> tuple[torch.nn.Module, Buil
         cfg = ModelConfig(**model_meta["config"])
         if min(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_mlp) < 1:
             raise ValueError("sizes must be positive")
-        base = Transformer(cfg)
-    except (KeyError, TypeError, ValueError) as e:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: sizes overflow
         raise UserError(f"{where / META}: malformed model config ({e})") from None
+    if state is not None and shapes != {k: tuple(v.shape) for k, v in state.items()}:
+        raise UserError(f"checkpoint {where}: {MODEL} does not fit the model config in {META}")
+    if sum(math.prod(s) for s in shapes.values()) > MAX_ELEMENTS:
+        raise UserError(f"{where / META}: the model config is absurdly large")
+    base = Transformer(cfg)
     return base, BuiltinLocator(base)
 
 
 def build_task(meta: dict[str, Any]) -> TokFSM | None:
     task = meta.get("task") or {}
+    if not isinstance(task, dict):
+        raise UserError(f"malformed task in {META}: {task!r}")
     if task.get("name") == "tokfsm":
         fields = {k: task[k] for k in ("num_states", "out_degree", "seq_len", "seed") if k in task}
-        return TokFSM(FSMSpec(**fields))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()) or min(
+            [fields.get("num_states", 1), fields.get("out_degree", 1), fields.get("seq_len", 2) - 1]
+        ) < 1 or fields.get("seq_len", 2) > 2**20:
+            raise UserError(f"malformed TokFSM task in {META}: {task}")
+        try:
+            return TokFSM(FSMSpec(**fields))
+        except ValueError as e:
+            raise UserError(f"malformed TokFSM task in {META}: {e}") from None
     return None
 
 
@@ -240,17 +298,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
     if CODEBOOKS not in meta["files"]:
         raise UserError(f"checkpoint {path} lists no {CODEBOOKS}")
     specs = _specs(meta, path)
-    base, locator = build_base(meta, path)
-    if MODEL in meta["files"]:
-        state = _load_tensors(path / MODEL)
-        try:
-            base.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"checkpoint {path}: {MODEL} does not fit the model config ({first})") from None
-    model = CodebookModel(base, locator, specs)
     codes = _load_tensors(path / CODEBOOKS)
-    for spec in specs:
+    for spec in specs:  # before the model (and its codebooks) is allocated
         t = codes.get(spec.tensor_name)
         expected = (spec.groups, spec.num_codes, spec.dim)
         if t is None:
@@ -259,8 +308,18 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
             raise UserError(
                 f"checkpoint {path}: {spec.tensor_name} has shape {tuple(t.shape)}, cbtool.json says {expected}"
             )
+    state = _load_tensors(path / MODEL) if MODEL in meta["files"] else None
+    base, locator = build_base(meta, path, state)
+    if state is not None:
+        try:
+            base.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"checkpoint {path}: {MODEL} does not fit the model config ({first})") from None
+    model = CodebookModel(base, locator, specs)
+    for spec in specs:
         with torch.no_grad():
-            model.codebook(spec).codes.copy_(t)
+            model.codebook(spec).codes.copy_(codes[spec.tensor_name])
     train_state = None
     if with_train_state and TRAIN_STATE in meta["files"]:
         train_state = _load_tensors(path / TRAIN_STATE)

@@ -13,8 +13,9 @@ def resolve_site(text: str, sites: dict[str, Site]) -> Site:
     name = text.strip()
     if name in sites:
         return sites[name]
-    if re.fullmatch(r"\d+", name):
-        layer_sites = [s for s in sites.values() if s.spec.layer == int(name)]
+    if re.fullmatch(r"[0-9]+", name):
+        layer = int(name) if len(name) <= 18 else -1  # (no int() of thousands of digits: it raises)
+        layer_sites = [s for s in sites.values() if s.spec.layer == layer]
         mlp = [s for s in layer_sites if s.spec.component == "mlp"]
         if mlp:
             return mlp[0]
@@ -34,12 +35,13 @@ def parse_code_ref(text: str, sites: dict[str, Site]) -> tuple[Site, int]:
     if not m:
         raise UserError(f"bad code reference {text!r}: expected SITE:CODE, e.g. 1.mlp:42")
     site = resolve_site(m.group(1), sites)
-    if not re.fullmatch(r"\d+", m.group(2)):
+    if not re.fullmatch(r"[0-9]+", m.group(2)):
         raise UserError(f"bad code number {m.group(2)!r} in {text!r}: expected an integer >= 0")
-    code = int(m.group(2))
-    if code >= site.num_codes:
-        raise UserError(f"code {code} out of range for site {site.name} (0-{site.num_codes - 1})")
-    return site, code
+    digits = m.group(2).lstrip("0") or "0"
+    if len(digits) > 18 or int(digits) >= site.num_codes:
+        shown = digits if len(digits) <= 24 else f"{digits[:12]}...({len(digits)} digits)"
+        raise UserError(f"code {shown} out of range for site {site.name} (0-{site.num_codes - 1})")
+    return site, int(digits)
 
 
 def _listing(sites: dict[str, Site], limit: int = 12) -> str:

@@ -104,7 +104,7 @@ def parse_sites_option(text: str, n_layer: int) -> list[tuple[int, str]]:
         item = raw.strip()
         if not item:
             continue
-        m = re.fullmatch(r"(?:(\d+)(?:-(\d+))?)?\.?([a-z_-]+)?", item)
+        m = re.fullmatch(r"(?:([0-9]{1,9})(?:-([0-9]{1,9}))?)?\.?([a-z_-]+)?", item)
         if not m or (m.group(1) is None and m.group(3) is None):
             raise UserError(f"bad --sites item {item!r}: use mlp, attn, attn-heads, 2.mlp, 0-1.attn or 0,2")
         lo, hi, word = m.group(1), m.group(2), m.group(3)

@@ -77,7 +77,7 @@ def encode_prompt(checkpoint: Any, text: str) -> list[int]:
     kind = (checkpoint.meta.get("tokenizer") or {}).get("kind")
     if kind == "tokfsm" or (kind is None and isinstance(checkpoint.task, TokFSM)):
         digits = "".join(text.split())
-        if not digits.isdigit() and digits:
+        if digits and not (digits.isascii() and digits.isdigit()):
             raise UserError(f"TokFSM prompts are digit strings (e.g. 3719), got {text!r}")
         return [BOS] + [int(c) + 1 for c in digits]
     if kind in ("bpe", "hf"):  # text checkpoints (cbtool.text)

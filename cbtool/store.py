@@ -4,7 +4,7 @@ A store is a directory::
 
     manifest.json            format, checkpoint path + sha256, corpus, sites, shard plan, totals
     shard-000000/            one complete shard (renamed into place only when fully written)
-        shard.json           index, tokens, docs, chars
+        shard.json           index, tokens, docs, chars, a sha256 per file (checked on read)
         tokens.npy           (n,) token ids, smallest unsigned dtype
         doc_offsets.npy      (docs + 1,) token offsets of the documents within the shard
         text.npy             utf-8 bytes of the shard's documents' texts, concatenated
@@ -16,7 +16,7 @@ A store is a directory::
     shard-000001/ ...
     shard-000002.lock        a writer's claim on a shard it is writing (host, pid)
 
-Everything is plain .npy, read with ``np.load(mmap_mode="r")`` (never pickle), so a store much larger
+Everything is plain .npy, read with ``np.load(mmap_mode="r", allow_pickle=False)``, so a store much larger
 than memory is read shard by shard. A shard is written into a temporary directory and renamed into
 place, so a crash leaves either a whole shard or none; `embed` resumes by skipping complete shards,
 and several processes may write disjoint shards of one store (a second writer of the same shard is
@@ -175,11 +175,9 @@ class StoreWriter:
                     )
             return cls(path, old)
         if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
+            if man_path.is_file():  # a concurrent writer (`--worker`) has just created it: reopen
+                return cls.open(path, plan)
             raise UserError(f"{path} exists and is not a code store; choose another --out")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create store {path}: {e.strerror or e}") from None
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -190,7 +188,11 @@ class StoreWriter:
             "tokens": None,
             "docs": None,
         }
-        atomic_write_text(man_path, json.dumps(manifest, indent=2))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(man_path, json.dumps(manifest, indent=2))
+        except OSError as e:
+            raise UserError(f"cannot create store {path}: {e.strerror or e}") from None
         return cls(path, manifest)
 
     def is_complete(self, index: int) -> bool:
@@ -214,8 +216,14 @@ class StoreWriter:
                     f"shard {index} of {self.path} is being written by {who} "
                     f"(delete {lock} if that writer is gone)"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            except OSError as e:
+                raise UserError(f"cannot claim shard {index} of store {self.path}: {e.strerror or e}") from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:
+                lock.unlink(missing_ok=True)
+                raise UserError(f"cannot claim shard {index} of store {self.path}: {e.strerror or e}") from None
             break
         else:  # pragma: no cover - lost a race twice
             raise UserError(f"could not claim shard {index} of {self.path}; another writer is active")
@@ -233,7 +241,10 @@ class StoreWriter:
             raise UserError(f"shard {index} of {self.path} already exists")
         n = len(arrays.tokens)
         sites = {e["name"]: e for e in self.manifest["sites"]}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{shard_name(index)}.tmp-", dir=self.path))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{shard_name(index)}.tmp-", dir=self.path))
+        except OSError as e:
+            raise UserError(f"cannot write shard {index} of store {self.path}: {e.strerror or e}") from None
         try:
             vocab_max = int(arrays.tokens.max()) if n else 0
             _save_npy(tmp / "tokens.npy", arrays.tokens.astype(_smallest_uint(vocab_max)))
@@ -260,9 +271,14 @@ class StoreWriter:
                 "tokens": n,
                 "docs": len(arrays.doc_offsets) - 1,
                 "chars": len(arrays.text),
+                # a sha256 per file: readers refuse a truncated or bit-flipped array (exit 2)
+                "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             }
             atomic_write_text(tmp / SHARD_META, json.dumps(meta))
             os.rename(tmp, final)
+        except OSError as e:  # disk full, read-only, ...: one line, exit 2, the store stays resumable
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"cannot write shard {index} of store {self.path}: {e.strerror or e}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -280,7 +296,10 @@ class StoreWriter:
             docs=sum(m["docs"] for m in metas),
             shards=[{"index": m["index"], "tokens": m["tokens"], "docs": m["docs"]} for m in metas],
         )
-        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+        try:
+            atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+        except OSError as e:
+            raise UserError(f"cannot write {self.path / MANIFEST}: {e.strerror or e}") from None
         return True
 
 
@@ -362,12 +381,20 @@ class Store:
                 self.sites[e["name"]] = Site(str(e["name"]), spec, int(e["group"]))
                 self.site_entries[e["name"]] = e
             self.shard_tokens = [int(s["tokens"]) for s in man["shards"]]
+            self.shard_docs = [int(s["docs"]) for s in man["shards"]]
+            if not isinstance(man["checkpoint"].get("path", ""), str):
+                raise TypeError("checkpoint path is not a string")
             self.num_tokens = int(man["tokens"])
             self.num_docs = int(man["docs"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{self.path / MANIFEST}: malformed manifest ({e})") from None
+        for name in [*self.sites, *(man.get("labels") or [])]:
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+                raise UserError(f"{self.path / MANIFEST}: name {name!r} would point outside the store")
         self.num_shards = len(self.shard_tokens)
         self.token_offsets = np.concatenate([[0], np.cumsum(self.shard_tokens)]).astype(np.int64)
+        self._verified: set[tuple[int, str]] = set()
+        self._shard_files: dict[int, Any] = {}
         self.label_names: list[str] = list(man.get("labels") or [])
         self.token_strings: list[str] | None = man.get("token_strings")
 
@@ -399,8 +426,26 @@ class Store:
         return None
 
     # -- arrays --------------------------------------------------------------------------------
+    def _verify(self, shard: int, name: str) -> None:
+        """Check a shard file against the sha256 in its shard.json (once per file and Store)."""
+        if (shard, name) in self._verified:
+            return
+        if shard not in self._shard_files:
+            self._shard_files[shard] = _read_shard_meta(self.path, shard).get("files")
+        files = self._shard_files[shard]
+        if isinstance(files, dict):  # stores written before per-file hashes have none to check
+            f = self.path / shard_name(shard) / name
+            if name not in files or not f.is_file():
+                raise UserError(f"store {self.path}: {shard_name(shard)}/{name} is missing (corrupt store)")
+            if sha256_file(f) != files[name]:
+                raise UserError(
+                    f"store {self.path}: {shard_name(shard)}/{name} does not match its sha256 (corrupt or changed)"
+                )
+        self._verified.add((shard, name))
+
     def _load(self, shard: int, name: str) -> np.ndarray:
         f = self.path / shard_name(shard) / name
+        self._verify(shard, name)
         try:
             return np.load(f, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -420,6 +465,11 @@ class Store:
         a = self._checked(shard, f"codes.{site}.npy")
         if a.ndim != 2 or a.shape[1] != self.sites[site].spec.k:
             raise UserError(f"store {self.path}: codes of {site} in {shard_name(shard)} have shape {a.shape}")
+        if a.dtype.kind != "u" or (a.size and int(a.max()) >= self.sites[site].num_codes):
+            raise UserError(
+                f"store {self.path}: codes of {site} in {shard_name(shard)} are out of range for "
+                f"C={self.sites[site].num_codes} (corrupt store)"
+            )
         return a
 
     def tokens(self, shard: int) -> np.ndarray:

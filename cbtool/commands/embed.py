@@ -30,7 +30,7 @@ from cbtool.train import resolve_device
 def _parse_worker(text: str | None) -> tuple[int, int]:
     if text is None:
         return (0, 1)
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([0-9]{1,9})\s*", text)
     if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
         raise UserError(f"bad --worker {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     return int(m.group(1)), int(m.group(2))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cbtool.checkpoint import load_checkpoint
+from cbtool.checkpoint import load_checkpoint, recover_interrupted_swap
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
 from cbtool.train import Trainer, apply_preset, resolve_device
@@ -62,6 +62,7 @@ def train(
     target = default_checkpoint(out_dir, run)
     dev = resolve_device(device)
     if resume:
+        recover_interrupted_swap(target)
         if not target.exists():
             raise UserError(f"nothing to resume: {target} does not exist")
         ckpt = load_checkpoint(target, with_train_state=True)
@@ -106,6 +107,11 @@ def check_target(target: Path, overwrite: bool) -> None:
     """Refuse before any work to replace what the user has, unless asked to."""
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {target} exists and is not a directory")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # refuse now rather than after training (nothing could be saved)
+        raise UserError(f"cannot write checkpoint to {target}: {parent} is not a directory")
     if target.is_dir() and any(target.iterdir()):
         if not (target / "cbtool.json").is_file():
             raise UserError(f"--out {target} exists and is not a cbtool checkpoint; refusing to replace it")
