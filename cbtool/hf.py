@@ -204,8 +204,10 @@ def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool =
             raise UserError(f"unsupported architecture {config.model_type!r} in {p}: cbtool supports "
                             f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
         try:
+            # weights only from safetensors (or the GGUF file): never a pickled pytorch_model.bin
+            weights = {} if gguf_file is not None else {"use_safetensors": True}
             cached = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config, dtype=torch.float32,
-                                                                       **kw)
+                                                                       **kw, **weights)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--base-model {p}: cannot load the model ({_first_line(e)})") from None
         cached.eval()

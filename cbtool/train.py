@@ -43,11 +43,11 @@ class TrainConfig:
     num_codes: int = 1000
     k: int = 1
     base_steps: int = 900
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3  # phase 1 (base) learning rate
-    codebook_lr: float = 1e-3  # phase 2 learning rate
-    mse_coef: float = 1.0
+    codebook_lr: float = 2e-3  # phase 2 learning rate
+    mse_coef: float = 0.1
     commit_coef: float = 0.0
     train_base: bool = False  # phase 2: also train the base (at lr x base_lr_factor)
     base_lr_factor: float = 0.1
