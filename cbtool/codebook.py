@@ -10,8 +10,7 @@ term), so a backward pass costs a gather and a scatter, not a second pass over t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +77,7 @@ def _select(x: torch.Tensor, unit_codes: torch.Tensor, k: int, chunk_bytes: int)
     else:
         scores, ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     norms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    with _serial(scores):
-        scores = scores / norms.clamp_min_(1e-12)
+    scores = scores / norms.clamp_min_(1e-12)
     return Selection(ids, scores)
 
 
@@ -89,25 +87,6 @@ def _chunk_bytes(unit_codes: torch.Tensor, limit: int) -> int:
     never above `limit`. Measured on the 2-core CPU: 4 heads x d=32, C=1000 ran 2.2x faster in 16 MiB
     chunks than in 256 MiB ones; d=512, C=65536 (128 MiB of codes) was fastest in 256 MiB chunks."""
     return min(limit, max(8 * 2**20, 8 * unit_codes.numel() * 4))
-
-
-@contextlib.contextmanager
-def _serial(t: torch.Tensor) -> Iterator[None]:
-    """Run the light, memory-bound part of the layer (gather, scatter, loss) on one CPU thread.
-
-    Measured on the 2-core CPU this project targets, shared with other processes: the parallel
-    (radix-sort) scatter behind `index_add_` took 84 ms for 8192 x 128 floats with 2 threads and 0.3 ms
-    with one; a core gains little on memory-bound work and an OpenMP barrier waits for a descheduled
-    thread. The similarity matmul and top-k, which are compute-bound, keep every thread."""
-    n = torch.get_num_threads()
-    if t.device.type != "cpu" or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def gather_mean(codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -141,10 +120,9 @@ def _scatter_mean_grad(grad: torch.Tensor, ids: torch.Tensor, shape: torch.Size)
     """Gradient of codes (shape) for out = mean of codes[ids]; grad: (rows, d), ids: (rows, k)."""
     g, c, d = shape
     k = ids.shape[1]
-    with _serial(grad):
-        out = torch.zeros(g * c, d, dtype=grad.dtype, device=grad.device)
-        for j in range(k):
-            out.index_add_(0, ids[:, j], grad, alpha=1.0 / k)
+    out = torch.zeros(g * c, d, dtype=grad.dtype, device=grad.device)
+    for j in range(k):
+        out.index_add_(0, ids[:, j], grad, alpha=1.0 / k)
     return out.view(g, c, d)
 
 
@@ -153,8 +131,7 @@ class _GatherMean(torch.autograd.Function):
     def forward(ctx, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(ids)
         ctx.codes_shape = codes.shape
-        with _serial(codes):
-            return _gather(codes, ids)
+        return _gather(codes, ids)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
@@ -175,10 +152,9 @@ class _QuantiseTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, ids: torch.Tensor, commit: float):
         n, g, d = x.shape
-        with _serial(x):
-            out = _gather(codes, ids).view(n, g, d)
-            # one fused pass, nothing materialised; the error itself is recomputed in backward
-            loss = F.mse_loss(out, x, reduction="sum") * ((1.0 + commit) / max(1, n))
+        out = _gather(codes, ids).view(n, g, d)
+        # one fused pass, nothing materialised; the error itself is recomputed in backward
+        loss = F.mse_loss(out, x, reduction="sum") * ((1.0 + commit) / max(1, n))
         ctx.save_for_backward(ids, out, x)
         ctx.codes_shape, ctx.commit, ctx.n = codes.shape, commit, max(1, n)
         return out, loss
@@ -188,19 +164,18 @@ class _QuantiseTrain(torch.autograd.Function):
         ids, out, x = ctx.saved_tensors
         n, g, d = x.shape
         grad_x = grad_codes = None
-        with _serial(x):
-            if grad_out is None:
-                grad_out = torch.zeros_like(x)
-            diff = None
-            if grad_loss is not None:  # d loss / d out = 2 (out - x) / n
-                diff = torch.sub(out, x).mul_(grad_loss * (2.0 / ctx.n))
-            if ctx.needs_input_grad[1]:
-                gq = grad_out if diff is None else diff.add(grad_out)
-                grad_codes = _scatter_mean_grad(gq.reshape(n * g, d), ids, ctx.codes_shape)
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_out  # straight-through
-                if ctx.commit and diff is not None:
-                    grad_x = torch.add(grad_out, diff, alpha=-ctx.commit)
+        if grad_out is None:
+            grad_out = torch.zeros_like(x)
+        diff = None
+        if grad_loss is not None:  # d loss / d out = 2 (out - x) / n
+            diff = torch.sub(out, x).mul_(grad_loss * (2.0 / ctx.n))
+        if ctx.needs_input_grad[1]:
+            gq = grad_out if diff is None else diff.add(grad_out)
+            grad_codes = _scatter_mean_grad(gq.reshape(n * g, d), ids, ctx.codes_shape)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out  # straight-through
+            if ctx.commit and diff is not None:
+                grad_x = torch.add(grad_out, diff, alpha=-ctx.commit)
         return grad_x, grad_codes, None, None
 
 
@@ -295,8 +270,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def _keep_recent(self, x: torch.Tensor, keep: int = 4096) -> None:
         stride = max(1, x.shape[0] // keep)  # deterministic subsample: resumable runs stay exact
-        with _serial(x):
-            self.recent_inputs = x[::stride][:keep].clone()
+        self.recent_inputs = x[::stride][:keep].clone()
 
     @torch.no_grad()
     def revive_dead(self, generator: torch.Generator | None = None) -> int:

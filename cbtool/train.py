@@ -183,7 +183,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.elapsed = 0.0
-        self._make_optimizer()
+        self._make_optimizer(self.phase(0))
 
     def _build_text_model(self, cfg: TrainConfig, tokenizer: Any = None) -> CodebookModel:
         """--task text: the data (cbtool.text) and the model, built-in or a pretrained HF base."""
@@ -235,11 +235,11 @@ class Trainer:
     def phase(self, step: int) -> str:
         return "base" if step < self.cfg.base_steps else "codebook"
 
-    def _make_optimizer(self) -> None:
+    def _make_optimizer(self, phase: str) -> None:
         cfg = self.cfg
         codebook_params = list(self.model.codebooks.parameters())
         base_params = list(self.model.base.parameters())
-        if self.phase(self.step) == "base":
+        if phase == "base":
             self.model.set_enabled(False)
             groups = [{"params": base_params, "lr": cfg.lr}]
         else:
@@ -292,7 +292,7 @@ class Trainer:
         cfg, step = self.cfg, self.step
         if step == cfg.base_steps and (cfg.base_steps > 0 or cfg.steps > 0) and step < self.total_steps:
             self._switch_to_codebooks()
-            self._make_optimizer()
+            self._make_optimizer("codebook")
         phase = self.phase(step)
         self.model.train()
         tokens, _ = self.fsm.step_batch(cfg.batch_size, cfg.seed, step)
@@ -451,7 +451,7 @@ class Trainer:
             self.model.load_state_dict(ckpt.model.state_dict())
         except RuntimeError as e:
             raise UserError(f"{bad} (the model does not fit its training config: {str(e).splitlines()[0]})") from None
-        self._make_optimizer()
+        self._make_optimizer(self.phase(max(0, self.step - 1)))
         params = [p for g in self.opt.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             keys = [k for k in state if k.startswith(f"opt.{i}.")]

@@ -68,7 +68,7 @@ def _interrupted_run(out, stop_at: int) -> None:
         trainer.run(on_checkpoint=stop)
 
 
-@pytest.mark.parametrize("stop_at", [20, 40])  # 20: plain phase; 40: after the k-means switch at 30
+@pytest.mark.parametrize("stop_at", [20, 30, 40])  # plain phase; at the pending switch; after it
 def test_resume_equals_uninterrupted(tmp_path, stop_at):
     full = tmp_path / "full"
     assert run_cli(*_train_args(full)).exit_code == 0
@@ -95,18 +95,30 @@ def test_resume_refuses_finished_and_missing(tmp_path, tiny_checkpoint):
     assert res.exit_code == 2 and "nothing to resume" in res.stderr
 
 
+def _fixed_batch_mse(trainer: Trainer) -> float:
+    tokens, _ = trainer.fsm.step_batch(16, 999, 0)
+    trainer.model.train()
+    with torch.enable_grad():
+        trainer.model(tokens[:, :-1])
+    return trainer.model.aux_loss().item()
+
+
 def test_codebook_phase_trains_only_codebooks_and_reduces_mse(tmp_path):
     cfg = apply_preset("tiny")
-    cfg.base_steps, cfg.steps, cfg.checkpoint_every, cfg.dead_window = 20, 30, 0, 0
+    cfg.base_steps, cfg.steps, cfg.checkpoint_every, cfg.dead_window, cfg.mse_coef = 20, 40, 0, 0, 1.0
     trainer = Trainer(cfg, tmp_path / "ck", torch.device("cpu"), Console(stderr=True, quiet=True))
-    for _ in range(cfg.base_steps):
+    for _ in range(cfg.base_steps + 1):  # the plain phase, then the k-means switch and one codebook step
         trainer.train_step()
     base_before = {k: v.clone() for k, v in trainer.model.base.state_dict().items()}
-    rows = [trainer.train_step() for _ in range(cfg.steps)]
+    with torch.no_grad():  # push the codes away from their k-means optimum: training must pull them back
+        for cb in trainer.model.codebooks.values():
+            cb.codes.add_(0.05 * torch.randn_like(cb.codes))
+    before = _fixed_batch_mse(trainer)
+    for _ in range(cfg.steps - 1):
+        trainer.train_step()
     for k, v in trainer.model.base.state_dict().items():
         assert torch.equal(v, base_before[k]), f"frozen base weight {k} changed"
-    first, last = sum(r["mse"] for r in rows[:5]), sum(r["mse"] for r in rows[-5:])
-    assert last < first
+    assert _fixed_batch_mse(trainer) < 0.8 * before
 
 
 @pytest.mark.parametrize(
