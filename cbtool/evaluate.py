@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -14,19 +15,24 @@ from cbtool.tokfsm import BOS, TokFSM
 EVAL_SEED = 987_654_321  # held-out data stream, disjoint from any training seed's stream
 
 
-@torch.no_grad()
-def fsm_loss(model: CodebookModel, fsm: TokFSM, num_seqs: int, device, batch_size: int = 64) -> float:
-    """Mean next-token cross-entropy (nats/token) over held-out sequences."""
-    total, count = 0.0, 0
+def fsm_batches(fsm: TokFSM, num_seqs: int, batch_size: int = 64, first_step: int = 0) -> Iterator[torch.Tensor]:
+    """Held-out TokFSM sequences (the EVAL_SEED stream) in batches of token ids."""
     for i, lo in enumerate(range(0, num_seqs, batch_size)):
-        tokens, _ = fsm.step_batch(min(batch_size, num_seqs - lo), EVAL_SEED, i)
-        tokens = tokens.to(device)
+        yield fsm.step_batch(min(batch_size, num_seqs - lo), EVAL_SEED, first_step + i)[0]
+
+
+@torch.no_grad()
+def mean_loss(model: CodebookModel, batches: Iterable[torch.Tensor], device) -> float:
+    """Mean next-token cross-entropy (nats/token) over batches of (n, L) token ids."""
+    total, count = 0.0, 0
+    for chunk in batches:
+        tokens = chunk.to(device)
         logits, _ = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
                                reduction="sum")
         total += float(loss)
         count += tokens[:, 1:].numel()
-    return total / count
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -48,20 +54,16 @@ def fsm_accuracy(
 
 
 @torch.no_grad()
-def code_usage(model: CodebookModel, fsm: TokFSM, num_seqs: int, device) -> dict[str, float]:
-    """Fraction of each site's codes that fire at least once on held-out sequences."""
+def code_usage(model: CodebookModel, batches: Iterable[torch.Tensor], device) -> dict[str, float]:
+    """Fraction of each site's codes that fire at least once on batches of (n, L) token ids."""
     cbs = [cb for _, cb in model.items()]
     for cb in cbs:
         cb.track_usage, _ = True, cb.usage.zero_()
     try:
-        tokens, _ = fsm.step_batch(num_seqs, EVAL_SEED, 10**6)
-        for chunk in tokens.split(64):
-            model(chunk.to(device))
-        out = {}
-        for spec, cb in model.items():
-            for g, name in enumerate(spec.site_names):
-                out[name] = float((cb.usage[g] > 0).float().mean())
-        return out
+        for chunk in batches:
+            model(chunk[:, :-1].to(device))
+        return {name: float((cb.usage[g] > 0).float().mean())
+                for spec, cb in model.items() for g, name in enumerate(spec.site_names)}
     finally:
         for cb in cbs:
             cb.track_usage = False
@@ -80,50 +82,18 @@ def evaluate_fsm(
         for label, enabled in (("on", True), ("bypassed", False)):
             model.set_enabled(enabled)
             result[label] = {
-                "loss": fsm_loss(model, fsm, num_seqs, device),
+                "loss": mean_loss(model, fsm_batches(fsm, num_seqs), device),
                 "transition_accuracy": fsm_accuracy(model, fsm, num_samples, device, seed, temperature=temperature),
                 "greedy_accuracy": fsm_accuracy(model, fsm, min(num_samples, 64), device, seed, temperature=0.0),
             }
         model.set_enabled(True)
-        result["code_usage"] = code_usage(model, fsm, num_seqs, device)
+        result["code_usage"] = code_usage(model, fsm_batches(fsm, num_seqs, first_step=10**6), device)
     finally:
         model.set_enabled(True)
         model.train(was_training)
     result["samples"] = num_samples
     result["temperature"] = temperature
     return result
-
-
-@torch.no_grad()
-def text_loss(model: CodebookModel, blocks: torch.Tensor, device, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy (nats/token) over (n, seq_len + 1) held-out token blocks."""
-    total, count = 0.0, 0
-    for chunk in blocks.split(batch_size):
-        tokens = chunk.to(device)
-        logits, _ = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
-                               reduction="sum")
-        total += float(loss)
-        count += tokens[:, 1:].numel()
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def text_code_usage(model: CodebookModel, blocks: torch.Tensor, device,
-                    batch_size: int = 16) -> dict[str, float]:
-    """Fraction of each site's codes that fire at least once on the held-out blocks."""
-    cbs = [cb for _, cb in model.items()]
-    for cb in cbs:
-        cb.track_usage, _ = True, cb.usage.zero_()
-    try:
-        for chunk in blocks.split(batch_size):
-            model(chunk[:, :-1].to(device))
-        return {name: float((cb.usage[g] > 0).float().mean())
-                for spec, cb in model.items() for g, name in enumerate(spec.site_names)}
-    finally:
-        for cb in cbs:
-            cb.track_usage = False
-            cb.usage.zero_()
 
 
 def evaluate_text(model: CodebookModel, task, device, num_blocks: int = 256) -> dict[str, Any]:
@@ -137,10 +107,10 @@ def evaluate_text(model: CodebookModel, task, device, num_blocks: int = 256) -> 
     try:
         for label, enabled in (("on", True), ("bypassed", False)):
             model.set_enabled(enabled)
-            loss = text_loss(model, blocks, device)
+            loss = mean_loss(model, blocks.split(16), device)
             result[label] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         model.set_enabled(True)
-        result["code_usage"] = text_code_usage(model, blocks, device)
+        result["code_usage"] = code_usage(model, blocks.split(16), device)
     finally:
         model.set_enabled(True)
         model.train(was_training)

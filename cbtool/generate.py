@@ -45,6 +45,13 @@ def sample(
 
 
 def _pick(logits: torch.Tensor, generator: torch.Generator, temperature: float, top_k: int | None):
+    return pick_token(logits, torch.rand(logits.shape[0], generator=generator), temperature, top_k)
+
+
+def pick_token(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Next token per row from (B, V) logits and one uniform per row (B,): inverse-CDF sampling, so two
+    rows given the same uniform differ only through their logits (steered twins stay in lockstep).
+    temperature 0 is greedy; `top_k` keeps the k most likely tokens."""
     logits = logits.cpu()
     if temperature <= 0:
         return logits.argmax(-1)
@@ -53,6 +60,4 @@ def _pick(logits: torch.Tensor, generator: torch.Generator, temperature: float, 
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    # inverse-CDF sampling from one uniform per row keeps twins in lockstep
-    u = torch.rand(probs.shape[0], 1, generator=generator)
-    return (probs.cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
+    return (probs.cumsum(-1) < u.unsqueeze(1)).sum(-1).clamp(max=probs.shape[-1] - 1)

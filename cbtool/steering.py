@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from cbtool.codebook import Codebook
 from cbtool.errors import UserError
-from cbtool.generate import left_pad
+from cbtool.generate import left_pad, pick_token
 from cbtool.refs import parse_code_ref
 from cbtool.sites import CodebookModel, CodebookSpec, Site
 from cbtool.tokfsm import BOS, TokFSM
@@ -302,18 +302,6 @@ def sample_steered(fwd: SteeredForward, idx: torch.Tensor, start: torch.Tensor |
         if t + 1 < steps:
             logits, past = fwd(nxt.to(device).unsqueeze(1), past=past, start=start)
     return torch.stack(out, dim=1) if out else torch.empty(idx.shape[0], 0, dtype=torch.long)
-
-
-def pick_token(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    logits = logits.cpu()
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return (probs.cumsum(-1) < u.unsqueeze(1)).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @dataclass

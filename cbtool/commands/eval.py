@@ -53,12 +53,7 @@ def evaluate(
         table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['transition_accuracy']:.3f}",
                       f"{r['greedy_accuracy']:.3f}")
     out.print(table)
-    usage = Table(title="share of codes that fired on held-out data")
-    usage.add_column("site")
-    usage.add_column("alive", justify="right")
-    for name, frac in res["code_usage"].items():
-        usage.add_row(name, f"{frac:.1%}")
-    out.print(usage)
+    out.print(_usage_table(res["code_usage"]))
 
 
 def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> None:
@@ -81,12 +76,16 @@ def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> None:
         r = res[label]
         table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}")
     out.print(table)
+    out.print(_usage_table(res["code_usage"]))
+
+
+def _usage_table(code_usage: dict[str, float]) -> Table:
     usage = Table(title="share of codes that fired on held-out data")
     usage.add_column("site")
     usage.add_column("alive", justify="right")
-    for name, frac in res["code_usage"].items():
+    for name, frac in code_usage.items():
         usage.add_row(name, f"{frac:.1%}")
-    out.print(usage)
+    return usage
 
 
 def register(app: typer.Typer) -> None:
