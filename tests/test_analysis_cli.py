@@ -173,3 +173,21 @@ def test_embed_site_filter_and_max_tokens(tiny_checkpoint_master, tmp_path):
     assert doc["sites"] == ["0.attn.h1", "0.mlp", "1.mlp"] and doc["tokens"] == 1000
     store = Store(tmp_path / "m")
     assert store.codes(0, "0.attn.h1").shape == (1000, 1) and len(store.text(0)) == 1000 - 8  # 8 BOS
+
+
+def test_info_describes_a_store_and_notices_a_changed_checkpoint(tiny_checkpoint, tmp_path):
+    store = tmp_path / "codes"
+    res = run_cli("embed", tiny_checkpoint, "--out", store, "--num-seqs", "8", "--device", "cpu")
+    assert res.exit_code == 0, res.stderr
+    res = run_cli("info", store, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "store_info" and doc["complete"] is True
+    assert doc["tokens"] == 8 * 128 and doc["checkpoint_status"] == "unchanged"
+    assert {e["name"] for e in doc["sites"]} >= {"0.mlp", "1.attn.h1"}
+    meta = tiny_checkpoint / "cbtool.json"
+    meta.write_text(meta.read_text().replace('"finished": true', '"finished": false'))
+    doc = json.loads(run_cli("info", store, "--json").stdout)
+    assert doc["checkpoint_status"] == "CHANGED since embedding"
+    table = run_cli("info", store)
+    assert table.exit_code == 0 and "CHANGED" in table.stdout and "1,024" in table.stdout

@@ -1,4 +1,4 @@
-"""`cbtool info`: what a checkpoint holds."""
+"""`cbtool info`: what a checkpoint or a code store holds."""
 
 from __future__ import annotations
 
@@ -7,19 +7,24 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cbtool.checkpoint import load_checkpoint
+from cbtool.checkpoint import META, load_checkpoint, sha256_file
 from cbtool.commands.common import RUN_OPTION_HELP, default_checkpoint, emit_json, out
+from cbtool.store import MANIFEST, read_manifest
 
 
 def info(
-    path: Path | None = typer.Argument(None, help="Checkpoint directory (default RUN/checkpoint)."),
+    path: Path | None = typer.Argument(None, help="Checkpoint or code store directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
-    """What a checkpoint holds: model, sites, C, k, training summary, file hashes.
+    """What a checkpoint holds (model, sites, C, k, training summary, file hashes) or a code store holds
+    (tokens, docs, shards, sites, labels, and whether its checkpoint is unchanged).
 
-    Examples:  cbtool info    cbtool info runs/a/checkpoint --json
+    Examples:  cbtool info    cbtool info runs/a/checkpoint --json    cbtool info cbtool-run/codes
     """
+    if path is not None and (Path(path) / MANIFEST).is_file():
+        _store_info(Path(path), as_json)
+        return
     ckpt = load_checkpoint(default_checkpoint(path, run))
     meta = ckpt.meta
     training = meta.get("training") or {}
@@ -59,6 +64,37 @@ def info(
     for name, digest in meta["files"].items():
         files.add_row(name, digest)
     out.print(files)
+
+
+def _store_info(path: Path, as_json: bool) -> None:
+    man = read_manifest(path)
+    ck = man["checkpoint"]
+    ck_path = Path(str(ck.get("path") or ""))
+    if not ck.get("path"):
+        status = "none recorded"
+    elif not (ck_path / META).is_file():
+        status = "not available"
+    else:
+        status = "unchanged" if sha256_file(ck_path / META) == ck.get("sha256") else "CHANGED since embedding"
+    sites = [e for e in man["sites"] if isinstance(e, dict)]
+    if as_json:
+        emit_json("store_info", {"path": str(path), "checkpoint_status": status, **man})
+        return
+    state = "complete" if man.get("complete") else "[yellow]incomplete: re-run `cbtool embed` to finish it[/]"
+    out.print(f"[bold]code store[/] {path}  (format {man.get('format_version')}, {state})")
+    if man.get("complete"):
+        out.print(f"[bold]tokens[/] {man.get('tokens'):,} in {man.get('docs'):,} documents, "
+                  f"{man.get('num_shards')} shard(s)")
+    out.print(f"[bold]checkpoint[/] {ck.get('path')} ({status})")
+    if man.get("corpus") is not None:
+        out.print(f"[bold]corpus[/] {man['corpus']}")
+    out.print(f"[bold]labels[/] {', '.join(man.get('labels') or []) or 'none'}")
+    table = Table(title="sites")
+    for col in ("site", "C", "k"):
+        table.add_column(col)
+    for e in sites:
+        table.add_row(str(e.get("name")), str(e.get("num_codes")), str(e.get("k")))
+    out.print(table)
 
 
 def register(app: typer.Typer) -> None:
