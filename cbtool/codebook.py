@@ -10,6 +10,7 @@ term), so a backward pass costs a gather and a scatter, not a second pass over t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,9 +118,27 @@ def _flat_ids(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
 
 
 def _scatter_mean_grad(grad: torch.Tensor, ids: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Gradient of codes (shape) for out = mean of codes[ids]; grad: (rows, d), ids: (rows, k)."""
+    """Gradient of codes (shape) for out = mean of codes[ids]; grad: (rows, d), ids: (rows, k).
+
+    k > 1 on the CPU: one sparse (codes x rows) CSR matrix, with 1/k wherever a row selected a code,
+    times grad. It is built straight from the ids sorted by code (no COO conversion) and sums each
+    code's rows in one pass, deterministically; measured on the 2-core CPU for 8192 rows x k=8, d=512,
+    C=1024: 3.8 ms against 9.8 ms for one `index_add_` per slot. Elsewhere (k = 1, other devices or
+    dtypes): `index_add_`, one per slot."""
     g, c, d = shape
-    k = ids.shape[1]
+    rows, k = ids.shape
+    if k > 1 and grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64):
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # slots by code, each code's rows in token order
+        crow = torch.zeros(g * c + 1, dtype=torch.long)
+        torch.cumsum(torch.bincount(flat, minlength=g * c), 0, out=crow[1:])
+        values = torch.full((flat.numel(),), 1.0 / k, dtype=grad.dtype)
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta once per process
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            weights = torch.sparse_csr_tensor(
+                crow, order.div_(k, rounding_mode="floor"), values, (g * c, rows), check_invariants=False
+            )
+            return torch.mm(weights, grad).view(g, c, d)
     out = torch.zeros(g * c, d, dtype=grad.dtype, device=grad.device)
     for j in range(k):
         out.index_add_(0, ids[:, j], grad, alpha=1.0 / k)
@@ -164,18 +183,22 @@ class _QuantiseTrain(torch.autograd.Function):
         ids, out, x = ctx.saved_tensors
         n, g, d = x.shape
         grad_x = grad_codes = None
-        if grad_out is None:
-            grad_out = torch.zeros_like(x)
         diff = None
         if grad_loss is not None:  # d loss / d out = 2 (out - x) / n
             diff = torch.sub(out, x).mul_(grad_loss * (2.0 / ctx.n))
+        keep_diff = ctx.needs_input_grad[0] and ctx.commit and diff is not None
         if ctx.needs_input_grad[1]:
-            gq = grad_out if diff is None else diff.add(grad_out)
+            if diff is None:
+                gq = torch.zeros_like(x) if grad_out is None else grad_out
+            elif grad_out is None:
+                gq = diff
+            else:  # in place unless the commitment term still needs diff: no extra buffer
+                gq = diff.add(grad_out) if keep_diff else diff.add_(grad_out)
             grad_codes = _scatter_mean_grad(gq.reshape(n * g, d), ids, ctx.codes_shape)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out  # straight-through
-            if ctx.commit and diff is not None:
-                grad_x = torch.add(grad_out, diff, alpha=-ctx.commit)
+            grad_x = grad_out  # straight-through (None: no gradient reaches x)
+            if keep_diff:
+                grad_x = diff.mul(-ctx.commit) if grad_out is None else torch.add(grad_out, diff, alpha=-ctx.commit)
         return grad_x, grad_codes, None, None
 
 
