@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -70,27 +71,39 @@ def code_usage(model: CodebookModel, batches: Iterable[torch.Tensor], device) ->
             cb.usage.zero_()
 
 
-def evaluate_fsm(
-    model: CodebookModel, fsm: TokFSM, device, num_samples: int = 512, num_seqs: int = 256,
-    seed: int = 0, temperature: float = 1.0,
+def on_vs_bypassed(
+    model: CodebookModel, measure: Callable[[], dict[str, Any]], usage_batches: Iterable[torch.Tensor], device
 ) -> dict[str, Any]:
-    """The 'modest degradation' figure: loss and transition accuracy, codebooks on and bypassed."""
+    """`measure()` with codebooks on and bypassed, plus code usage; the model's mode is restored."""
     was_training = model.training
     model.eval()
     result: dict[str, Any] = {}
     try:
         for label, enabled in (("on", True), ("bypassed", False)):
             model.set_enabled(enabled)
-            result[label] = {
-                "loss": mean_loss(model, fsm_batches(fsm, num_seqs), device),
-                "transition_accuracy": fsm_accuracy(model, fsm, num_samples, device, seed, temperature=temperature),
-                "greedy_accuracy": fsm_accuracy(model, fsm, min(num_samples, 64), device, seed, temperature=0.0),
-            }
+            result[label] = measure()
         model.set_enabled(True)
-        result["code_usage"] = code_usage(model, fsm_batches(fsm, num_seqs, first_step=10**6), device)
+        result["code_usage"] = code_usage(model, usage_batches, device)
     finally:
         model.set_enabled(True)
         model.train(was_training)
+    return result
+
+
+def evaluate_fsm(
+    model: CodebookModel, fsm: TokFSM, device, num_samples: int = 512, num_seqs: int = 256,
+    seed: int = 0, temperature: float = 1.0,
+) -> dict[str, Any]:
+    """The 'modest degradation' figure: loss and transition accuracy, codebooks on and bypassed."""
+
+    def measure() -> dict[str, Any]:
+        return {
+            "loss": mean_loss(model, fsm_batches(fsm, num_seqs), device),
+            "transition_accuracy": fsm_accuracy(model, fsm, num_samples, device, seed, temperature=temperature),
+            "greedy_accuracy": fsm_accuracy(model, fsm, min(num_samples, 64), device, seed, temperature=0.0),
+        }
+
+    result = on_vs_bypassed(model, measure, fsm_batches(fsm, num_seqs, first_step=10**6), device)
     result["samples"] = num_samples
     result["temperature"] = temperature
     return result
@@ -98,22 +111,13 @@ def evaluate_fsm(
 
 def evaluate_text(model: CodebookModel, task, device, num_blocks: int = 256) -> dict[str, Any]:
     """LM loss and perplexity on held-out text, codebooks on vs bypassed (`task`: cbtool.text.TextTask)."""
-    import math
-
     blocks = task.heldout_blocks[: max(1, num_blocks)]
-    was_training = model.training
-    model.eval()
-    result: dict[str, Any] = {}
-    try:
-        for label, enabled in (("on", True), ("bypassed", False)):
-            model.set_enabled(enabled)
-            loss = mean_loss(model, blocks.split(16), device)
-            result[label] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        model.set_enabled(True)
-        result["code_usage"] = code_usage(model, blocks.split(16), device)
-    finally:
-        model.set_enabled(True)
-        model.train(was_training)
+
+    def measure() -> dict[str, Any]:
+        loss = mean_loss(model, blocks.split(16), device)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    result = on_vs_bypassed(model, measure, blocks.split(16), device)
     result["heldout_tokens"] = int(blocks.shape[0] * (blocks.shape[1] - 1))
     result["loss_increase"] = result["on"]["loss"] - result["bypassed"]["loss"]
     return result
