@@ -60,6 +60,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def read_versioned_json(doc: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """Parse a cbtool metadata file and check its format name and version (one UserError line each)."""
+    try:
+        data = json.loads(doc.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{doc} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UserError(f"{doc} is not a cbtool {what} (format != {fmt!r})")
+    if data.get("format_version") != version:
+        raise UserError(f"{doc}: {what} format version {data.get('format_version')!r} is not supported "
+                        f"(this cbtool reads {version})")
+    return data
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -191,17 +205,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META
     if not meta_path.is_file():
         raise UserError(f"{path} is not a cbtool checkpoint: no {META}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{meta_path} is not a cbtool checkpoint (format != {FORMAT!r})")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"{meta_path}: format version {version!r} is not supported (this cbtool reads {FORMAT_VERSION})"
-        )
+    meta = read_versioned_json(meta_path, FORMAT, FORMAT_VERSION, "checkpoint")
     for key, kind in (("model", dict), ("codebooks", list), ("files", dict)):
         if not isinstance(meta.get(key), kind):
             raise UserError(f"{meta_path}: missing or malformed key {key!r}")

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 import cbtool
-from cbtool.checkpoint import META, atomic_write_text, sha256_file
+from cbtool.checkpoint import META, atomic_write_text, read_versioned_json, sha256_file
 from cbtool.corpus import Document
 from cbtool.errors import UserError
 from cbtool.sites import CodebookSpec, Site
@@ -330,14 +330,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     man_path = path / MANIFEST
     if not path.is_dir() or not man_path.is_file():
         raise UserError(f"{path} is not a code store: no {MANIFEST}")
-    try:
-        man = json.loads(man_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{man_path} is not valid JSON: {e}") from None
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise UserError(f"{man_path} is not a cbtool code store (format != {FORMAT!r})")
-    if man.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{man_path}: store format version {man.get('format_version')!r} is not supported")
+    man = read_versioned_json(man_path, FORMAT, FORMAT_VERSION, "code store")
     if not isinstance(man.get("sites"), list) or not isinstance(man.get("checkpoint"), dict):
         raise UserError(f"{man_path}: missing or malformed sites/checkpoint")
     return man

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import run_cli
 
@@ -24,3 +25,12 @@ def tiny_checkpoint(tiny_checkpoint_master, tmp_path) -> Path:
     dst = tmp_path / "checkpoint"
     shutil.copytree(tiny_checkpoint_master, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a loaded CI box the threads wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

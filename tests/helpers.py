@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cbtool.cli import app
@@ -10,3 +15,15 @@ from cbtool.cli import app
 def run_cli(*args: object):
     """Run `cbtool ARGS` through the real Typer app; returns the Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_same_training(full: Path, part: Path) -> None:
+    """Two checkpoints hold bit-identical weights, codebooks and evaluation results."""
+    for name in ("model.safetensors", "codebooks.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    ra = json.loads((full / "cbtool.json").read_text())["training"]["results"]
+    rb = json.loads((part / "cbtool.json").read_text())["training"]["results"]
+    assert ra["on"] == rb["on"] and ra["bypassed"] == rb["bypassed"]

@@ -10,7 +10,7 @@ import pytest
 
 from cbtool import text as textmod
 from cbtool.errors import UserError
-from tests.helpers import run_cli
+from tests.helpers import assert_same_training, run_cli
 
 pytest.importorskip("tokenizers", reason="the `text` extra (tokenizers) is not installed")
 
@@ -135,7 +135,6 @@ class _Stop(Exception):
 def test_text_resume_reads_tokenizer_and_equals_uninterrupted(corpus_dir, tmp_path, monkeypatch):
     import torch
     from rich.console import Console
-    from safetensors.torch import load_file
 
     from cbtool.train import Trainer, apply_preset
 
@@ -163,14 +162,7 @@ def test_text_resume_reads_tokenizer_and_equals_uninterrupted(corpus_dir, tmp_pa
     res = run_cli("train", "--resume", "--out", part, "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert (part / "tokenizer.json").read_bytes() == (full / "tokenizer.json").read_bytes()
-    for name in ("model.safetensors", "codebooks.safetensors"):
-        a, b = load_file(str(full / name)), load_file(str(part / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
-    ra = json.loads((full / "cbtool.json").read_text())["training"]["results"]
-    rb = json.loads((part / "cbtool.json").read_text())["training"]["results"]
-    assert ra["on"] == rb["on"] and ra["bypassed"] == rb["bypassed"]
+    assert_same_training(full, part)
 
 
 def test_show_code_on_text_store(corpus_dir, tmp_path):

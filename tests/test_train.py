@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 
 from cbtool.checkpoint import load_checkpoint
 from cbtool.train import TrainConfig, Trainer, apply_preset
-from tests.helpers import run_cli
+from tests.helpers import assert_same_training, run_cli
 
 
 def test_train_writes_checkpoint_that_info_and_eval_read(tiny_checkpoint):
@@ -78,14 +77,7 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at):
     assert meta["training"]["step"] == stop_at and meta["training"]["finished"] is False
     res = run_cli("train", "--resume", "--out", part, "--device", "cpu")
     assert res.exit_code == 0, res.stderr
-    for name in ("model.safetensors", "codebooks.safetensors"):
-        a, b = load_file(str(full / name)), load_file(str(part / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
-    ra = json.loads((full / "cbtool.json").read_text())["training"]["results"]
-    rb = json.loads((part / "cbtool.json").read_text())["training"]["results"]
-    assert ra["on"] == rb["on"] and ra["bypassed"] == rb["bypassed"]
+    assert_same_training(full, part)
 
 
 def test_resume_refuses_finished_and_missing(tmp_path, tiny_checkpoint):
