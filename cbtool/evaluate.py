@@ -55,6 +55,33 @@ def fsm_accuracy(
 
 
 @torch.no_grad()
+def next_state_distribution(model: CodebookModel, prompts: torch.Tensor, device) -> torch.Tensor:
+    """Inputs (n, P) ending in a state's two digits -> (n, 100) the model's distribution over the next
+    two-digit state: P(d1) at the last position times P(d2 | d1) (each renormalised over the digits)."""
+    n = prompts.shape[0]
+    logits1, past = model(prompts.to(device))
+    past10 = [(k.repeat_interleave(10, 0), v.repeat_interleave(10, 0)) for k, v in past]
+    digits = torch.arange(1, 11, device=device).repeat(n).unsqueeze(1)
+    logits2, _ = model(digits, past=past10)
+    p1 = torch.softmax(logits1[:, -1, 1:11].double().cpu(), -1)
+    p2 = torch.softmax(logits2[:, -1, 1:11].double().cpu(), -1).view(n, 10, 10)
+    return (p1.unsqueeze(2) * p2).reshape(n, 100)
+
+
+@torch.no_grad()
+def first_transition_accuracy(model: CodebookModel, fsm: TokFSM, device) -> float:
+    """The paper's first-transition accuracy (its authors' TokFSM tutorial): for every state s, the
+    input `BOS s`; the model's `out_degree` most likely next states; the share of them that are
+    edges of s; averaged over the states. Deterministic (no sampling)."""
+    s = fsm.spec.num_states
+    states = torch.arange(s)
+    prompts = torch.cat([torch.full((s, 1), BOS), states.view(-1, 1) // 10 + 1, states.view(-1, 1) % 10 + 1], 1)
+    dist = next_state_distribution(model, prompts, device)[:, :s]
+    top = dist.topk(fsm.spec.out_degree, dim=-1).indices
+    return float(fsm.adjacency[states.view(-1, 1), top].double().mean())
+
+
+@torch.no_grad()
 def code_usage(model: CodebookModel, batches: Iterable[torch.Tensor], device) -> dict[str, float]:
     """Fraction of each site's codes that fire at least once on batches of (n, L) token ids."""
     cbs = [cb for _, cb in model.items()]
@@ -101,6 +128,7 @@ def evaluate_fsm(
             "loss": mean_loss(model, fsm_batches(fsm, num_seqs), device),
             "transition_accuracy": fsm_accuracy(model, fsm, num_samples, device, seed, temperature=temperature),
             "greedy_accuracy": fsm_accuracy(model, fsm, min(num_samples, 64), device, seed, temperature=0.0),
+            "first_transition_accuracy": first_transition_accuracy(model, fsm, device),
         }
 
     result = on_vs_bypassed(model, measure, fsm_batches(fsm, num_seqs, first_step=10**6), device)

@@ -124,6 +124,24 @@ def parse_sites_option(text: str, n_layer: int) -> list[tuple[int, str]]:
     return sorted(out, key=lambda lc: (lc[0], COMPONENTS.index(lc[1])))
 
 
+def parse_site_codes(text: str, chosen: list[tuple[int, str]], n_layer: int) -> dict[tuple[int, str], int]:
+    """`--site-codes`: comma-separated SITES=C items, SITES as in `--sites` (`0.mlp=4000`, `mlp=2000`);
+    later items win. Every item must name at least one chosen module."""
+    out: dict[tuple[int, str], int] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        where, eq, count = item.partition("=")
+        if not eq or not count.strip().isdigit():
+            raise UserError(f"bad --site-codes item {item!r}: use SITES=C, e.g. 0.mlp=4000 or mlp=2000")
+        modules = [m for m in parse_sites_option(where, n_layer) if m in chosen]
+        if not modules:
+            raise UserError(f"--site-codes item {item!r} names no codebook of --sites")
+        out.update((m, int(count)) for m in modules)
+    return out
+
+
 class CodebookModel(nn.Module):
     """A base model with codebooks hooked in at its sites."""
 
@@ -141,14 +159,16 @@ class CodebookModel(nn.Module):
 
     @classmethod
     def build(cls, base: nn.Module, locator: Locator, chosen: list[tuple[int, str]],
-              num_codes: int, k: int) -> CodebookModel:
+              num_codes: int, k: int, site_codes: dict[tuple[int, str], int] | None = None) -> CodebookModel:
+        """`site_codes`: C for some (layer, component) modules instead of `num_codes`."""
         specs = []
         for layer, comp in chosen:
             if comp == "attn_heads":
                 groups, dim = locator.n_head, locator.d_model // locator.n_head
             else:
                 groups, dim = 1, locator.d_model
-            specs.append(CodebookSpec(layer, comp, groups, dim, num_codes, k))
+            c = (site_codes or {}).get((layer, comp), num_codes)
+            specs.append(CodebookSpec(layer, comp, groups, dim, c, k))
         return cls(base, locator, specs)
 
     def codebook(self, spec: CodebookSpec) -> Codebook:

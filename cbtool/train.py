@@ -30,10 +30,11 @@ from cbtool.errors import UserError
 from cbtool.evaluate import evaluate_fsm
 from cbtool.kmeans_init import capture_inputs, init_codebook
 from cbtool.model import ModelConfig, Transformer
-from cbtool.sites import BuiltinLocator, CodebookModel, parse_sites_option
+from cbtool.sites import BuiltinLocator, CodebookModel, parse_site_codes, parse_sites_option
 from cbtool.tokfsm import FSMSpec, TokFSM
 
 MAX_CODES = 2**24  # refuse absurd sizes before allocating
+PHASE_TIMERS = ("base", "kmeans", "codebook", "eval")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainConfig:
     task: str = "tokfsm"
     sites: str = "attn-heads,mlp"
     num_codes: int = 1000
+    site_codes: str = ""  # C per codebook where it differs from num_codes: "0.mlp=4000,mlp=2000"
     k: int = 1
     base_steps: int = 900
     steps: int = 600
@@ -177,12 +179,14 @@ class Trainer:
             base = Transformer(ModelConfig(**cfg.model))
             chosen = parse_sites_option(cfg.sites, base.config.n_layer)
             locator = BuiltinLocator(base)
-            self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k).to(device)
+            self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k,
+                                             self._site_codes(chosen, base.config.n_layer)).to(device)
         for cb in self.model.codebooks.values():
             cb.commit_coef = cfg.commit_coef
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.elapsed = 0.0
+        self.phase_seconds = dict.fromkeys(PHASE_TIMERS, 0.0)  # wall time per phase of the run
         self._make_optimizer(self.phase(0))
 
     def _build_text_model(self, cfg: TrainConfig, tokenizer: Any = None) -> CodebookModel:
@@ -221,7 +225,17 @@ class Trainer:
         self.log.print(f"text corpus: {self.text.num_tokens:,} tokens, {self.text.train_blocks.shape[0]} "
                        f"training / {self.text.heldout_blocks.shape[0]} held-out blocks of {cfg.seq_len}",
                        highlight=False)
-        return CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k)
+        site_codes = self._site_codes(chosen, locator.n_layer)
+        return CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k, site_codes)
+
+    def _site_codes(self, chosen: list[tuple[int, str]], n_layer: int) -> dict[tuple[int, str], int]:
+        codes = parse_site_codes(self.cfg.site_codes, chosen, n_layer)
+        for c in codes.values():
+            if not self.cfg.k <= c <= MAX_CODES:
+                raise UserError(f"--site-codes: C must be in --k ({self.cfg.k})..{MAX_CODES}, got {c}")
+            if c * self.cfg.model["d_model"] * 4 > 8 * 2**30:
+                raise UserError(f"--site-codes C={c} needs > 8 GiB per codebook; refusing")
+        return codes
 
     @property
     def pretrained(self) -> bool:
@@ -284,6 +298,7 @@ class Trainer:
         for i, (cb, a) in enumerate(zip(cbs, acts, strict=True)):
             init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97)
         self.model.train()
+        self.phase_seconds["kmeans"] += time.perf_counter() - t0
         self.log.print(f"codebooks initialised by k-means from {acts[0].shape[0]} tokens "
                        f"in {time.perf_counter() - t0:.1f}s", highlight=False)
 
@@ -343,9 +358,11 @@ class Trainer:
             while self.step < self.total_steps:
                 self._set_usage_tracking()
                 t0 = time.perf_counter()
+                kmeans_before = self.phase_seconds["kmeans"]
                 row = self.train_step()
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
+                self.phase_seconds[self.phase(self.step - 1)] += dt - (self.phase_seconds["kmeans"] - kmeans_before)
                 self.history.append(row)
                 progress.update(bar, completed=self.step, phase=self.phase(self.step - 1), loss=row["loss"],
                                 acc=row["acc"], tps=tokens_per_step / dt)
@@ -358,6 +375,7 @@ class Trainer:
                     if on_checkpoint:
                         on_checkpoint(self.step)
         self.log.print("evaluating (codebooks on and bypassed)...", highlight=False)
+        t_eval = time.perf_counter()
         if self.text is not None:
             from cbtool.evaluate import evaluate_text
 
@@ -365,7 +383,9 @@ class Trainer:
         else:
             results = evaluate_fsm(self.model, self.fsm, self.device, num_samples=cfg.eval_samples,
                                    seed=cfg.seed)
+        self.phase_seconds["eval"] += time.perf_counter() - t_eval
         results["train_seconds"] = round(self.elapsed, 1)
+        results["phase_seconds"] = {k: round(v, 1) for k, v in self.phase_seconds.items()}
         results["final_train_loss"] = self.history[-1]["loss"] if self.history else None
         self.save(results=results)
         return results
@@ -397,6 +417,7 @@ class Trainer:
     def train_state(self) -> dict[str, torch.Tensor]:
         """Optimizer moments and step counters as flat tensors (safetensors, no pickle)."""
         state = {"trainer.step": torch.tensor(self.step), "trainer.elapsed": torch.tensor(self.elapsed)}
+        state.update({f"trainer.seconds.{k}": torch.tensor(v) for k, v in self.phase_seconds.items()})
         params = [p for g in self.opt.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             s = self.opt.state.get(p)
@@ -445,6 +466,9 @@ class Trainer:
         self = cls(cfg, out, device, log, tokenizer=tokenizer)
         self.step = int(state["trainer.step"])
         self.elapsed = float(state["trainer.elapsed"])
+        for k in PHASE_TIMERS:  # absent in checkpoints of older versions: those phases count from 0
+            if state.get(f"trainer.seconds.{k}") is not None and state[f"trainer.seconds.{k}"].numel() == 1:
+                self.phase_seconds[k] = float(state[f"trainer.seconds.{k}"])
         if not 0 <= self.step <= self.total_steps:
             raise UserError(f"{bad} (step {self.step} of {self.total_steps})")
         try:

@@ -407,6 +407,13 @@ for _damage, (_setup, _needle, _readers) in STORE_DAMAGE.items():
 
 # find-codes: arguments and feature files
 FC = ("find-codes", "{codes}")
+case("find-codes-baseline-unknown", *FC, "--labels", "state", "--baseline", "sae", needle="--baseline")
+case("find-codes-baseline-store-without-checkpoint", "find-codes", "{heads}", "--labels", "state", "--baseline",
+     "neurons", "--device", "cpu", needle="records no checkpoint")
+case("find-codes-baseline-store-of-another-model", "find-codes", "{heads}", "--labels", "state", "--baseline",
+     "neurons", "--checkpoint", "{ck}", "--device", "cpu", needle="records no checkpoint")
+case("find-codes-baseline-other-checkpoint", *FC, "--labels", "state", "--baseline", "neurons", "--checkpoint",
+     "{ck}", "--device", "cpu", needle="another checkpoint", setup=_meta(lambda m: m.update(note="changed")))
 case("find-codes-no-feature", *FC)
 case("find-codes-two-features", *FC, "--regex", "1", "--labels", "state")
 case("find-codes-invalid-regex", *FC, "--regex", "(", needle="invalid regex")
@@ -496,7 +503,14 @@ case("intervene-missing-checkpoint", "intervene", "{w}/missing", *INT, needle="d
 case("intervene-truncated-codebooks", *IV, *INT, setup=lambda w: _truncate(w["ck"] / "codebooks.safetensors", 90))
 case("intervene-wrong-hash", *IV, *INT, needle="sha256",
      setup=_meta(lambda m: m["files"].update({"codebooks.safetensors": "f" * 64})))
-case("intervene-fsm-eval-pairs-0", *IV, "--fsm-eval", "--pairs", "0", "--device", "cpu")
+case("intervene-fsm-eval-pairs-0", *IV, "--fsm-eval", "--fsm-mode", "steering", "--pairs", "0", "--device", "cpu")
+case("intervene-fsm-mode-unknown", *IV, "--fsm-eval", "--fsm-mode", "magic", "--device", "cpu", needle="--fsm-mode")
+case("intervene-fsm-prefix-past-block", *IV, "--fsm-eval", "--prefix-states", "63", "--device", "cpu",
+     needle="block size")
+case("intervene-fsm-prefix-negative", *IV, "--fsm-eval", "--prefix-states", "-1", "--device", "cpu")
+case("intervene-fsm-row-without-codebook", *IV, "--fsm-eval", "--patch-rows", "none,5.mlp", "--device", "cpu",
+     needle="no codebook")
+case("intervene-fsm-row-bad", *IV, "--fsm-eval", "--patch-rows", "heads", "--device", "cpu")
 case("intervene-fsm-eval-with-code", *IV, "--fsm-eval", "--code", "0.mlp:1", "--device", "cpu")
 
 case("intervene-prompt-unicode-digit", *IV, *INT, "--prompt", "\u00b2")  # '²'.isdigit() but int('²') fails

@@ -124,12 +124,13 @@ def test_device_cuda_without_cuda_exits_2(tiny_checkpoint_master):
     assert res.exit_code == 2 and "CUDA" in res.stderr
 
 
-def test_fsm_eval_json(tiny_checkpoint_master):
-    doc = _json(run_cli("intervene", tiny_checkpoint_master, "--fsm-eval", "--pairs", "10",
+def test_fsm_eval_steering_json(tiny_checkpoint_master):
+    doc = _json(run_cli("intervene", tiny_checkpoint_master, "--fsm-eval", "--fsm-mode", "steering", "--pairs", "10",
                         "--code-seqs", "8", "--json"))
     assert doc["kind"] == "intervene-fsm" and doc["pairs"] == 10
     assert [r["sites"] for r in doc["table"]] == ["none", "attention", "mlp", "all"]
-    view = run_cli("intervene", tiny_checkpoint_master, "--fsm-eval", "--pairs", "5", "--code-seqs", "4")
+    view = run_cli("intervene", tiny_checkpoint_master, "--fsm-eval", "--fsm-mode", "steering", "--pairs", "5",
+                   "--code-seqs", "4")
     assert view.exit_code == 0, view.output
     assert "attention" in view.stdout and "mlp" in view.stdout
     assert run_cli("intervene", tiny_checkpoint_master, "--fsm-eval", "--code", "1:1").exit_code == 2

@@ -48,10 +48,11 @@ def evaluate(
     table.add_column("loss (nats/token)", justify="right")
     table.add_column("transition accuracy", justify="right")
     table.add_column("greedy accuracy", justify="right")
+    table.add_column("first transition", justify="right")
     for label in ("on", "bypassed"):
         r = res[label]
         table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['transition_accuracy']:.3f}",
-                      f"{r['greedy_accuracy']:.3f}")
+                      f"{r['greedy_accuracy']:.3f}", f"{r['first_transition_accuracy']:.3f}")
     out.print(table)
     out.print(_usage_table(res["code_usage"]))
 

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from cbtool.commands.common import RUN_OPTION_HELP, default_store, emit_json, emit_jsonl, err, out
+from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_store, emit_json, emit_jsonl, err, out
 from cbtool.errors import CheckFailed, UserError
 from cbtool.features import MATCH_ON, LabelFeature, label_feature, regex_feature
 from cbtool.scoring import SiteScores, score_labels, score_mask
@@ -146,6 +146,11 @@ def find_codes(
     require: bool = typer.Option(False, "--require", help="Exit 1 when no code meets the thresholds (CI)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON row per line on stdout."),
+    baseline: str | None = typer.Option(None, "--baseline", help="neurons: each row also gets the neuron "
+                                        "with the highest precision at the code's recall (re-runs the model)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="--baseline: the store's checkpoint "  # noqa: B008
+                                           "(default: the one it was embedded from)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Precision, recall and F1 of every code against a feature; best codes first.
 
@@ -154,7 +159,11 @@ def find_codes(
       cbtool find-codes --labels state                  # every TokFSM state -> its best code
       cbtool find-codes --labels state --label 42 --sites '*.mlp' --top 5
       cbtool find-codes --labels my_labels.npy --require --min-precision 0.8   # CI check (exit 1)
+      cbtool find-codes --labels state --baseline neurons   # codes vs the best single neuron
     """
+    if baseline not in (None, "neurons"):
+        raise UserError(f"unknown --baseline {baseline!r}: use neurons")
+    neurons = _NeuronBaseline(device) if baseline else None
     if (regex is None) == (labels is None):
         raise UserError("give exactly one feature: --regex RE or --labels NAME|FILE")
     if label is not None and labels is None:
@@ -186,7 +195,8 @@ def find_codes(
     if labels is not None and label is None:
         feat = label_feature(store, labels)
         _label_table(
-            store, chosen, feat, sort, min_precision, min_recall, min_count, require, as_json, as_jsonl, base
+            store, chosen, feat, sort, min_precision, min_recall, min_count, require, as_json, as_jsonl, base,
+            neurons and neurons.bind(store, checkpoint),
         )
         return
 
@@ -213,6 +223,9 @@ def find_codes(
             for r in shown:
                 if r["site"] == site:
                     r["examples"] = ex[r["code_id"]]
+    if neurons:
+        mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+        base["baseline"] = neurons.bind(store, checkpoint)(shown, [mask] * len(shown))
     if as_json:
         emit_json(
             "find-codes", {**base, **query, "feature_tokens": size, "matching_codes": total, "rows": shown}
@@ -224,8 +237,10 @@ def find_codes(
             title=f"codes for {title}: {size:,} of {store.num_tokens:,} tokens; "
             f"{total} code(s) pass the thresholds"
         )
-        for col in ("code", "precision", "recall", "F1", "fires", "hits", "examples"):
-            table.add_column(col, justify="left" if col in ("code", "examples") else "right")
+        cols = ["code", "precision", "recall", "F1", "fires", "hits", "examples"]
+        cols += ["best neuron", "its precision"] if neurons else []
+        for col in cols:
+            table.add_column(col, justify="left" if col in ("code", "examples", "best neuron") else "right")
         for r in shown:
             table.add_row(
                 r["code"],
@@ -235,8 +250,11 @@ def find_codes(
                 f"{r['fires']:,}",
                 f"{r['hits']:,}",
                 " ".join(repr(t) for t in r.get("examples", [])),
+                *([r["neuron"], _fmt(r["neuron_precision"])] if neurons else []),
             )
         out.print(table)
+        if neurons:
+            out.print(_beat_line(base["baseline"]))
     if require and total == 0:
         raise CheckFailed(
             f"no code has precision >= {min_precision}, recall >= {min_recall} and "
@@ -256,8 +274,10 @@ def _label_table(
     as_json: bool,
     as_jsonl: bool,
     base: dict[str, Any],
+    neurons: Any = None,
 ) -> None:
-    """One row per label value with its best code over the selected sites, plus per-site summaries."""
+    """One row per label value with its best code over the selected sites, plus per-site summaries;
+    `neurons` (a bound _NeuronBaseline): each site's best code per value vs its best neuron."""
     nv = len(feat.values)
     if nv == 0:
         raise UserError(f"labels {feat.name!r} have no values on this store")
@@ -265,6 +285,7 @@ def _label_table(
     best: list[dict[str, Any] | None] = [None] * nv
     per_site: dict[str, dict[str, Any]] = {}
     sizes = np.zeros(nv, dtype=np.int64)
+    site_rows: list[dict[str, Any]] = []  # each site's best code per value (for the neuron baseline)
     for site in sites:
         sc = score_labels(store, site, feat.index, nv)
         sizes = np.asarray(sc.feature_size)
@@ -281,6 +302,8 @@ def _label_table(
             "mean_best_recall": float(np.where(has, r, 0.0).mean()),
             "values_with_precision_0.9": int((has & (p >= 0.9)).sum()),
         }
+        site_rows += [{"site": site, "label_index": int(v), "code_id": int(combo[v]), "precision": float(p[v]),
+                       "hits": int(sc.hits[v, combo[v]])} for v in np.flatnonzero(has)]
         for v in np.flatnonzero(has & (metric[rows_v, combo] > best_metric)):
             c = int(combo[v])
             best_metric[v] = metric[v, c]
@@ -297,6 +320,18 @@ def _label_table(
     rows = [
         {"label": feat.values[v], "tokens": int(sizes[v]), **(best[v] or {"code": None})} for v in range(nv)
     ]
+    if neurons:
+        index = np.concatenate(feat.index) if feat.index else np.zeros(0, dtype=np.int64)
+        masks = {v: index == v for v in {r["label_index"] for r in site_rows}}
+        base["baseline"] = neurons(site_rows, [masks[r["label_index"]] for r in site_rows])
+        for site in sites:
+            mine = [r for r in site_rows if r["site"] == site]
+            per_site[site].update(_site_beat(mine))
+        found = {(r["site"], r["code_id"], r["label_index"]): r for r in site_rows}
+        for v, b in enumerate(best):
+            if b is not None:
+                m = found[(b["site"], b["code_id"], v)]
+                b.update({k: m[k] for k in m if k.startswith("neuron")})
     with_code = sum(b is not None for b in best)
     summary = {
         "values": nv,
@@ -336,7 +371,9 @@ def _label_table(
                 )
         out.print(table)
         st = Table(title="per site: each value's best code at that site")
-        for col in ("site", "values with a code", "precision >= 0.9", "mean precision", "mean recall"):
+        cols = ["site", "values with a code", "precision >= 0.9", "mean precision", "mean recall"]
+        cols += ["neuron precision (matched recall)", "codes beating neuron"] if neurons else []
+        for col in cols:
             st.add_column(col, justify="left" if col == "site" else "right")
         for site, d in per_site.items():
             st.add_row(
@@ -345,8 +382,12 @@ def _label_table(
                 f"{d['values_with_precision_0.9']}/{nv}",
                 _fmt(d["mean_best_precision"]),
                 _fmt(d["mean_best_recall"]),
+                *([_fmt(d["mean_neuron_precision"]) if d["codes"] else "-",
+                   f"{d['codes_beating_neuron']}/{d['codes']}"] if neurons else []),
             )
         out.print(st)
+        if neurons:
+            out.print(_beat_line(base["baseline"]))
         out.print(
             f"{with_code} of {nv} values of {feat.name!r} have a code with precision >= {min_precision}, "
             f"recall >= {min_recall} and >= {min_count} fires; "
@@ -357,6 +398,36 @@ def _label_table(
             f"no code has precision >= {min_precision}, recall >= {min_recall} and "
             f">= {min_count} fires for any value of {feat.name!r}"
         )
+
+
+class _NeuronBaseline:
+    """`--baseline neurons`, bound to a store and checkpoint: rows + features -> summary (cbtool.neurons)."""
+
+    def __init__(self, device: str) -> None:
+        from cbtool.train import resolve_device
+
+        self.device = resolve_device(device)
+
+    def bind(self, store: Store, checkpoint: Path | None):
+        from cbtool.neurons import neuron_baseline
+
+        return lambda rows, features: neuron_baseline(store, checkpoint, self.device, rows, features,
+                                                      log=lambda m: err.print(f"[dim]{m}[/dim]"))
+
+
+def _site_beat(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    return {"codes": n, "codes_beating_neuron": sum(r["precision"] > r["neuron_precision"] for r in rows),
+            "mean_neuron_precision": float(np.mean([r["neuron_precision"] for r in rows])) if n else None}
+
+
+def _beat_line(summary: dict[str, Any]) -> str:
+    if not summary["codes"]:
+        return "no code to compare with neurons"
+    return (f"{summary['codes_beating_neuron']} of {summary['codes']} codes "
+            f"({summary['share_beating_neuron']:.1%}) are more precise than their best neuron at the same recall "
+            f"(mean precision codes {summary['mean_code_precision']:.3f}, neurons "
+            f"{summary['mean_neuron_precision']:.3f}; {summary['neurons']:,} neurons of {summary['checkpoint']})")
 
 
 def register(app: typer.Typer) -> None:

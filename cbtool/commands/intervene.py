@@ -24,6 +24,7 @@ from cbtool.commands.common import (
     out,
 )
 from cbtool.errors import CheckFailed, UserError
+from cbtool.patching import DEFAULT_ROWS, ROW_HELP
 from cbtool.steering import (
     MODES,
     POSITIONS,
@@ -160,8 +161,15 @@ def intervene(
     require_gain: float | None = typer.Option(None, "--require-gain", help="Exit 1 unless the steered rate "
                                               "is at least G above the baseline rate (needs --regex)."),
     fsm_eval: bool = typer.Option(False, "--fsm-eval",
-                                  help="TokFSM state-steering experiment (paper sec. 4)."),
-    pairs: int = typer.Option(500, "--pairs", help="--fsm-eval: (a, b) state pairs."),
+                                  help="TokFSM state patching (paper sec. 4; see --fsm-mode)."),
+    fsm_mode: str = typer.Option("patching", "--fsm-mode", help="--fsm-eval: patching (the paper's table: "
+                                 "JSD to b's own next-token distribution) or steering (two-digit next-state "
+                                 "JSD to b's true transitions, forcing b's most precise codes)."),
+    prefix_states: int = typer.Option(62, "--prefix-states", help="--fsm-eval patching: random-walk prefixes "
+                                      "of 0..P states before state a."),
+    patch_rows: str = typer.Option(",".join(DEFAULT_ROWS), "--patch-rows",
+                                   help=f"--fsm-eval patching: rows, comma-separated ({ROW_HELP})."),
+    pairs: int = typer.Option(500, "--pairs", help="--fsm-eval steering: (a, b) state pairs."),
     fsm_patch: str = typer.Option("state", "--fsm-patch", help="--fsm-eval: patch both tokens of state a "
                                   "(state) or only its last (last)."),
     code_seqs: int = typer.Option(256, "--code-seqs",
@@ -182,6 +190,11 @@ def intervene(
     if as_json and as_jsonl:
         raise UserError("--json and --jsonl are exclusive")
     dev = resolve_device(device)
+    if fsm_eval and fsm_mode == "patching":
+        _fsm_patching(path, run, dev, prefix_states, patch_rows, seed, as_json, code or prompt or spec or prompts_file)
+        return
+    if fsm_eval and fsm_mode != "steering":
+        raise UserError(f"unknown --fsm-mode {fsm_mode!r}: use patching or steering")
     if fsm_eval:
         _fsm_eval(path, run, dev, pairs, fsm_patch, code_seqs, seed, temperature, as_json, code or prompt
                   or spec or prompts_file)
@@ -278,21 +291,40 @@ def _show(rows: list[dict[str, Any]], summary: dict[str, Any], with_regex: bool,
         out.print(f"    gain: {summary['gain']:+.1%}")
 
 
+def _tokfsm_checkpoint(path: Path | None, run: Path | None, dev, extra: Any) -> Checkpoint:
+    if extra:
+        raise UserError("--fsm-eval chooses its own codes and prompts: drop --code/--prompt/--prompts/--spec")
+    ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
+    if ckpt.task is None or type(ckpt.task).__name__ != "TokFSM":
+        raise UserError(f"{ckpt.path} was not trained on TokFSM: --fsm-eval needs a TokFSM checkpoint")
+    return ckpt
+
+
+def _fsm_patching(path: Path | None, run: Path | None, dev, prefix_states: int, rows: str, seed: int,
+                  as_json: bool, extra: Any) -> None:
+    from cbtool.patching import PATCHING_NOTE, parse_rows, patching_table, state_patching
+
+    ckpt = _tokfsm_checkpoint(path, run, dev, extra)
+    res = state_patching(ckpt.model, ckpt.task, dev, parse_rows(rows, ckpt.model), prefix_states, seed)
+    if as_json:
+        emit_json("intervene-fsm-patching", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256,
+                                             **res})
+        return
+    out.print(patching_table(res, f"{ckpt.path}: state patching ({res['pairs']} pairs (a, b))"))
+    out.print(PATCHING_NOTE)
+
+
 def _fsm_eval(path: Path | None, run: Path | None, dev, pairs: int, patch: str, code_seqs: int, seed: int,
               temperature: float, as_json: bool, extra: Any) -> None:
     from cbtool.fsm_steering import fsm_state_steering
 
-    if extra:
-        raise UserError("--fsm-eval chooses its own codes and prompts: drop --code/--prompt/--prompts/--spec")
     if pairs < 1 or code_seqs < 1:
         raise UserError("--pairs and --code-seqs must be >= 1")
     if patch not in ("state", "last"):
         raise UserError(f"unknown --fsm-patch {patch!r}: use state or last")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
-    ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
-    if ckpt.task is None or type(ckpt.task).__name__ != "TokFSM":
-        raise UserError(f"{ckpt.path} was not trained on TokFSM: --fsm-eval needs a TokFSM checkpoint")
+    ckpt = _tokfsm_checkpoint(path, run, dev, extra)
     err.print(f"[dim]state steering: {pairs} pairs, code search over {code_seqs} sequences, on {dev}[/dim]")
     res = fsm_state_steering(ckpt.model, ckpt.task, dev, pairs=pairs, seed=seed, num_seqs=code_seqs,
                              patch=patch, temperature=temperature)

@@ -20,6 +20,10 @@ def train(
     sites: str | None = typer.Option(None, "--sites", help="Where codebooks go: attn-heads,mlp (default), attn, "
                                      "mlp, 2.mlp, 0-1.attn, or a layer list 0,2."),
     num_codes: int | None = typer.Option(None, "--num-codes", help="Codes per codebook (C)."),
+    site_codes: str | None = typer.Option(None, "--site-codes", help="C for some codebooks, as SITES=C items "
+                                          "('0.mlp=4000', 'mlp=2000'); '' = --num-codes everywhere."),
+    kmeans_seqs: int | None = typer.Option(None, "--kmeans-seqs", help="Sequences whose activations "
+                                           "initialise the codebooks by k-means."),
     k: int | None = typer.Option(None, "--k", help="Codes selected per token."),
     base_steps: int | None = typer.Option(None, "--base-steps", help="Phase 1: plain transformer steps "
                                           "(0 = train codebooks from scratch with the model)."),
@@ -77,7 +81,8 @@ def train(
         overrides = {"task": task, "base_model": base_model, "gguf_file": gguf_file, "corpus": corpus,
                      "text_field": text_field, "seq_len": seq_len, "vocab_size": vocab_size,
                      "base_lr_factor": base_lr_factor,
-                     "sites": sites, "num_codes": num_codes, "k": k, "base_steps": base_steps,
+                     "sites": sites, "num_codes": num_codes, "site_codes": site_codes,
+                     "kmeans_seqs": kmeans_seqs, "k": k, "base_steps": base_steps,
                      "steps": steps, "batch_size": batch_size, "lr": lr, "codebook_lr": codebook_lr,
                      "mse_coef": mse_coef, "commit_coef": commit_coef, "train_base": train_base,
                      "checkpoint_every": checkpoint_every, "seed": seed}
@@ -100,6 +105,8 @@ def train(
         return
     out.print(f"transition accuracy  codebooks on {on['transition_accuracy']:.3f}   "
               f"bypassed {off['transition_accuracy']:.3f}")
+    out.print(f"first transition     codebooks on {on['first_transition_accuracy']:.3f}   "
+              f"bypassed {off['first_transition_accuracy']:.3f}")
     out.print(f"loss (nats/token)    codebooks on {on['loss']:.4f}  bypassed {off['loss']:.4f}")
 
 
