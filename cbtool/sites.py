@@ -135,7 +135,10 @@ def parse_site_codes(text: str, chosen: list[tuple[int, str]], n_layer: int) -> 
         where, eq, count = item.partition("=")
         if not eq or not count.strip().isdigit():
             raise UserError(f"bad --site-codes item {item!r}: use SITES=C, e.g. 0.mlp=4000 or mlp=2000")
-        modules = [m for m in parse_sites_option(where, n_layer) if m in chosen]
+        try:
+            modules = [m for m in parse_sites_option(where, n_layer) if m in chosen]
+        except UserError as e:
+            raise UserError(f"--site-codes item {item!r}: {e}") from None
         if not modules:
             raise UserError(f"--site-codes item {item!r} names no codebook of --sites")
         out.update((m, int(count)) for m in modules)

@@ -1,6 +1,6 @@
 # ruff: noqa: B008  (typer declares options as call defaults)
 """`cbtool intervene`: batch-steered generation beside an unsteered baseline; `--fsm-eval` runs the
-paper's TokFSM state-steering experiment."""
+paper's TokFSM state-patching experiment (cbtool/patching.py; `--fsm-mode steering`: cbtool/fsm_steering.py)."""
 
 from __future__ import annotations
 
@@ -185,7 +185,8 @@ def intervene(
       cbtool intervene --code 3:412 --code 2.attn.h1:7 --mode ablate --prompts prompts.txt --jsonl
       cbtool intervene --code 3.mlp:412 -n 200 --regex "^41" --require-gain 0.2
       cbtool intervene --spec rows.jsonl --json
-      cbtool intervene --fsm-eval
+      cbtool intervene --fsm-eval                      # the paper's state-patching table
+      cbtool intervene --fsm-eval --fsm-mode steering  # two-digit next-state JSD to b's true transitions
     """
     if as_json and as_jsonl:
         raise UserError("--json and --jsonl are exclusive")

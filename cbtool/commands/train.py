@@ -21,7 +21,8 @@ def train(
                                      "mlp, 2.mlp, 0-1.attn, or a layer list 0,2."),
     num_codes: int | None = typer.Option(None, "--num-codes", help="Codes per codebook (C)."),
     site_codes: str | None = typer.Option(None, "--site-codes", help="C for some codebooks, as SITES=C items "
-                                          "('0.mlp=4000', 'mlp=2000'); '' = --num-codes everywhere."),
+                                          "('0.mlp=4000', 'mlp=2000'); '' = --num-codes everywhere (the "
+                                          "default with your own --sites or --num-codes)."),
     kmeans_seqs: int | None = typer.Option(None, "--kmeans-seqs", help="Sequences whose activations "
                                            "initialise the codebooks by k-means."),
     k: int | None = typer.Option(None, "--k", help="Codes selected per token."),
@@ -86,11 +87,14 @@ def train(
                      "steps": steps, "batch_size": batch_size, "lr": lr, "codebook_lr": codebook_lr,
                      "mse_coef": mse_coef, "commit_coef": commit_coef, "train_base": train_base,
                      "checkpoint_every": checkpoint_every, "seed": seed}
+        if site_codes is None and (sites is not None or num_codes is not None):
+            cfg.site_codes = ""  # the preset's sizes are for its own sites: own --sites/--num-codes = uniform C
         for name, value in overrides.items():
             if value is not None:
                 setattr(cfg, name, value)
         trainer = Trainer(cfg, target, dev, err)
-        err.print(f"training {cfg.task} on {dev}: {len(trainer.model.sites)} sites, C={cfg.num_codes}, k={cfg.k}, "
+        sizes = f"C={cfg.num_codes}" + (f" ({cfg.site_codes})" if cfg.site_codes else "")
+        err.print(f"training {cfg.task} on {dev}: {len(trainer.model.sites)} sites, {sizes}, k={cfg.k}, "
                   f"{cfg.base_steps} base + {cfg.steps} codebook steps -> {target}")
     results = trainer.run()
     if as_json:
