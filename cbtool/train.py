@@ -52,6 +52,7 @@ class TrainConfig:
     train_base: bool = False  # phase 2: also train the base (at lr x base_lr_factor)
     base_lr_factor: float = 0.1
     kmeans_seqs: int = 256
+    kmeans: str = "sklearn"  # k-means implementation (cbtool/kmeans_init.py): sklearn or torch
     dead_window: int = 100
     checkpoint_every: int = 200
     eval_samples: int = 512
@@ -87,6 +88,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.kmeans not in ("sklearn", "torch"):
+            raise UserError(f"unknown k-means implementation {self.kmeans!r}: use sklearn or torch")
         if self.task not in ("tokfsm", "text"):
             raise UserError(f"unknown --task {self.task!r}: available: tokfsm, text")
         if self.base_model is not None and self.task != "text":
@@ -141,11 +144,12 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
 # a pretrained base: no plain phase, codebook-only training on its frozen weights
 HF_PRESETS: dict[str, dict[str, Any]] = {
     "default": {"task": "text", "base_steps": 0, "steps": 300, "batch_size": 8, "num_codes": 1024, "k": 1,
-                "kmeans_seqs": 64, "seq_len": 128, "eval_samples": 0},
+                "kmeans_seqs": 64, "kmeans": "torch", "seq_len": 128, "eval_samples": 0},
     "tiny": {"task": "text", "base_steps": 0, "steps": 5, "batch_size": 2, "num_codes": 16, "kmeans_seqs": 4,
+             "kmeans": "torch",
              "seq_len": 32, "checkpoint_every": 0, "eval_blocks": 4, "eval_samples": 0},
     "paper": {"task": "text", "base_steps": 0, "steps": 10_000, "batch_size": 32, "num_codes": 10_000, "k": 8,
-              "kmeans_seqs": 512, "seq_len": 256, "checkpoint_every": 1000, "eval_blocks": 1024,
+              "kmeans_seqs": 512, "kmeans": "torch", "seq_len": 256, "checkpoint_every": 1000, "eval_blocks": 1024,
               "eval_samples": 0},
 }
 
@@ -189,13 +193,15 @@ class Trainer:
         """--task text: the data (cbtool.text) and the model, built-in or a pretrained HF base."""
         from cbtool import text as textmod
 
-        if cfg.corpus is not None and cfg.corpus != textmod.BUILTIN_NAME:
+        if cfg.corpus is not None and not (cfg.corpus in textmod.NAMED_CORPORA and not Path(cfg.corpus).exists()):
             cfg.corpus = str(Path(cfg.corpus).resolve())
         sources = textmod.load_sources(cfg.corpus, cfg.text_field)
         torch.manual_seed(cfg.seed)
         if cfg.base_model is not None:
             from cbtool import hf
 
+            self.log.print(f"loading base model {cfg.base_model}{' / ' + cfg.gguf_file if cfg.gguf_file else ''} "
+                           f"(a GGUF file is de-quantised first: ~15-60 s)", highlight=False)
             base, locator, self.model_spec = hf.load_hf_model(cfg.base_model, cfg.gguf_file,
                                                               frozen=not cfg.train_base)
             cfg.base_model = self.model_spec["path"]
@@ -282,7 +288,7 @@ class Trainer:
 
         acts = capture_inputs(cbs, run)
         for i, (cb, a) in enumerate(zip(cbs, acts, strict=True)):
-            init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97)
+            init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97, cfg.kmeans)
         self.model.train()
         self.log.print(f"codebooks initialised by k-means from {acts[0].shape[0]} tokens "
                        f"in {time.perf_counter() - t0:.1f}s", highlight=False)

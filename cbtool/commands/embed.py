@@ -50,6 +50,10 @@ def embed(
     ),
     num_seqs: int = typer.Option(2048, "--num-seqs", help="TokFSM: fresh held-out sequences to embed."),
     seed: int = typer.Option(0, "--seed", help="TokFSM: which held-out sequence stream."),
+    split: str = typer.Option(
+        "all", "--split", help="Text checkpoints without --corpus: heldout, train or all documents of the corpus "
+        "the checkpoint was trained on (heldout/train need its document-level holdout)."
+    ),
     sites: str | None = typer.Option(
         None,
         "--sites",
@@ -84,12 +88,25 @@ def embed(
     dev = resolve_device(device)
     ckpt = load_checkpoint(default_checkpoint(checkpoint, run), device=dev)
     chosen = match_sites(list(ckpt.model.sites), sites, f"checkpoint {ckpt.path}")
-    if corpus is not None:
+    labels: list[str]
+    if split not in ("all", "heldout", "train"):
+        raise UserError(f"unknown --split {split!r}: use heldout, train or all")
+    text_task = (ckpt.meta.get("task") or {}).get("name") == "text"
+    if corpus is None and text_task:
+        from cbtool.text import checkpoint_documents
+
+        docs = checkpoint_documents(ckpt, None, split=split)
+        task_meta = ckpt.meta["task"]
+        corpus_spec = {"kind": "text", "path": task_meta.get("corpus"), "text_field": task_meta.get("text_field"),
+                       "split": split}
+        labels = []
+        token_strings = None
+    elif corpus is not None:
         if not corpus.exists():
             raise UserError(f"corpus {corpus} does not exist")
         docs = documents_for(ckpt, corpus, text_field)
         corpus_spec = {"kind": "text", "path": str(corpus.resolve()), "text_field": text_field}
-        labels: list[str] = []
+        labels = []
         token_strings = None
     else:
         corpus_spec, docs = tokfsm_corpus(ckpt, num_seqs, seed)

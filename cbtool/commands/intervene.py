@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from cbtool.commands.common import (
     out,
 )
 from cbtool.errors import CheckFailed, UserError
+from cbtool.refs import codes_from_results
 from cbtool.steering import (
     MODES,
     POSITIONS,
@@ -128,6 +130,21 @@ def _jobs(ckpt: Checkpoint, args: dict[str, Any]) -> tuple[list[SampleJob], list
     return jobs, info
 
 
+def _codes_from(source: str, pick: int) -> list[str]:
+    if pick < 1:
+        raise UserError(f"--pick must be >= 1, got {pick}")
+    if source == "-":
+        return codes_from_results(sys.stdin.read(), "stdin", pick)
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"--codes-from {source}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --codes-from {source}: {getattr(e, 'strerror', None) or e}") from None
+    return codes_from_results(text, source, pick)
+
+
 def _rate(hits: int, n: int) -> dict[str, Any]:
     lo, hi = wilson_interval(hits, n)
     return {"matches": hits, "samples": n, "rate": hits / n if n else None, "ci95": [lo, hi]}
@@ -137,6 +154,9 @@ def intervene(
     path: Path | None = typer.Argument(None, help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
     code: list[str] = typer.Option([], "--code", "-c", help="SITE:CODE to steer with (repeatable)."),
+    codes_from: str | None = typer.Option(None, "--codes-from", help="Take the codes from find-codes --json/--jsonl "
+                                          "output in FILE ('-' = stdin): its best --pick rows."),
+    pick: int = typer.Option(1, "--pick", help="With --codes-from: how many of its best rows to steer with."),
     mode: str = typer.Option("force", "--mode", help="force (code joins the active set, replacing the "
                              "lowest-scoring one), add (its vector x --strength is added), ablate (removed, "
                              "next best takes its place)."),
@@ -177,10 +197,13 @@ def intervene(
       cbtool intervene --code 3:412 --code 2.attn.h1:7 --mode ablate --prompts prompts.txt --jsonl
       cbtool intervene --code 3.mlp:412 -n 200 --regex "^41" --require-gain 0.2
       cbtool intervene --spec rows.jsonl --json
+      cbtool find-codes --regex ' war' --jsonl | cbtool intervene --codes-from - --pick 2 --regex ' war'
       cbtool intervene --fsm-eval
     """
     if as_json and as_jsonl:
         raise UserError("--json and --jsonl are exclusive")
+    if codes_from is not None:
+        code = [*code, *_codes_from(codes_from, pick)]
     dev = resolve_device(device)
     if fsm_eval:
         _fsm_eval(path, run, dev, pairs, fsm_patch, code_seqs, seed, temperature, as_json, code or prompt
