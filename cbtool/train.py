@@ -143,8 +143,9 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
 }
 # a pretrained base: no plain phase, codebook-only training on its frozen weights
 HF_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"task": "text", "base_steps": 0, "steps": 300, "batch_size": 8, "num_codes": 1024, "k": 1,
-                "kmeans_seqs": 64, "kmeans": "torch", "seq_len": 128, "eval_samples": 0},
+    # measured on SmolLM2-135M (README "A recipe for pretrained bases"): 5 middle/late sites, C=4096, k=8
+    "default": {"task": "text", "base_steps": 0, "steps": 300, "batch_size": 8, "num_codes": 4096, "k": 8,
+                "sites": "middle", "kmeans_seqs": 256, "kmeans": "torch", "seq_len": 128, "eval_samples": 0},
     "tiny": {"task": "text", "base_steps": 0, "steps": 5, "batch_size": 2, "num_codes": 16, "kmeans_seqs": 4,
              "kmeans": "torch",
              "seq_len": 32, "checkpoint_every": 0, "eval_blocks": 4, "eval_samples": 0},
