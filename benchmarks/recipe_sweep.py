@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cpu")
     rows = []
     with TemporaryDirectory() as tmp:
-        base_state, tokenizer = None, None
+        base_state, task = None, None
         cfg0 = base_config(args)
         if cfg0.base_model is None and cfg0.base_steps > 0:  # the built-in model: train its plain phase once
             t0 = time.perf_counter()
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             while tr.step < plain.base_steps:
                 tr.train_step()
             base_state = {k: v.clone() for k, v in tr.model.base.state_dict().items()}
-            tokenizer = tr.tokenizer
+            task = tr.task
             log.print(f"base phase: {plain.base_steps} steps in {time.perf_counter() - t0:.0f} s")
         for i, text in enumerate(args.variant or [""]):
             cfg = TrainConfig(**{**cfg0.__dict__, **parse_variant(text)})
             t0 = time.perf_counter()
-            tr = Trainer(cfg, Path(tmp) / f"v{i}", dev, log, tokenizer=tokenizer)
+            tr = Trainer(cfg, Path(tmp) / f"v{i}", dev, log, task=task)
             if base_state is not None:
                 tr.model.base.load_state_dict(base_state)
                 tr.step = cfg.base_steps

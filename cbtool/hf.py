@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cbtool.errors import UserError
+from cbtool.files import hash_file_into
 
 SUPPORTED = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX (Pythia)", "llama": "Llama (SmolLM2)"}
 _HASHED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".gguf")
@@ -80,9 +81,7 @@ def content_hash(path: Path, gguf_file: str | None = None) -> str:
     h = hashlib.sha256()
     for f in hashed_files(path, gguf_file):
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
+        hash_file_into(h, f)
         h.update(b"\0")
     return h.hexdigest()
 

@@ -1,4 +1,4 @@
-"""Code references `SITE:CODE` (DESIGN.md "Code references")."""
+"""Code references `SITE:CODE` (docs/definitions.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import re
 
 from cbtool.errors import UserError
+from cbtool.limits import MAX_INT_DIGITS
 from cbtool.sites import Site
 
 
@@ -15,7 +16,7 @@ def resolve_site(text: str, sites: dict[str, Site]) -> Site:
     if name in sites:
         return sites[name]
     if re.fullmatch(r"[0-9]+", name):
-        layer = int(name) if len(name) <= 18 else -1  # (no int() of thousands of digits: it raises)
+        layer = int(name) if len(name) <= MAX_INT_DIGITS else -1  # (no int() of thousands of digits: it raises)
         layer_sites = [s for s in sites.values() if s.spec.layer == layer]
         mlp = [s for s in layer_sites if s.spec.component == "mlp"]
         if mlp:
@@ -39,7 +40,7 @@ def parse_code_ref(text: str, sites: dict[str, Site]) -> tuple[Site, int]:
     if not re.fullmatch(r"[0-9]+", m.group(2)):
         raise UserError(f"bad code number {m.group(2)!r} in {text!r}: expected an integer >= 0")
     digits = m.group(2).lstrip("0") or "0"
-    if len(digits) > 18 or int(digits) >= site.num_codes:
+    if len(digits) > MAX_INT_DIGITS or int(digits) >= site.num_codes:
         shown = digits if len(digits) <= 24 else f"{digits[:12]}...({len(digits)} digits)"
         raise UserError(f"code {shown} out of range for site {site.name} (0-{site.num_codes - 1})")
     return site, int(digits)

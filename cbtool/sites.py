@@ -78,6 +78,7 @@ class Locator(Protocol):
     def head_projection(self, layer: int) -> nn.Module: ...  # input = heads side by side
     def attention(self, layer: int) -> nn.Module: ...  # output (or its first element) = attn output
     def mlp(self, layer: int) -> nn.Module: ...  # output = MLP output
+    def check_sites(self, chosen: list[tuple[int, str]]) -> None: ...  # UserError for sites it cannot host
 
 
 class BuiltinLocator:
@@ -93,6 +94,9 @@ class BuiltinLocator:
 
     def mlp(self, layer: int) -> nn.Module:
         return self.model.layers[layer].mlp
+
+    def check_sites(self, chosen: list[tuple[int, str]]) -> None:
+        """Every site fits the built-in model (its heads always split d_model evenly)."""
 
 
 def middle_sites(n_layer: int) -> set[tuple[int, str]]:

@@ -1,4 +1,4 @@
-"""Bad input of every kind, for every command (issue 6).
+"""Bad input of every kind, for every command.
 
 Each case runs the real CLI on private copies of a trained checkpoint and an embedded store and must
 give exit 2 (1 for a check the user asked for), exactly one `cbtool: error:` line on stderr, no
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from cbtool.checkpoint import sha256_file
-from cbtool.corpus import fsm_document
+from cbtool.files import sha256_file
 from cbtool.sites import CodebookSpec, Site
 from cbtool.store import Store, documents_to_arrays, write_store
+from cbtool.tokfsm import fsm_document
 from tests.helpers import run_cli
 
 # -- artefacts, built once per module ----------------------------------------------------------------
@@ -552,7 +552,7 @@ def test_bad_input(name, work, monkeypatch):
 
 
 def test_case_count():
-    """The table is what issue 6 counts; keep it from shrinking by accident."""
+    """The table is the bad-input contract (README.md "Exit codes"); keep it from shrinking by accident."""
     assert len(CASES) >= 250, len(CASES)
 
 

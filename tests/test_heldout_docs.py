@@ -51,8 +51,8 @@ def test_documents_are_held_out_whole(letters):
     assert [s.name for s in held] == ["019.txt", "039.txt", "059.txt"]
     assert len(train) == 57 and not {s.name for s in train} & {s.name for s in held}
     tok = textmod.train_bpe(sources, 300)
-    task = textmod.TextTask(tok, sources, 16, str(letters), "text")
-    assert task.holdout == "documents" and task.spec()["holdout"] == "documents"
+    task = textmod.TextTask(tok, str(letters), "text", 16, sources=sources)
+    assert task.holdout == "documents" and task.task_meta()["holdout"] == "documents"
     # every held-out block comes from held-out documents: the marker "document 19" never trains
     marker = np.asarray(tok.encode(" document 19 safe"))
     train_ids = task.train_blocks.numpy().ravel()
@@ -65,7 +65,7 @@ def test_documents_are_held_out_whole(letters):
     assert contains(held_ids) and not contains(train_ids)
     # a corpus of few documents keeps block-level holdout (and old checkpoints, which record none)
     few = sources[:5]
-    assert textmod.TextTask(tok, few, 16, None, "text").holdout == "blocks"
+    assert textmod.TextTask(tok, None, "text", 16, sources=few).holdout == "blocks"
 
 
 def test_embed_split_heldout_stores_only_heldout_documents(letters_ckpt, tmp_path):
