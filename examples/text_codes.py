@@ -21,7 +21,7 @@ work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix=
 
 # %% train: a byte-level BPE and a 2-layer transformer, then codebooks on its MLPs
 ckpt = cbtool.train_model(work / "checkpoint", "tiny", corpus=CORPUS, sites="mlp", num_codes=64, seq_len=32,
-                          base_steps=150, steps=60, overwrite=True)
+                          base_steps=100, steps=40, overwrite=True)
 on, off = (ckpt.meta["training"]["results"][k]["loss"] for k in ("on", "bypassed"))
 print(f"held-out LM loss: codebooks on {on:.3f}, bypassed {off:.3f} nats/token")
 

@@ -319,7 +319,7 @@ case("embed-overwrite-non-store", "embed", "{ck}", "--out", "{w}/adir2", "--over
      "--device", "cpu", setup=lambda w: ((w["w"] / "adir2").mkdir(), (w["w"] / "adir2" / "notes.txt").write_text("x")))
 case("embed-disk-full-mid-store", "embed", "{ck}", "--out", "{w}/new", "--num-seqs", "4", "--shard-tokens", "200",
      "--device", "cpu", needle="No space left", new_files_ok=True,
-     logs_ok=True, patch=_fail_on(lambda path, *a: "shard-000001" in str(path), "cbtool.store", "_save_npy"))
+     logs_ok=True, patch=_fail_on(lambda path, *a: "shard-000001" in str(path), "cbtool.store", "save_npy"))
 case("embed-disk-full-on-manifest", "embed", "{ck}", *EMB, needle="No space left",
      patch=_fail_on(lambda path, *a: str(path).endswith("manifest.json"), "cbtool.store", "atomic_write_text"))
 case("embed-disk-full-on-lock", "embed", "{ck}", *EMB, needle="No space left", new_files_ok=True,
