@@ -226,8 +226,10 @@ class Trainer:
         if self.pretrained:
             from cbtool import hf
 
-            self.log.print(f"loading base model {cfg.base_model}{' / ' + cfg.gguf_file if cfg.gguf_file else ''} "
-                           f"(a GGUF file is de-quantised first: ~15-60 s)", highlight=False)
+            hf.check_base_dir(cfg.base_model, cfg.gguf_file)  # bad input: one error line, nothing logged first
+            self.log.print(f"loading base model {cfg.base_model}"
+                           + (f" / {cfg.gguf_file} (de-quantising the GGUF file: ~15-60 s)" if cfg.gguf_file else ""),
+                           highlight=False, soft_wrap=True)
             base, locator, self.model_spec = hf.load_hf_model(cfg.base_model, cfg.gguf_file,
                                                               frozen=not cfg.train_base)
             cfg.base_model = self.model_spec["path"]
