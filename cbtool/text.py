@@ -381,6 +381,8 @@ class TextTask:
             raise UserError(f"corpus too small: {num_tokens} tokens make fewer than 2 blocks of {width}; "
                             f"use more text or a smaller --seq-len")
         held = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        if not held.any():
+            held[-1] = True
         return num_tokens, blocks[~held], blocks[held]
 
     @property
