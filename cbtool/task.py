@@ -34,6 +34,11 @@ class Task(Protocol):
         """Tokens per training sequence: the model reads block_size - 1 and predicts the next of each."""
         ...
 
+    @property
+    def train_tokens(self) -> int | None:
+        """Tokens of training data (what k-means can draw on); None: unlimited (generated)."""
+        ...
+
     def train_batch(self, n: int, seed: int, step: int) -> torch.Tensor:
         """(n, block_size) token ids, a pure function of (seed, step) so `--resume` is exact."""
         ...

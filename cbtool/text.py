@@ -397,6 +397,10 @@ class TextTask:
     def heldout_blocks(self) -> torch.Tensor:
         return self._blocks[2]
 
+    @property
+    def train_tokens(self) -> int | None:
+        return int(self.train_blocks.shape[0]) * self.seq_len
+
     # -- the Task interface -------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

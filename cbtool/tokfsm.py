@@ -106,6 +106,10 @@ class TokFSM:
     def block_size(self) -> int:
         return self.spec.seq_len
 
+    @property
+    def train_tokens(self) -> int | None:
+        return None  # sequences are generated: unlimited
+
     def train_batch(self, n: int, seed: int, step: int) -> torch.Tensor:
         return self.step_batch(n, seed, step)[0]
 

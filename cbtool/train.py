@@ -249,6 +249,9 @@ class Trainer:
             base = Transformer(ModelConfig(**cfg.model))
             locator = BuiltinLocator(base)
         self.task = task
+        if cfg.steps > 0 and task.train_tokens is not None and task.train_tokens < cfg.num_codes:
+            raise UserError(f"corpus too small for k-means: {task.train_tokens:,} training tokens for "
+                            f"--num-codes {cfg.num_codes}; use more text or fewer codes")
         chosen = parse_sites_option(cfg.sites, locator.n_layer)
         locator.check_sites(chosen)
         self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k).to(device)

@@ -133,3 +133,12 @@ def test_intervene_codes_from_find_codes_output(letters_ckpt, tmp_path):
     for name in ("empty.jsonl", "junk.json", "missing.json"):
         res = run_cli("intervene", letters_ckpt, "--codes-from", tmp_path / name, "--device", "cpu")
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+
+
+def test_corpus_too_small_for_kmeans_exit_2(tmp_path):
+    d = tmp_path / "c.txt"
+    d.write_text(_letter(3) * 4, encoding="utf-8")
+    res = run_cli("train", "--corpus", d, "--preset", "tiny", "--seq-len", "16", "--num-codes", "4096", "--out",
+                  tmp_path / "ck", "--device", "cpu")
+    assert res.exit_code == 2 and "too small for k-means" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ck").exists()

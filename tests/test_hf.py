@@ -192,6 +192,11 @@ def test_bad_base_models_exit_2(model_dirs, corpus, tmp_path):
                             intermediate_size=32).save_pretrained(bert)
     res = train("--base-model", bert)
     assert res.exit_code == 2 and "unsupported architecture" in res.stderr and "gpt2" in res.stderr
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "model.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)  # a GGUF the loader cannot read
+    bad = train("--base-model", junk, "--gguf-file", "model.gguf")
+    assert bad.exit_code == 2 and bad.stderr.count("cbtool: error:") == 1 and "Traceback" not in bad.output
     for r in (res,):
         assert "Traceback" not in r.output
 
