@@ -1,4 +1,4 @@
-"""First-transition accuracy (cbtool.evaluate) and per-site codebook sizes (`train --site-codes`)."""
+"""First-transition accuracy (cbtool/tokfsm.py) and per-site codebook sizes (`train --site-codes`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from cbtool.checkpoint import load_checkpoint
-from cbtool.evaluate import first_transition_accuracy, next_state_distribution
 from cbtool.model import ModelConfig, Transformer
 from cbtool.sites import BuiltinLocator, CodebookModel
-from cbtool.tokfsm import BOS, TokFSM
+from cbtool.tokfsm import BOS, TokFSM, first_transition_accuracy, next_state_distribution
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
