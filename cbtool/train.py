@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn import functional as F
 
+from cbtool import metrics_log
 from cbtool.checkpoint import Checkpoint, save_checkpoint
 from cbtool.errors import UserError
 from cbtool.evaluate import evaluate_fsm
@@ -54,6 +55,7 @@ class TrainConfig:
     kmeans_seqs: int = 256
     dead_window: int = 100
     checkpoint_every: int = 200
+    log_every: int = metrics_log.DEFAULT_EVERY  # rows of metrics.jsonl
     eval_samples: int = 512
     seed: int = 0
     model: dict[str, int] = field(default_factory=lambda: ModelConfig().to_dict())
@@ -68,7 +70,7 @@ class TrainConfig:
     eval_blocks: int = 256  # held-out blocks for LM loss on vs bypassed
 
     def validate(self) -> None:
-        for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window"):
+        for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window", "log_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.base_steps + self.steps < 1:
@@ -183,6 +185,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.elapsed = 0.0
+        self.metrics = metrics_log.MetricsLog(cfg.log_every)
+        self.metrics.attach(self.model)
         self._make_optimizer(self.phase(0))
 
     def _build_text_model(self, cfg: TrainConfig, tokenizer: Any = None) -> CodebookModel:
@@ -313,13 +317,16 @@ class Trainer:
             g["lr"] = g["base_lr"] * scale
         self.opt.step()
         acc = float((logits.argmax(-1) == tokens[:, 1:]).float().mean())
+        extra = {}
+        if self.text is None and self.metrics.due(step + 1, self.total_steps):  # TokFSM task accuracy
+            extra["fsm_valid"] = metrics_log.fsm_valid_rate(self.fsm, tokens, logits.argmax(-1))
         self.step += 1
         revived = 0
         if phase == "codebook" and cfg.dead_window and (self.step - cfg.base_steps) % cfg.dead_window == 0:
             gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
             revived = sum(cb.revive_dead(gen) for cb in self.model.codebooks.values())
         return {"step": self.step, "loss": task.item(), "mse": aux.item() if aux is not None else 0.0,
-                "acc": acc, "revived": revived}
+                "acc": acc, "revived": revived, **extra}
 
     def _set_usage_tracking(self) -> None:
         on = self.phase(self.step) == "codebook" and self.cfg.dead_window > 0
@@ -347,6 +354,10 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 self.history.append(row)
+                self.metrics.add_step(dt, tokens_per_step, row["revived"])
+                if self.metrics.due(self.step, self.total_steps):
+                    self.metrics.record(self.step, self.phase(self.step - 1), row, self.opt.param_groups[0]["lr"],
+                                        self.model, row.get("fsm_valid"))
                 progress.update(bar, completed=self.step, phase=self.phase(self.step - 1), loss=row["loss"],
                                 acc=row["acc"], tps=tokens_per_step / dt)
                 if progress.disable and (self.step % 100 == 0 or self.step == self.total_steps):
@@ -404,6 +415,7 @@ class Trainer:
                 continue
             for key, val in s.items():
                 state[f"opt.{i}.{key}"] = val.detach().clone() if torch.is_tensor(val) else torch.tensor(val)
+        state.update(self.metrics.state())
         for cb_key, cb in self.model.codebooks.items():
             state[f"usage.{cb_key}"] = cb.usage.clone()
             if cb.recent_inputs is not None:
@@ -411,9 +423,9 @@ class Trainer:
         return state
 
     def save(self, results: dict[str, Any] | None) -> None:
-        extra = None
+        extra = {metrics_log.FILE: self.metrics.to_bytes()}
         if self.text is not None:
-            extra = {"tokenizer.json": self.text.tok.to_str().encode("utf-8")}
+            extra["tokenizer.json"] = self.text.tok.to_str().encode("utf-8")
         # a frozen pretrained base is referenced by path + hash, its weights saved only when trained
         save_base = not self.pretrained or self.cfg.train_base
         save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base,
@@ -445,6 +457,8 @@ class Trainer:
         self = cls(cfg, out, device, log, tokenizer=tokenizer)
         self.step = int(state["trainer.step"])
         self.elapsed = float(state["trainer.elapsed"])
+        self.metrics.rows = [r for r in metrics_log.read_metrics(ckpt.path) if r["step"] <= self.step]
+        self.metrics.load_state(state)
         if not 0 <= self.step <= self.total_steps:
             raise UserError(f"{bad} (step {self.step} of {self.total_steps})")
         try:

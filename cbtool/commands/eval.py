@@ -7,10 +7,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from cbtool import metrics_log, plots
 from cbtool.checkpoint import load_checkpoint
-from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, out
+from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
 from cbtool.evaluate import evaluate_fsm
+from cbtool.plots import check_plot_path
 from cbtool.train import resolve_device
 
 
@@ -23,11 +25,14 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     blocks: int = typer.Option(256, "--blocks", help="Text checkpoints: held-out blocks for the LM loss."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw the training curves (metrics log) and the "
+                                     "on/bypassed loss to FILE.png or FILE.svg (needs cbtool[plot])."),
 ) -> None:
     """Loss and accuracy with codebooks ON vs BYPASSED, and the share of codes that fire per site.
 
-    Examples:  cbtool eval    cbtool eval runs/a/checkpoint --samples 2048 --json
+    Examples:  cbtool eval    cbtool eval runs/a/checkpoint --samples 2048 --json    cbtool eval --plot curves.png
     """
+    plot = check_plot_path(plot)
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
     if temperature < 0:
@@ -35,13 +40,15 @@ def evaluate(
     dev = resolve_device(device)
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
     if (ckpt.meta.get("task") or {}).get("name") == "text":
-        _evaluate_text(ckpt, dev, blocks, as_json)
+        _plot(ckpt, _evaluate_text(ckpt, dev, blocks, as_json), plot)
         return
     if ckpt.task is None:
         raise UserError(f"{ckpt.path} has no task this command can evaluate")
     res = evaluate_fsm(ckpt.model, ckpt.task, dev, num_samples=samples, seed=seed, temperature=temperature)
     if as_json:
-        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res})
+        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res,
+                           "metrics_log": metrics_log.summary(ckpt.path)})
+        _plot(ckpt, res, plot)
         return
     table = Table(title=f"{ckpt.path}: codebooks on vs bypassed ({samples} samples, T={temperature})")
     table.add_column("")
@@ -54,9 +61,16 @@ def evaluate(
                       f"{r['greedy_accuracy']:.3f}")
     out.print(table)
     out.print(_usage_table(res["code_usage"]))
+    _plot(ckpt, res, plot)
 
 
-def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> None:
+def _plot(ckpt, res: dict, plot: Path | None) -> None:
+    if plot is not None:
+        plots.training_curves(metrics_log.read_metrics(ckpt.path), res, plot, f"{ckpt.path}: training curves")
+        err.print(f"plot written to {plot}")
+
+
+def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> dict:
     """Text checkpoints: LM loss / perplexity on the held-out split, codebooks on vs bypassed."""
     from cbtool.evaluate import evaluate_text
     from cbtool.text import task_from_meta
@@ -66,8 +80,9 @@ def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> None:
     task = task_from_meta(ckpt.meta, ckpt.path)
     res = evaluate_text(ckpt.model, task, dev, num_blocks=blocks)
     if as_json:
-        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res})
-        return
+        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res,
+                           "metrics_log": metrics_log.summary(ckpt.path)})
+        return res
     table = Table(title=f"{ckpt.path}: codebooks on vs bypassed ({res['heldout_tokens']:,} held-out tokens)")
     table.add_column("")
     table.add_column("LM loss (nats/token)", justify="right")
@@ -77,6 +92,7 @@ def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> None:
         table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}")
     out.print(table)
     out.print(_usage_table(res["code_usage"]))
+    return res
 
 
 def _usage_table(code_usage: dict[str, float]) -> Table:

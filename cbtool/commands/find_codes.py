@@ -9,9 +9,11 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from cbtool import plots
 from cbtool.commands.common import RUN_OPTION_HELP, default_store, emit_json, emit_jsonl, err, out
 from cbtool.errors import CheckFailed, UserError
 from cbtool.features import MATCH_ON, LabelFeature, label_feature, regex_feature
+from cbtool.plots import check_plot_path
 from cbtool.scoring import SiteScores, score_labels, score_mask
 from cbtool.store import Store
 
@@ -146,6 +148,9 @@ def find_codes(
     require: bool = typer.Option(False, "--require", help="Exit 1 when no code meets the thresholds (CI)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON row per line on stdout."),
+    plot: Path | None = typer.Option(  # noqa: B008
+        None, "--plot", help="Also draw precision vs recall of the candidate codes to FILE.png or FILE.svg."
+    ),
 ) -> None:
     """Precision, recall and F1 of every code against a feature; best codes first.
 
@@ -154,7 +159,9 @@ def find_codes(
       cbtool find-codes --labels state                  # every TokFSM state -> its best code
       cbtool find-codes --labels state --label 42 --sites '*.mlp' --top 5
       cbtool find-codes --labels my_labels.npy --require --min-precision 0.8   # CI check (exit 1)
+      cbtool find-codes --regex "42" --plot pr.png
     """
+    plot = check_plot_path(plot)
     if (regex is None) == (labels is None):
         raise UserError("give exactly one feature: --regex RE or --labels NAME|FILE")
     if label is not None and labels is None:
@@ -186,7 +193,7 @@ def find_codes(
     if labels is not None and label is None:
         feat = label_feature(store, labels)
         _label_table(
-            store, chosen, feat, sort, min_precision, min_recall, min_count, require, as_json, as_jsonl, base
+            store, chosen, feat, sort, min_precision, min_recall, min_count, require, as_json, as_jsonl, base, plot
         )
         return
 
@@ -237,11 +244,18 @@ def find_codes(
                 " ".join(repr(t) for t in r.get("examples", [])),
             )
         out.print(table)
+    _plot(rows, plot, f"candidate codes for {title}")
     if require and total == 0:
         raise CheckFailed(
             f"no code has precision >= {min_precision}, recall >= {min_recall} and "
             f">= {min_count} fires for {title}"
         )
+
+
+def _plot(rows: list[dict[str, Any]], plot: Path | None, title: str) -> None:
+    if plot is not None:
+        plots.precision_recall(rows, plot, title)
+        err.print(f"plot written to {plot}")
 
 
 def _label_table(
@@ -256,6 +270,7 @@ def _label_table(
     as_json: bool,
     as_jsonl: bool,
     base: dict[str, Any],
+    plot: Path | None = None,
 ) -> None:
     """One row per label value with its best code over the selected sites, plus per-site summaries."""
     nv = len(feat.values)
@@ -352,6 +367,7 @@ def _label_table(
             f"recall >= {min_recall} and >= {min_count} fires; "
             f"{summary['values_with_precision_0.9']} have one with precision >= 0.9"
         )
+    _plot(rows, plot, f"each value of {feat.name!r}: its best code")
     if require and with_code == 0:
         raise CheckFailed(
             f"no code has precision >= {min_precision}, recall >= {min_recall} and "

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from cbtool import metrics_log
 from cbtool.checkpoint import META, load_checkpoint, sha256_file
 from cbtool.commands.common import RUN_OPTION_HELP, default_checkpoint, emit_json, out
 from cbtool.store import MANIFEST, read_manifest
@@ -30,7 +31,7 @@ def info(
     training = meta.get("training") or {}
     if as_json:
         emit_json("info", {"path": str(ckpt.path), "sha256": ckpt.sha256, **meta,
-                           "sites": list(ckpt.model.sites)})
+                           "sites": list(ckpt.model.sites), "metrics_log": metrics_log.summary(ckpt.path)})
         return
     version = f"format {meta['format_version']}, cbtool {meta.get('cbtool_version')}"
     out.print(f"[bold]checkpoint[/] {ckpt.path}  ({version})")
@@ -58,6 +59,10 @@ def info(
                 r = res[label]
                 out.print(f"  codebooks {label:8s} loss {r['loss']:.4f}  transition accuracy "
                           f"{r['transition_accuracy']:.3f}")
+    log = metrics_log.summary(ckpt.path)
+    if log:
+        out.print(f"[bold]metrics log[/] {log['path']} ({log['rows']} rows, steps {log['first_step']}-"
+                  f"{log['last_step']}; `cbtool eval --plot curves.png` or `cbtool report` draws it)")
     files = Table(title="files")
     files.add_column("file")
     files.add_column("sha256")

@@ -32,6 +32,8 @@ def train(
     train_base: bool | None = typer.Option(None, "--train-base/--freeze-base",
                                            help="Phase 2: also fine-tune the base weights."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save every N steps (0: never)."),
+    log_every: int | None = typer.Option(None, "--log-every", help="Write a metrics.jsonl row every N steps "
+                                         "(default 10; 0: none)."),
     seed: int | None = typer.Option(None, "--seed"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     out_dir: Path | None = typer.Option(None, "--out", help="Checkpoint directory (default RUN/checkpoint)."),
@@ -80,7 +82,7 @@ def train(
                      "sites": sites, "num_codes": num_codes, "k": k, "base_steps": base_steps,
                      "steps": steps, "batch_size": batch_size, "lr": lr, "codebook_lr": codebook_lr,
                      "mse_coef": mse_coef, "commit_coef": commit_coef, "train_base": train_base,
-                     "checkpoint_every": checkpoint_every, "seed": seed}
+                     "checkpoint_every": checkpoint_every, "log_every": log_every, "seed": seed}
         for name, value in overrides.items():
             if value is not None:
                 setattr(cfg, name, value)
