@@ -16,6 +16,8 @@ from cbtool.tokfsm import FSMSpec, TokFSM
 from cbtool.train import Trainer, apply_preset
 from tests.helpers import assert_same_training, run_cli
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend
+
 
 def test_metrics_log_is_written_hashed_and_pointed_to(tiny_checkpoint):
     meta = json.loads((tiny_checkpoint / "cbtool.json").read_text())
