@@ -122,6 +122,7 @@ def test_report_bad_input_exit_2(fsm_run, tmp_path):
         (("report", tmp_path / "nothing"), "does not exist"),
         (("report", tmp_path), "neither a cbtool checkpoint"),
         (("report", fsm_run["store"], fsm_run["store"]), "two code stores"),
+        (("report", fsm_run["store"], fsm_run["checkpoint"], tmp_path), "at most a checkpoint and a store"),
         (("report", fsm_run["store"], "--include", tmp_path / "missing.json"), "does not exist"),
         (("report", fsm_run["store"], "--contexts", "-1"), "--contexts must be >= 0"),
         (("report", fsm_run["store"], "--out", tmp_path), "is a directory"),

@@ -61,6 +61,8 @@ def report(
       cbtool report runs/a/checkpoint runs/a/codes --out a.html
       cbtool intervene --fsm-eval --json > fsm.json && cbtool report --include fsm.json
     """
+    if paths and len(paths) > 2:
+        raise UserError(f"expected at most a checkpoint and a store, got {len(paths)} paths")
     checkpoint, store_path = _classify([Path(p) for p in paths or []])
     if not paths:
         checkpoint = default_checkpoint(None, run)
