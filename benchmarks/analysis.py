@@ -1,6 +1,6 @@
 """Analysis: regex + scoring over a 10M-token store, label search, embed throughput vs its roofline.
 
-Three measurements (issue 3 floors), each printed with a baseline measured in the same run:
+Three measurements (speed floors), each printed with a baseline measured in the same run:
 
 - scoring: a synthetic store of `--tokens` tokens (one site, k=8, C=16384, TokFSM-like digit text,
   1M-token shards) is written to disk and read back memory-mapped. Timed: `regex_feature` (regex over the
@@ -31,14 +31,13 @@ import torch
 from torch.nn import functional as F
 
 from cbtool.checkpoint import load_checkpoint, save_checkpoint
-from cbtool.corpus import fsm_documents
-from cbtool.embedding import HELD_OUT_SEED, run_embed
+from cbtool.embedding import run_embed
 from cbtool.features import label_feature, regex_feature
 from cbtool.model import ModelConfig, Transformer
 from cbtool.scoring import score_labels, score_mask
 from cbtool.sites import BuiltinLocator, CodebookModel, CodebookSpec, Site
-from cbtool.store import ShardArrays, Store, StoreWriter, _site_entry
-from cbtool.tokfsm import TokFSM
+from cbtool.store import ShardArrays, Store, StoreWriter, site_entry
+from cbtool.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents
 
 SCORING_FLOOR_S, LABEL_FLOOR_S, EMBED_FLOOR = 3.0, 1.0, 0.85
 
@@ -71,7 +70,7 @@ def build_store(path: Path, n_tokens: int, sites: list[Site], seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     per_shard = 7813  # docs: ~1M tokens per shard
     n_docs = max(1, n_tokens // 128)
-    plan_sites = [_site_entry(s) for s in sites]
+    plan_sites = [site_entry(s) for s in sites]
     plan = {
         "checkpoint": {"path": "", "sha256": None},
         "corpus": {"kind": "synthetic"},
@@ -136,7 +135,7 @@ def bench_scoring(tmp: Path, n_tokens: int, repeats: int) -> dict:
 
 
 def bench_labels(tmp: Path, n_tokens: int, repeats: int) -> list[dict]:
-    from cbtool.commands.find_codes import _best_per_row
+    from cbtool.search import best_per_row
 
     out = []
     shapes = {
@@ -152,7 +151,7 @@ def bench_labels(tmp: Path, n_tokens: int, repeats: int) -> list[dict]:
             feat = label_feature(store, "state")
             for s in sites:
                 sc = score_labels(store, s.name, feat.index, len(feat.values))
-                _best_per_row(sc.f1, sc.precision, sc.fires)
+                best_per_row(sc.f1, sc.precision, sc.fires)
             return len(feat.values)
 
         values = run()
@@ -232,7 +231,7 @@ def bench_embed(tmp: Path, num_seqs: int, batch: int, repeats: int, checkpoint: 
             "corpus": {"kind": "bench"},
             "shard_tokens": 10**9,
             "max_tokens": None,
-            "sites": [_site_entry(model.sites[n]) for n in sites],
+            "sites": [site_entry(model.sites[n]) for n in sites],
             "labels": ["state"],
             "token_strings": None,
         }

@@ -5,7 +5,7 @@ k=1: 20 sites) with random weights, or a checkpoint given with --checkpoint; thr
 on training. All three configurations run through the same KV-cache sampler (cbtool.steering); the
 unsteered one installs no intervention. Timings are interleaved in rounds (one run of each per round,
 min over rounds) so that a change of load from other processes hits all of them alike.
-Floors (issue 4): steered >= 0.9x unsteered at batch 32; batch 32 >= 8x the tokens/s of batch 1.
+Floors: steered >= 0.9x unsteered at batch 32; batch 32 >= 8x the tokens/s of batch 1.
 """
 
 from __future__ import annotations

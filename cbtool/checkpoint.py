@@ -1,4 +1,4 @@
-"""The checkpoint directory (DESIGN.md "Checkpoint"): cbtool.json + safetensors files, no pickle.
+"""The checkpoint directory (docs/formats.md "Checkpoint"): cbtool.json + safetensors files, no pickle.
 
 Writing builds the whole directory beside the target and swaps it in with renames, so a reader
 sees the old checkpoint or the new one, never a mixture; cbtool.json carries a sha256 per file and
@@ -7,12 +7,12 @@ loading refuses any mismatch (hash, shape, version, missing key) with a `UserErr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import cbtool
 from cbtool.errors import UserError
+from cbtool.files import atomic_write_text, read_versioned_json, sha256_file
+from cbtool.limits import MAX_CODES, MAX_ELEMENTS
 from cbtool.model import ModelConfig, Transformer
 from cbtool.sites import BuiltinLocator, CodebookModel, CodebookSpec
-from cbtool.tokfsm import FSMSpec, TokFSM
+from cbtool.task import Task
+from cbtool.text import TextTask
+from cbtool.tokfsm import TokFSM
+from cbtool.version import __version__
 
 FORMAT = "cbtool-checkpoint"
 FORMAT_VERSION = 1
@@ -33,53 +37,16 @@ META = "cbtool.json"
 CODEBOOKS = "codebooks.safetensors"
 MODEL = "model.safetensors"
 TRAIN_STATE = "train_state.safetensors"
-MAX_CODES = 2**24  # as `train --num-codes`
-MAX_ELEMENTS = 2**34  # refuse absurd sizes in cbtool.json before allocating (64 GiB of float32)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temp file in the same directory and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_versioned_json(doc: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
-    """Parse a cbtool metadata file and check its format name and version (one UserError line each)."""
-    try:
-        data = json.loads(doc.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{doc} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != fmt:
-        raise UserError(f"{doc} is not a cbtool {what} (format != {fmt!r})")
-    if data.get("format_version") != version:
-        raise UserError(f"{doc}: {what} format version {data.get('format_version')!r} is not supported "
-                        f"(this cbtool reads {version})")
-    return data
 
 
 @dataclass
 class Checkpoint:
+    """A loaded checkpoint: its directory, cbtool.json, the model with its codebooks, and its task."""
+
     path: Path
     meta: dict[str, Any]
     model: CodebookModel
-    task: TokFSM | None
+    task: Task
     train_state: dict[str, torch.Tensor] | None = None
 
     @property
@@ -122,7 +89,7 @@ def save_checkpoint(
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "cbtool_version": cbtool.__version__,
+            "cbtool_version": __version__,
             **meta,
             "codebooks": [s.to_dict() for s in model.specs],
             "files": {name: sha256_file(tmp / name) for name in files},
@@ -278,21 +245,18 @@ def build_base(
     return base, BuiltinLocator(base)
 
 
-def build_task(meta: dict[str, Any]) -> TokFSM | None:
-    task = meta.get("task") or {}
+TASKS: dict[str, Callable[[dict[str, Any], Path], Task]] = {"tokfsm": TokFSM.from_meta, "text": TextTask.from_meta}
+
+
+def build_task(meta: dict[str, Any], where: Path) -> Task:
+    """The checkpoint's task, by the `name` of cbtool.json's "task" (cbtool/task.py)."""
+    task = meta.get("task")
     if not isinstance(task, dict):
         raise UserError(f"malformed task in {META}: {task!r}")
-    if task.get("name") == "tokfsm":
-        fields = {k: task[k] for k in ("num_states", "out_degree", "seq_len", "seed") if k in task}
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()) or min(
-            [fields.get("num_states", 1), fields.get("out_degree", 1), fields.get("seq_len", 2) - 1]
-        ) < 1 or fields.get("seq_len", 2) > 2**20:
-            raise UserError(f"malformed TokFSM task in {META}: {task}")
-        try:
-            return TokFSM(FSMSpec(**fields))
-        except ValueError as e:
-            raise UserError(f"malformed TokFSM task in {META}: {e}") from None
-    return None
+    make = TASKS.get(task.get("name"))  # type: ignore[arg-type]
+    if make is None:
+        raise UserError(f"{where / META}: unknown task {task.get('name')!r} (this cbtool knows {', '.join(TASKS)})")
+    return make(meta, where)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_state: bool = False) -> Checkpoint:
@@ -302,6 +266,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
     if CODEBOOKS not in meta["files"]:
         raise UserError(f"checkpoint {path} lists no {CODEBOOKS}")
     specs = _specs(meta, path)
+    task = build_task(meta, path)
     codes = _load_tensors(path / CODEBOOKS)
     for spec in specs:  # before the model (and its codebooks) is allocated
         t = codes.get(spec.tensor_name)
@@ -328,4 +293,4 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
     if with_train_state and TRAIN_STATE in meta["files"]:
         train_state = _load_tensors(path / TRAIN_STATE)
     model.to(device).eval()
-    return Checkpoint(path, meta, model, build_task(meta), train_state)
+    return Checkpoint(path, meta, model, task, train_state)

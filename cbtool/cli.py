@@ -1,6 +1,6 @@
 """The `cbtool` command line: one Typer app; each command lives in `cbtool/commands/`.
 
-Exit codes (DESIGN.md): 0 ok, 1 a requested check failed, 2 bad input (one line on stderr),
+Exit codes (README.md "Exit codes"): 0 ok, 1 a requested check failed, 2 bad input (one line on stderr),
 70 anything unexpected (a short message; the traceback only with --debug).
 """
 

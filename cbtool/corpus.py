@@ -2,18 +2,17 @@
 
 A `Document` carries its token ids, its text, and for every token the [start, end) character span
 it covers in that text, so regex matches over text map exactly onto tokens. Labels are optional
-per-token integers (TokFSM: the state; -1 where a token has none, e.g. BOS).
+per-token integers (TokFSM: the state; -1 where a token has none, e.g. BOS). A `Corpus` is what a
+task hands to `embed`: documents plus what the code store records about them (docs/formats.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
-
-from cbtool.tokfsm import BOS, TokFSM
 
 
 @dataclass
@@ -24,21 +23,12 @@ class Document:
     labels: np.ndarray | None = None  # (n,) int64, -1 = no label
 
 
-def fsm_document(tokens: np.ndarray, labels: np.ndarray | None = None) -> Document:
-    """A TokFSM sequence: text = its digits; BOS covers no characters."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    is_digit = (tokens >= 1) & (tokens <= 10)
-    ends = np.cumsum(is_digit)
-    starts = ends - is_digit
-    text = TokFSM.decode(tokens.tolist())
-    spans = np.stack([starts, ends], axis=1).astype(np.int64)
-    spans[tokens == BOS] = [0, 0]
-    return Document(tokens, text, spans, None if labels is None else np.asarray(labels, dtype=np.int64))
+@dataclass
+class Corpus:
+    """Documents to embed, with the store manifest's `corpus`, `labels` and `token_strings`."""
 
-
-def fsm_documents(fsm: TokFSM, num_seqs: int, seed: int, batch: int = 256) -> Iterator[Document]:
-    """`num_seqs` fresh TokFSM sequences from a seed (use a held-out seed for analysis)."""
-    for i, lo in enumerate(range(0, num_seqs, batch)):
-        toks, labels = fsm.batch(min(batch, num_seqs - lo), torch.Generator().manual_seed(seed * 100_003 + i))
-        for t, lab in zip(toks.numpy(), labels.numpy(), strict=True):
-            yield fsm_document(t, lab)
+    spec: dict[str, Any]
+    documents: Iterable[Document]
+    labels: list[str]  # names of the per-token labels each document carries (TokFSM: ["state"])
+    token_strings: list[str] | None = None  # names of tokens that cover no characters (e.g. BOS)
+    expected_tokens: int | None = None  # for a progress bar, when known

@@ -1,17 +1,17 @@
-"""`cbtool embed` engine: corpora -> documents -> batched forward passes -> store shards.
+"""Embedding: a corpus -> documents -> batched forward passes -> code store shards (`cbtool embed`).
 
-Corpora:
-- TokFSM (the checkpoint's own task): `num_seqs` fresh sequences from a held-out seed stream
-  (disjoint from training and evaluation seeds), labelled with their states.
-- Text (`--corpus PATH`): `documents_for(checkpoint, corpus_path, text_field)` — the extension
-  point for checkpoints that carry a text tokenizer. It must yield `Document`s (token ids, text,
-  per-token character spans) that fit the model's block size.
+The documents come from the checkpoint's task (`Task.corpus`, cbtool/task.py): TokFSM embeds fresh
+sequences of a held-out stream labelled with their states; text embeds a corpus (or the training
+corpus) tokenised with the checkpoint's tokenizer. `plan_embed` opens (or reopens) the store and
+`EmbedJob.run` writes the shards this worker owns; `embed` does both.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +19,100 @@ import numpy as np
 import torch
 
 from cbtool.checkpoint import Checkpoint
-from cbtool.corpus import Document, fsm_documents
+from cbtool.corpus import Corpus, Document
 from cbtool.errors import UserError
-from cbtool.store import ShardArrays, StoreWriter, code_dtype, documents_to_arrays
+from cbtool.store import ShardArrays, StoreWriter, code_dtype, documents_to_arrays, match_sites, site_entry
 
-# Analysis sequences come from seeds (HELD_OUT_SEED + --seed) * 100_003 + batch: far from any
-# training stream (seed * 1_000_003 + step * 7919 + 12345 for small seeds) and from eval's.
-HELD_OUT_SEED = 2**40
+DEFAULT_SHARD_TOKENS = 1_000_000
 
 
-def documents_for(checkpoint: Checkpoint, corpus_path: Path, text_field: str = "text") -> Iterator[Document]:
-    """Documents of a text corpus (.txt, .jsonl with `text_field`, or a folder of them).
+@dataclass
+class EmbedJob:
+    """An opened store and what to write into it (see `plan_embed`)."""
 
-    Extension point: needs a checkpoint with a text tokenizer (tokenizer with character offsets)."""
-    tok = checkpoint.meta.get("tokenizer") or {}
-    if tok.get("kind") in ("bpe", "hf"):  # text checkpoints (cbtool.text)
-        from cbtool.text import checkpoint_documents
+    checkpoint: Checkpoint
+    writer: StoreWriter
+    corpus: Corpus
+    sites: list[str]
+    shard_tokens: int
+    max_tokens: int | None
+    batch_size: int
+    device: torch.device
+    worker: tuple[int, int]
 
-        return checkpoint_documents(checkpoint, corpus_path, text_field)
-    if tok.get("kind") in (None, "tokfsm"):
-        raise UserError("text corpora need a checkpoint with a text tokenizer")
-    raise UserError(f"text corpora are not supported yet for tokenizer kind {tok.get('kind')!r}")
+    @property
+    def complete(self) -> bool:
+        """The store was already complete when opened: `run` has nothing to do."""
+        return bool(self.writer.manifest.get("complete"))
+
+    @property
+    def expected_tokens(self) -> int | None:
+        n = self.corpus.expected_tokens
+        return n if n is None or self.max_tokens is None else min(n, self.max_tokens)
+
+    def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Write this worker's missing shards; the summary `cbtool embed --json` prints."""
+        if self.complete:
+            n = self.writer.manifest["num_shards"]
+            res: dict[str, Any] = {"shards": n, "written": 0, "skipped": n, "tokens_written": 0, "complete": 1}
+        else:
+            start = time.perf_counter()
+            res = run_embed(self.checkpoint, self.writer, self.corpus.documents, self.sites, self.shard_tokens,
+                            self.max_tokens, self.batch_size, self.device, self.worker, on_tokens)
+            secs = time.perf_counter() - start
+            res["seconds"] = round(secs, 3)
+            res["tokens_per_s"] = round(res["tokens_written"] / max(secs, 1e-9), 1)
+        man = self.writer.manifest
+        return {
+            "store": str(self.writer.path),
+            "checkpoint": str(self.checkpoint.path),
+            "checkpoint_sha256": self.checkpoint.sha256,
+            "complete": bool(res.pop("complete")),
+            "tokens": man.get("tokens"),
+            "docs": man.get("docs"),
+            "sites": self.sites,
+            "labels": self.corpus.labels,
+            **res,
+        }
 
 
-def tokfsm_corpus(
-    checkpoint: Checkpoint, num_seqs: int, seed: int
-) -> tuple[dict[str, Any], Iterator[Document]]:
-    if checkpoint.task is None:
-        raise UserError(f"checkpoint {checkpoint.path} has no built-in task; give --corpus PATH")
-    if num_seqs < 1:
-        raise UserError(f"empty corpus: --num-seqs must be >= 1, got {num_seqs}")
-    spec = {
-        **checkpoint.task.spec.to_dict(),
-        "num_seqs": num_seqs,
-        "seed": seed,
-        "stream": "held-out",
-        "held_out_seed": HELD_OUT_SEED + seed,
+def plan_embed(
+    checkpoint: Checkpoint, out: Path, corpus: Path | None = None, *, text_field: str = "text",
+    num_seqs: int = 2048, seed: int = 0, split: str = "all", sites: str | None = None, batch_size: int = 64,
+    max_tokens: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker: tuple[int, int] = (0, 1),
+    device: torch.device | str | None = None, overwrite: bool = False,
+) -> EmbedJob:
+    """Check the arguments, choose the documents (`corpus` None: the task's own, see `Task.corpus`) and
+    open the store at `out` (creating it, or reopening a compatible one to resume)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    model = checkpoint.model
+    chosen = match_sites(list(model.sites), sites, f"checkpoint {checkpoint.path}")
+    docs = checkpoint.task.corpus(None if corpus is None else Path(corpus), text_field, num_seqs, seed, split)
+    vocab = int(model.base.config.vocab_size)
+    if checkpoint.task.vocab_size > vocab:
+        raise UserError(f"tokenizer has {checkpoint.task.vocab_size} tokens but the model only {vocab}: mismatch")
+    plan = {
+        "checkpoint": {"path": str(checkpoint.path.resolve()), "sha256": checkpoint.sha256},
+        "corpus": docs.spec,
+        "shard_tokens": shard_tokens,
+        "max_tokens": max_tokens,
+        "sites": [site_entry(model.sites[n]) for n in chosen],
+        "labels": docs.labels,
+        "token_strings": docs.token_strings,
     }
-    return spec, fsm_documents(checkpoint.task, num_seqs, HELD_OUT_SEED + seed)
+    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    return EmbedJob(checkpoint, writer, docs, chosen, shard_tokens, max_tokens, batch_size, dev, worker)
+
+
+def embed(checkpoint: Checkpoint, out: Path, corpus: Path | None = None, **options: Any) -> dict[str, Any]:
+    """Embed a corpus into a code store at `out` (options as `plan_embed`); returns the summary."""
+    return plan_embed(checkpoint, out, corpus, **options).run()
 
 
 def truncate(doc: Document, n: int) -> Document:

@@ -1,4 +1,4 @@
-"""The two kinds of expected failure, mapped to exit codes by the CLI (DESIGN.md)."""
+"""The two kinds of expected failure, mapped to exit codes by the CLI (README.md "Exit codes")."""
 
 
 class UserError(Exception):

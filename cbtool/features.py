@@ -1,4 +1,4 @@
-"""Features: sets of token positions in a code store (DESIGN.md "Definitions").
+"""Features: sets of token positions in a code store (docs/definitions.md).
 
 - Regex: matched against each document's text; a token belongs to the feature when its characters
   overlap a match (`match_on="all"`), or when it is the first token overlapping a match

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cbtool.errors import UserError
+from cbtool.files import hash_file_into
 
 SUPPORTED = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX (Pythia)", "llama": "Llama (SmolLM2)"}
 _HASHED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".gguf")
@@ -40,6 +41,12 @@ def _transformers():
         raise UserError("--base-model needs the `transformers` package: pip install 'cbtool[hf]'") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:  # the GGUF converter draws its own tqdm bar, which disable_progress_bar() does not reach
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_utils.tqdm = lambda items, *args, **kwargs: items
+    except ImportError:
+        pass
     return transformers
 
 
@@ -74,9 +81,7 @@ def content_hash(path: Path, gguf_file: str | None = None) -> str:
     h = hashlib.sha256()
     for f in hashed_files(path, gguf_file):
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
+        hash_file_into(h, f)
         h.update(b"\0")
     return h.hexdigest()
 

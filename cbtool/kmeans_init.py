@@ -1,8 +1,18 @@
-"""Initialise codebooks from real activations with scikit-learn's MiniBatchKMeans.
+"""Initialise codebooks from real activations by k-means.
 
 Clustering runs on unit-normalised activations (selection is by cosine similarity); each code is
 then set to the mean of the *raw* activations of its cluster, which reconstructs better than a
-rescaled centre (../shared/notes/calibration.md). Empty clusters take a random activation.
+rescaled centre. Empty clusters take a random activation.
+
+Two implementations (`TrainConfig.kmeans`):
+- "sklearn": scikit-learn's MiniBatchKMeans (k-means++ seeding). The TokFSM and built-in text defaults
+  use it; its seeding is sequential in the number of codes, so it takes minutes for C >= 1024 on a
+  576-dim model.
+- "torch": spherical Lloyd iterations as chunked matmuls, seeded from distinct random activations (empty
+  clusters re-seeded at the worst-fitting points): seconds for C=16384 on a CPU. Pretrained bases use it.
+  Random seeding can leave a small, isolated cluster without a code when C is close to the number of
+  clusters (k-means++ avoids that but is sequential in C); with C in the thousands over activations the
+  fit is within a few per cent of scikit-learn's (tests/test_kmeans_sites.py).
 """
 
 from __future__ import annotations
@@ -57,7 +67,48 @@ def kmeans_codes(acts: torch.Tensor, num_codes: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_codebook(cb: Codebook, acts: torch.Tensor, seed: int) -> None:
-    """acts: (N, G, d) -> every group's codes set by k-means."""
+def torch_kmeans_codes(acts: torch.Tensor, num_codes: int, seed: int, iters: int = 25,
+                       chunk: int = 8192) -> torch.Tensor:
+    """acts: (N, d) raw activations -> (num_codes, d) code vectors, by spherical k-means in torch."""
+    x = acts.float()
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    if n <= num_codes:  # fewer points than codes: the same rule as kmeans_codes
+        return kmeans_codes(acts, num_codes, seed)
+    unit = torch.nn.functional.normalize(x, dim=1)
+    centres = unit[torch.randperm(n, generator=gen)[:num_codes]].clone()
+    labels = torch.empty(n, dtype=torch.long)
+    best = torch.empty(n)
+    for _ in range(iters):
+        for lo in range(0, n, chunk):
+            sim = unit[lo: lo + chunk] @ centres.T
+            best[lo: lo + chunk], labels[lo: lo + chunk] = sim.max(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, labels, unit)
+        counts = torch.bincount(labels, minlength=num_codes)
+        empty = counts == 0
+        if empty.any():  # re-seed empty clusters at the points their centres fit worst
+            worst = torch.argsort(best)[: int(empty.sum())]
+            sums[empty] = unit[worst]
+        new = torch.nn.functional.normalize(sums, dim=1)
+        moved = float((new - centres).norm(dim=1).max())
+        centres = new
+        if moved < 1e-4:
+            break
+    for lo in range(0, n, chunk):
+        labels[lo: lo + chunk] = (unit[lo: lo + chunk] @ centres.T).argmax(dim=1)
+    counts = torch.bincount(labels, minlength=num_codes)
+    codes = torch.zeros(num_codes, x.shape[1]).index_add_(0, labels, x) / counts.clamp_min(1).unsqueeze(1)
+    empty = counts == 0
+    if empty.any():
+        codes[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=gen)]
+    return codes
+
+
+KMEANS = {"sklearn": kmeans_codes, "torch": torch_kmeans_codes}
+
+
+@torch.no_grad()
+def init_codebook(cb: Codebook, acts: torch.Tensor, seed: int, impl: str = "sklearn") -> None:
+    """acts: (N, G, d) -> every group's codes set by k-means (`impl`: a key of KMEANS)."""
     for g in range(cb.groups):
-        cb.codes[g] = kmeans_codes(acts[:, g], cb.num_codes, seed + g).to(cb.codes)
+        cb.codes[g] = KMEANS[impl](acts[:, g], cb.num_codes, seed + g).to(cb.codes)

@@ -1,10 +1,12 @@
-"""Code references `SITE:CODE` (DESIGN.md "Code references")."""
+"""Code references `SITE:CODE` (docs/definitions.md)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from cbtool.errors import UserError
+from cbtool.limits import MAX_INT_DIGITS
 from cbtool.sites import Site
 
 
@@ -14,7 +16,7 @@ def resolve_site(text: str, sites: dict[str, Site]) -> Site:
     if name in sites:
         return sites[name]
     if re.fullmatch(r"[0-9]+", name):
-        layer = int(name) if len(name) <= 18 else -1  # (no int() of thousands of digits: it raises)
+        layer = int(name) if len(name) <= MAX_INT_DIGITS else -1  # (no int() of thousands of digits: it raises)
         layer_sites = [s for s in sites.values() if s.spec.layer == layer]
         mlp = [s for s in layer_sites if s.spec.component == "mlp"]
         if mlp:
@@ -38,7 +40,7 @@ def parse_code_ref(text: str, sites: dict[str, Site]) -> tuple[Site, int]:
     if not re.fullmatch(r"[0-9]+", m.group(2)):
         raise UserError(f"bad code number {m.group(2)!r} in {text!r}: expected an integer >= 0")
     digits = m.group(2).lstrip("0") or "0"
-    if len(digits) > 18 or int(digits) >= site.num_codes:
+    if len(digits) > MAX_INT_DIGITS or int(digits) >= site.num_codes:
         shown = digits if len(digits) <= 24 else f"{digits[:12]}...({len(digits)} digits)"
         raise UserError(f"code {shown} out of range for site {site.name} (0-{site.num_codes - 1})")
     return site, int(digits)
@@ -48,3 +50,25 @@ def _listing(sites: dict[str, Site], limit: int = 12) -> str:
     names = list(sites)
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def codes_from_results(text: str, where: str, pick: int) -> list[str]:
+    """The `code` of the first `pick` rows of `find-codes` output (`--json` document or `--jsonl` rows), in the
+    order find-codes ranked them: how `intervene --codes-from` takes its codes without hand-picking."""
+    text = text.strip()
+    if not text:
+        raise UserError(f"{where}: empty; expected find-codes --json or --jsonl output")
+    try:
+        if text.startswith("{") and "\n{" not in text:
+            doc = json.loads(text)
+            rows = doc.get("rows") if isinstance(doc, dict) and "rows" in doc else [doc]
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{where}: not find-codes JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{where}: 'rows' is not a list")
+    codes = [r["code"] for r in rows if isinstance(r, dict) and isinstance(r.get("code"), str)]
+    if not codes:
+        raise UserError(f"{where}: no rows with a 'code' (did find-codes find any code?)")
+    return codes[:pick]

@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 
 from cbtool import metrics_log
-from cbtool.checkpoint import atomic_write_text, build_task, read_meta, sha256_file
-from cbtool.commands.dead_codes import site_usage
+from cbtool.checkpoint import read_meta
 from cbtool.errors import UserError
 from cbtool.features import LabelFeature, label_feature
+from cbtool.files import atomic_write_text, sha256_file
 from cbtool.plots import readable
 from cbtool.scoring import SiteScores, score_labels
 from cbtool.store import Store
+from cbtool.tokfsm import TokFSM
+from cbtool.usage import site_usage
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ def checkpoint_part(path: Path) -> dict[str, Any]:
     if log in meta["files"] and (not (path / log).is_file() or sha256_file(path / log) != meta["files"][log]):
         raise UserError(f"checkpoint {path}: {log} does not match its sha256 (corrupt or changed)")
     training = meta.get("training") or {}
-    task = build_task(meta)
-    neighbours = task.neighbours.tolist() if task is not None else None
+    task = meta.get("task")
+    is_fsm = isinstance(task, dict) and task.get("name") == "tokfsm"  # only TokFSM has a state graph to show
+    neighbours = TokFSM.from_meta(meta, path).neighbours.tolist() if is_fsm else None
     return {
         "path": str(path),
         "sha256": sha256_file(path / "cbtool.json"),

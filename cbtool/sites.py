@@ -78,6 +78,7 @@ class Locator(Protocol):
     def head_projection(self, layer: int) -> nn.Module: ...  # input = heads side by side
     def attention(self, layer: int) -> nn.Module: ...  # output (or its first element) = attn output
     def mlp(self, layer: int) -> nn.Module: ...  # output = MLP output
+    def check_sites(self, chosen: list[tuple[int, str]]) -> None: ...  # UserError for sites it cannot host
 
 
 class BuiltinLocator:
@@ -94,12 +95,26 @@ class BuiltinLocator:
     def mlp(self, layer: int) -> nn.Module:
         return self.model.layers[layer].mlp
 
+    def check_sites(self, chosen: list[tuple[int, str]]) -> None:
+        """Every site fits the built-in model (its heads always split d_model evenly)."""
+
+
+def middle_sites(n_layer: int) -> set[tuple[int, str]]:
+    """MLP outputs at 1/3, 1/2, 2/3 of the depth, attention outputs at 1/2 and 2/3 (`--sites middle`)."""
+    third, half, two_thirds = n_layer // 3, n_layer // 2, (2 * n_layer) // 3
+    return {(third, "mlp"), (half, "mlp"), (two_thirds, "mlp"), (half, "attn"), (two_thirds, "attn")}
+
 
 def parse_sites_option(text: str, n_layer: int) -> list[tuple[int, str]]:
     """`--sites`: comma-separated items, each COMPONENT (every layer), LAYERS.COMPONENT or LAYERS,
     where COMPONENT is attn-heads|attn|mlp and LAYERS is `2` or `0-2`; a bare LAYERS means
-    attn-heads and mlp at those layers. Returns sorted unique (layer, component)."""
+    attn-heads and mlp at those layers. The item `middle` (the pretrained-base default) means the MLP
+    outputs at 1/3, 1/2 and 2/3 of the depth and the attention outputs at 1/2 and 2/3 (SmolLM2's 30 layers:
+    10.mlp, 15.mlp, 20.mlp, 15.attn, 20.attn). Returns sorted unique (layer, component)."""
     out: set[tuple[int, str]] = set()
+    if "middle" in (t.strip() for t in text.split(",")):
+        out.update(middle_sites(n_layer))
+        text = ",".join(t for t in text.split(",") if t.strip() != "middle")
     for raw in text.split(","):
         item = raw.strip()
         if not item:

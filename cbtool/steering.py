@@ -1,4 +1,4 @@
-"""Interventions on codebook sites: force a code on, add its vector, or ablate it (DESIGN.md, issue 4).
+"""Interventions on codebook sites: force a code on, add its vector, or ablate it (docs/definitions.md "Steering").
 
 Interventions are installed on a `CodebookModel` through each codebook's two hooks: `id_editor`
 (rewrites the top-k selection before the gather: force, ablate) and `add_vector` (added to the
@@ -30,7 +30,6 @@ from cbtool.errors import UserError
 from cbtool.generate import left_pad, pick_token
 from cbtool.refs import parse_code_ref
 from cbtool.sites import CodebookModel, CodebookSpec, Site
-from cbtool.tokfsm import BOS, TokFSM
 
 MODES = ("force", "add", "ablate")
 POSITIONS = ("all", "prompt", "generated")
@@ -68,35 +67,6 @@ def parse_interventions(refs: Sequence[str], model: CodebookModel, mode: str = "
         if iv not in out:
             out.append(iv)
     return out
-
-
-# --------------------------------------------------------------------------- tokenisation
-
-def encode_prompt(checkpoint: Any, text: str) -> list[int]:
-    """Prompt text -> token ids for this checkpoint. TokFSM: BOS + one token per digit."""
-    kind = (checkpoint.meta.get("tokenizer") or {}).get("kind")
-    if kind == "tokfsm" or (kind is None and isinstance(checkpoint.task, TokFSM)):
-        digits = "".join(text.split())
-        if digits and not (digits.isascii() and digits.isdigit()):
-            raise UserError(f"TokFSM prompts are digit strings (e.g. 3719), got {text!r}")
-        return [BOS] + [int(c) + 1 for c in digits]
-    if kind in ("bpe", "hf"):  # text checkpoints (cbtool.text)
-        from cbtool.text import checkpoint_encode
-
-        return checkpoint_encode(checkpoint, text)
-    raise UserError(f"{checkpoint.path}: no tokenizer this command can use (tokenizer kind {kind!r})")
-
-
-def decode_tokens(checkpoint: Any, ids: Sequence[int]) -> str:
-    """Token ids -> text for this checkpoint (TokFSM: the digits; BOS is dropped)."""
-    kind = (checkpoint.meta.get("tokenizer") or {}).get("kind")
-    if kind == "tokfsm" or (kind is None and isinstance(checkpoint.task, TokFSM)):
-        return TokFSM.decode(list(ids))
-    if kind in ("bpe", "hf"):  # text checkpoints (cbtool.text)
-        from cbtool.text import checkpoint_decode
-
-        return checkpoint_decode(checkpoint, list(ids))
-    raise UserError(f"{checkpoint.path}: no tokenizer this command can use (tokenizer kind {kind!r})")
 
 
 # --------------------------------------------------------------------------- installation

@@ -1,4 +1,4 @@
-"""The code store written by `cbtool embed` (DESIGN.md "Code store").
+"""The code store written by `cbtool embed` (docs/formats.md "Code store").
 
 A store is a directory::
 
@@ -32,7 +32,8 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
-import cbtool
-from cbtool.checkpoint import META, atomic_write_text, read_versioned_json, sha256_file
+from cbtool.checkpoint import META
 from cbtool.corpus import Document
 from cbtool.errors import UserError
+from cbtool.files import atomic_write_text, read_versioned_json, save_npy, sha256_file
 from cbtool.sites import CodebookSpec, Site
+from cbtool.version import __version__
 
 FORMAT = "cbtool-codes"
 FORMAT_VERSION = 1
@@ -95,7 +97,7 @@ def documents_to_arrays(docs: list[Document], label_name: str = "state") -> Shar
     return ShardArrays(tokens, doc_offsets, text, doc_chars, spans, labels, {})
 
 
-def _site_entry(site: Site) -> dict[str, Any]:
+def site_entry(site: Site) -> dict[str, Any]:
     s = site.spec
     return {
         "name": site.name,
@@ -130,13 +132,6 @@ def match_sites(names: list[str], pattern: str | None, what: str = "the store") 
 def _short(names: list[str], limit: int = 12) -> str:
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _smallest_uint(max_value: int) -> np.dtype:
@@ -181,7 +176,7 @@ class StoreWriter:
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "cbtool_version": cbtool.__version__,
+            "cbtool_version": __version__,
             **plan,
             "complete": False,
             "num_shards": None,
@@ -247,25 +242,25 @@ class StoreWriter:
             raise UserError(f"cannot write shard {index} of store {self.path}: {e.strerror or e}") from None
         try:
             vocab_max = int(arrays.tokens.max()) if n else 0
-            _save_npy(tmp / "tokens.npy", arrays.tokens.astype(_smallest_uint(vocab_max)))
-            _save_npy(tmp / "doc_offsets.npy", arrays.doc_offsets.astype(np.int64))
-            _save_npy(tmp / "text.npy", np.frombuffer(arrays.text.encode("utf-8"), dtype=np.uint8))
-            _save_npy(tmp / "doc_chars.npy", arrays.doc_chars.astype(np.int64))
+            save_npy(tmp / "tokens.npy", arrays.tokens.astype(_smallest_uint(vocab_max)))
+            save_npy(tmp / "doc_offsets.npy", arrays.doc_offsets.astype(np.int64))
+            save_npy(tmp / "text.npy", np.frombuffer(arrays.text.encode("utf-8"), dtype=np.uint8))
+            save_npy(tmp / "doc_chars.npy", arrays.doc_chars.astype(np.int64))
             span_dt = np.uint32 if len(arrays.text) < 2**32 else np.int64
-            _save_npy(tmp / "spans.npy", arrays.spans.astype(span_dt))
+            save_npy(tmp / "spans.npy", arrays.spans.astype(span_dt))
             for name in self.manifest.get("labels", []):
                 lab = arrays.labels.get(name)
                 if lab is None or len(lab) != n:
                     raise ValueError(f"shard {index}: labels {name!r} missing or of the wrong length")
-                _save_npy(tmp / f"labels.{name}.npy", lab.astype(np.int64))
+                save_npy(tmp / f"labels.{name}.npy", lab.astype(np.int64))
             for name, entry in sites.items():
                 ids = arrays.codes[name]
                 if ids.shape != (n, entry["k"]):
                     raise ValueError(f"shard {index}: codes of {name} have shape {ids.shape}")
                 ids = ids.astype(entry["dtype"])
-                _save_npy(tmp / f"codes.{name}.npy", ids)
+                save_npy(tmp / f"codes.{name}.npy", ids)
                 counts = np.bincount(ids.reshape(-1).astype(np.int64), minlength=entry["num_codes"])
-                _save_npy(tmp / f"counts.{name}.npy", counts.astype(np.int64))
+                save_npy(tmp / f"counts.{name}.npy", counts.astype(np.int64))
             meta = {
                 "index": index,
                 "tokens": n,
@@ -394,7 +389,7 @@ class Store:
     # -- checkpoint identity -------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return Path(self.manifest["checkpoint"].get("path", ""))
+        return checkpoint_dir(self.path, self.manifest)
 
     def check_checkpoint(self, required: bool = False) -> str | None:
         """Refuse (exit 2) when the checkpoint the store came from has changed since.
@@ -518,6 +513,33 @@ class Store:
         return f"<{token}>"
 
 
+def open_store(path: Path, warn: Callable[[str], None] | None = None) -> Store:
+    """Open a complete store and refuse it (UserError) when its checkpoint has changed since embedding;
+    when that cannot be checked (the checkpoint moved away), `warn` gets one line (default: a Python warning)."""
+    store = Store(path)
+    line = store.check_checkpoint(required=False)
+    if line:
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(line)
+    return store
+
+
+def checkpoint_dir(path: Path, manifest: dict[str, Any]) -> Path:
+    """The checkpoint a store came from; a relative path in the manifest is relative to the store."""
+    ck = Path(str(manifest["checkpoint"].get("path") or ""))
+    return ck if ck.is_absolute() else Path(path) / ck
+
+
+def checkpoint_status(path: Path, manifest: dict[str, Any]) -> str:
+    """Whether a store's checkpoint is unchanged since embedding, changed, not available, or none recorded."""
+    ck = manifest["checkpoint"]
+    if not ck.get("path"):
+        return "none recorded"
+    meta = checkpoint_dir(path, manifest) / META
+    if not meta.is_file():
+        return "not available"
+    return "unchanged" if sha256_file(meta) == ck.get("sha256") else "CHANGED since embedding"
+
+
 def write_store(
     path: Path,
     sites: list[Site],
@@ -533,7 +555,7 @@ def write_store(
         "corpus": corpus or {"kind": "synthetic"},
         "shard_tokens": max(len(s.tokens) for s in shards),
         "max_tokens": None,
-        "sites": [_site_entry(s) for s in sites],
+        "sites": [site_entry(s) for s in sites],
         "labels": list(labels or []),
         "token_strings": token_strings,
     }

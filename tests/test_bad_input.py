@@ -1,4 +1,4 @@
-"""Bad input of every kind, for every command (issue 6).
+"""Bad input of every kind, for every command.
 
 Each case runs the real CLI on private copies of a trained checkpoint and an embedded store and must
 give exit 2 (1 for a check the user asked for), exactly one `cbtool: error:` line on stderr, no
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from cbtool.checkpoint import sha256_file
-from cbtool.corpus import fsm_document
+from cbtool.files import sha256_file
 from cbtool.sites import CodebookSpec, Site
 from cbtool.store import Store, documents_to_arrays, write_store
+from cbtool.tokfsm import fsm_document
 from tests.helpers import run_cli
 
 # -- artefacts, built once per module ----------------------------------------------------------------
@@ -319,7 +319,7 @@ case("embed-overwrite-non-store", "embed", "{ck}", "--out", "{w}/adir2", "--over
      "--device", "cpu", setup=lambda w: ((w["w"] / "adir2").mkdir(), (w["w"] / "adir2" / "notes.txt").write_text("x")))
 case("embed-disk-full-mid-store", "embed", "{ck}", "--out", "{w}/new", "--num-seqs", "4", "--shard-tokens", "200",
      "--device", "cpu", needle="No space left", new_files_ok=True,
-     logs_ok=True, patch=_fail_on(lambda path, *a: "shard-000001" in str(path), "cbtool.store", "_save_npy"))
+     logs_ok=True, patch=_fail_on(lambda path, *a: "shard-000001" in str(path), "cbtool.store", "save_npy"))
 case("embed-disk-full-on-manifest", "embed", "{ck}", *EMB, needle="No space left",
      patch=_fail_on(lambda path, *a: str(path).endswith("manifest.json"), "cbtool.store", "atomic_write_text"))
 case("embed-disk-full-on-lock", "embed", "{ck}", *EMB, needle="No space left", new_files_ok=True,
@@ -552,7 +552,7 @@ def test_bad_input(name, work, monkeypatch):
 
 
 def test_case_count():
-    """The table is what issue 6 counts; keep it from shrinking by accident."""
+    """The table is the bad-input contract (README.md "Exit codes"); keep it from shrinking by accident."""
     assert len(CASES) >= 250, len(CASES)
 
 

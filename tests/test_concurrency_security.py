@@ -1,4 +1,4 @@
-"""Concurrent writers and readers of one store, and what loading may never do (issue 6): execute code
+"""Concurrent writers and readers of one store, and what loading may never do: execute code
 from files, follow metadata paths out of the checkpoint/store directory, or reach the network."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import cbtool
-from cbtool.checkpoint import sha256_file
 from cbtool.errors import UserError
+from cbtool.files import sha256_file
 from cbtool.store import Store
 from tests.helpers import run_cli
 

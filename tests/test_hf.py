@@ -21,7 +21,7 @@ from cbtool import hf  # noqa: E402
 from cbtool.checkpoint import load_checkpoint  # noqa: E402
 from cbtool.generate import left_pad, sample  # noqa: E402
 from cbtool.sites import CodebookModel  # noqa: E402
-from cbtool.text import Source, checkpoint_documents, train_bpe  # noqa: E402
+from cbtool.text import Source, train_bpe  # noqa: E402
 from tests.helpers import run_cli  # noqa: E402
 
 TEXT = ("In January the snow lay deep; in February the rivers froze. Thou art fair, and thy voice is sweet. "
@@ -117,6 +117,27 @@ def test_train_frozen_base_cli(model_dirs, corpus, tmp_path, family):
     doc = json.loads(ev.stdout)
     assert doc["on"]["loss"] > 0 and doc["bypassed"]["loss"] > 0
     assert doc["on"]["loss"] != doc["bypassed"]["loss"]
+
+
+def test_commands_work_on_a_pretrained_base_checkpoint(model_dirs, corpus, tmp_path):
+    """info, eval, embed (no --corpus: the training corpus), show-code and intervene, as on TokFSM and text."""
+    out, store = tmp_path / "ck", tmp_path / "codes"
+    res = run_cli("train", "--base-model", model_dirs["gpt_neox"], "--corpus", corpus, "--preset", "tiny",
+                  "--sites", "1.mlp", "--steps", "2", "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    res = run_cli("info", out)
+    assert res.exit_code == 0 and "LM loss" in res.stdout and "transition" not in res.stdout
+    assert run_cli("eval", out, "--blocks", "2", "--device", "cpu").exit_code == 0
+    res = run_cli("embed", out, "--out", store, "--max-tokens", "256", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["tokens"] == 256
+    used = json.loads(run_cli("dead-codes", store, "--json").stdout)["sites"][0]["most_used"][0]
+    res = run_cli("show-code", store, used["code"], "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["fires"] == used["fires"]
+    res = run_cli("intervene", out, "--code", used["code"], "--prompt", "In January", "-n", "2",
+                  "--max-new-tokens", "3", "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert all(ex["prompt"] == "In January" for ex in json.loads(res.stdout)["examples"])
 
 
 def test_changed_or_missing_base_refused(model_dirs, corpus, tmp_path):
@@ -222,7 +243,7 @@ def test_smollm2_gguf_end_to_end(smol, tmp_path, capsys):
     res = run_cli("embed", out, "--corpus", text, "--out", store, "--device", "cpu", "--json")
     assert res.exit_code == 0, res.output
     emb = json.loads(res.stdout)
-    docs = list(checkpoint_documents(ck, text))
+    docs = list(ck.task.corpus(text).documents)
     assert emb["tokens"] == sum(len(doc.tokens) for doc in docs) and emb["sites"] == ["28.mlp", "29.mlp"]
 
     res = run_cli("find-codes", store, "--regex", "January|February", "--json")

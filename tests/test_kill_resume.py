@@ -1,4 +1,4 @@
-"""SIGKILL at random (seeded) points of a real `cbtool train` / `cbtool embed` process (issue 6).
+"""SIGKILL at random (seeded) points of a real `cbtool train` / `cbtool embed` process.
 
 After the kill, what is on disk either refuses to load (exit 2) or loads and equals the state an
 uninterrupted run had at that point (a checkpoint of step s equals the reference's step-s save; a

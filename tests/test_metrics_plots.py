@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from cbtool.checkpoint import sha256_file
+from cbtool.files import sha256_file
 from cbtool.metrics_log import FILE, fsm_valid_rate, read_metrics
 from cbtool.tokfsm import FSMSpec, TokFSM
 from cbtool.train import Trainer, apply_preset

@@ -1,5 +1,5 @@
 """Property tests (hypothesis) for the code-reference parser, the regex -> token mapping and the
-precision/recall maths (issue 6)."""
+precision/recall maths."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from cbtool.sites import BuiltinLocator, CodebookModel
 from cbtool.steering import (
     Intervention,
     SampleJob,
-    encode_prompt,
     generate_with_twins,
     parse_interventions,
     sample_steered,
@@ -191,7 +190,7 @@ def test_positions_prompt_vs_generated(ckpt, positions):
 def test_twins_and_batch_size_independence(ckpt):
     model = ckpt.model
     site = model.sites["1.mlp"]
-    prompt = encode_prompt(ckpt, "3719")
+    prompt = ckpt.task.encode("3719")
     jobs = [SampleJob(prompt, [Intervention(site, 5, "add", 20.0)], seed) for seed in range(6)]
     jobs.append(SampleJob(prompt, [], 99))  # no intervention: its twin must match it exactly
     s1, b1 = generate_with_twins(model, jobs, 10, batch_size=1)
@@ -209,7 +208,7 @@ def test_twins_and_batch_size_independence(ckpt):
 def test_left_padded_batch_matches_single_rows(ckpt):
     model = ckpt.model
     site = model.sites["0.mlp"]
-    prompts = [encode_prompt(ckpt, p) for p in ("3", "371942", "55")]
+    prompts = [ckpt.task.encode(p) for p in ("3", "371942", "55")]
     jobs = [SampleJob(p, [Intervention(site, 9)], i) for i, p in enumerate(prompts)]
     batched = generate_with_twins(model, jobs, 8, temperature=0.0, batch_size=3)
     single = generate_with_twins(model, jobs, 8, temperature=0.0, batch_size=1)

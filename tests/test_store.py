@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from cbtool.checkpoint import sha256_file
-from cbtool.corpus import fsm_document
 from cbtool.errors import UserError
+from cbtool.files import sha256_file
 from cbtool.sites import CodebookSpec, Site
 from cbtool.store import Store, StoreWriter, code_dtype, documents_to_arrays, shard_name, write_store
+from cbtool.tokfsm import fsm_document
 from tests.helpers import run_cli
 
 

@@ -91,15 +91,15 @@ def test_bpe_spans_are_exact_and_deterministic(corpus_dir):
 def test_text_task_split_and_batches(corpus_dir):
     sources = textmod.read_corpus(corpus_dir, text_field="body")
     tok = textmod.train_bpe(sources, 400)
-    task = textmod.TextTask(tok, sources, 16, None, "body")
+    task = textmod.TextTask(tok, None, "body", 16, sources=sources)
     n = task.train_blocks.shape[0] + task.heldout_blocks.shape[0]
     assert task.heldout_blocks.shape[0] == n // textmod.HOLDOUT_EVERY
-    a, _ = task.step_batch(4, 0, 7)
-    b, _ = task.step_batch(4, 0, 7)
-    c, _ = task.step_batch(4, 0, 8)
+    a = task.train_batch(4, 0, 7)
+    b = task.train_batch(4, 0, 7)
+    c = task.train_batch(4, 0, 8)
     assert a.shape == (4, 17) and a.equal(b) and not a.equal(c)
     with pytest.raises(UserError, match="too small"):
-        textmod.TextTask(tok, [textmod.Source("x", "tiny")], 16, None, "text")
+        _ = textmod.TextTask(tok, None, "text", 16, sources=[textmod.Source("x", "tiny")]).train_blocks
 
 
 def test_train_text_cli_checkpoint_and_eval(corpus_dir, tmp_path):

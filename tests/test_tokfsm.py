@@ -1,4 +1,4 @@
-"""TokFSM as DESIGN.md defines it: 100 states, out-degree 10, 2 digits per state, BOS + digits."""
+"""TokFSM as docs/definitions.md defines it: 100 states, out-degree 10, 2 digits per state, BOS + digits."""
 
 from __future__ import annotations
 

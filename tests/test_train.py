@@ -88,7 +88,7 @@ def test_resume_refuses_finished_and_missing(tmp_path, tiny_checkpoint):
 
 
 def _fixed_batch_mse(trainer: Trainer) -> float:
-    tokens, _ = trainer.fsm.step_batch(16, 999, 0)
+    tokens = trainer.task.train_batch(16, 999, 0)
     trainer.model.train()
     with torch.enable_grad():
         trainer.model(tokens[:, :-1])

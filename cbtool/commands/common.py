@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.console import Console
 
+from cbtool.store import Store, open_store
+
 SCHEMA_VERSION = 1
 
 out = Console(highlight=False, soft_wrap=True)  # results: stdout
@@ -29,6 +31,12 @@ def default_checkpoint(path: Path | None, run: Path | None) -> Path:
 
 def default_store(path: Path | None, run: Path | None) -> Path:
     return Path(path) if path is not None else run_dir(run) / "codes"
+
+
+def open_run_store(path: Path | None, run: Path | None) -> Store:
+    """The store at `path` (default RUN/codes), refused when its checkpoint changed; a warning on stderr
+    when that cannot be checked."""
+    return open_store(default_store(path, run), warn=lambda line: err.print(f"warning: {line}", soft_wrap=True))
 
 
 def _clean(x: Any) -> Any:

@@ -3,53 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from cbtool import plots
-from cbtool.commands.common import RUN_OPTION_HELP, emit_json, err, out
-from cbtool.commands.find_codes import open_store
-from cbtool.errors import CheckFailed, UserError
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, err, open_run_store, out
+from cbtool.errors import CheckFailed
 from cbtool.plots import check_plot_path
-from cbtool.store import Store
-
-
-def site_usage(store: Store, site: str, min_count: int, top: int) -> dict[str, Any]:
-    """Dead/rare counts, share alive, usage entropy (bits) and perplexity, most used codes of a site."""
-    counts = store.counts(site)
-    c = len(counts)
-    total = int(counts.sum())
-    dead = np.flatnonzero(counts == 0)
-    rare = np.flatnonzero((counts > 0) & (counts < min_count))
-    p = counts[counts > 0] / max(total, 1)
-    entropy = float(-(p * np.log2(p)).sum()) if total else 0.0
-    order = np.lexsort((np.arange(c), -counts))[:top]
-    return {
-        "site": site,
-        "codes": c,
-        "dead": len(dead),
-        "rare": len(rare),
-        "alive_frac": 1 - len(dead) / c,
-        "dead_frac": len(dead) / c,
-        "entropy_bits": entropy,
-        "perplexity": float(2.0**entropy),
-        "max_entropy_bits": float(np.log2(c)),
-        "fires_total": total,
-        "most_used": [
-            {
-                "code": f"{site}:{int(i)}",
-                "fires": int(counts[i]),
-                "share_of_tokens": int(counts[i]) / max(store.num_tokens, 1),
-            }
-            for i in order
-            if counts[i] > 0
-        ],
-        "dead_codes": dead.tolist(),
-        "rare_codes": rare.tolist(),
-    }
+from cbtool.usage import check_options
+from cbtool.usage import dead_codes as dead_codes_of
 
 
 def dead_codes(
@@ -78,27 +41,12 @@ def dead_codes(
       cbtool dead-codes --sites '*.mlp' --plot usage.png
     """
     plot = check_plot_path(plot)
-    if min_count < 1:
-        raise UserError(f"--min-count must be >= 1, got {min_count}")
-    if top < 0:
-        raise UserError(f"--top must be >= 0, got {top}")
-    if max_dead_frac is not None and not 0.0 <= max_dead_frac <= 1.0:
-        raise UserError(f"--max-dead-frac must be in [0, 1], got {max_dead_frac}")
-    store = open_store(store_path, run)
-    rows = [site_usage(store, s, min_count, top) for s in store.select_sites(sites)]
-    failing = [r["site"] for r in rows if max_dead_frac is not None and r["dead_frac"] > max_dead_frac]
+    check_options(min_count, top, max_dead_frac)
+    store = open_run_store(store_path, run)
+    doc = dead_codes_of(store, sites, min_count, top, max_dead_frac)
+    rows, failing = doc["sites"], doc["failing"]
     if as_json:
-        emit_json(
-            "dead-codes",
-            {
-                "store": str(store.path),
-                "tokens": store.num_tokens,
-                "min_count": min_count,
-                "max_dead_frac": max_dead_frac,
-                "failing": failing,
-                "sites": rows,
-            },
-        )
+        emit_json("dead-codes", doc)
     else:
         table = Table(
             title=f"code usage over {store.num_tokens:,} stored tokens ({store.path}); "

@@ -20,10 +20,9 @@ from cbtool.commands.common import (
     err,
     out,
 )
-from cbtool.embedding import documents_for, run_embed, tokfsm_corpus
+from cbtool.embedding import DEFAULT_SHARD_TOKENS, plan_embed
 from cbtool.errors import UserError
-from cbtool.store import StoreWriter, _site_entry, code_dtype, match_sites
-from cbtool.tokfsm import TokFSM
+from cbtool.store import code_dtype
 from cbtool.train import resolve_device
 
 
@@ -50,6 +49,10 @@ def embed(
     ),
     num_seqs: int = typer.Option(2048, "--num-seqs", help="TokFSM: fresh held-out sequences to embed."),
     seed: int = typer.Option(0, "--seed", help="TokFSM: which held-out sequence stream."),
+    split: str = typer.Option(
+        "all", "--split", help="Text checkpoints without --corpus: heldout, train or all documents of the corpus "
+        "the checkpoint was trained on (heldout/train need its document-level holdout)."
+    ),
     sites: str | None = typer.Option(
         None,
         "--sites",
@@ -57,7 +60,9 @@ def embed(
     ),
     batch_size: int = typer.Option(64, "--batch-size", help="Sequences per forward pass."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many tokens."),
-    shard_tokens: int = typer.Option(1_000_000, "--shard-tokens", help="Tokens per shard (whole documents)."),
+    shard_tokens: int = typer.Option(
+        DEFAULT_SHARD_TOKENS, "--shard-tokens", help="Tokens per shard (whole documents)."
+    ),
     worker: str | None = typer.Option(
         None, "--worker", help="I/N: write only shards with index % N == I (run N processes on one store)."
     ),
@@ -72,54 +77,19 @@ def embed(
     Examples:
       cbtool embed                                   # TokFSM: 2048 held-out sequences -> RUN/codes
       cbtool embed --num-seqs 4000 --sites '*.mlp' --out runs/a/codes-mlp
+      cbtool embed runs/smol/checkpoint --split heldout   # text: the held-out documents of its corpus
       cbtool embed --worker 0/2 & cbtool embed --worker 1/2   # two processes, one store
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if shard_tokens < 1:
-        raise UserError(f"--shard-tokens must be >= 1, got {shard_tokens}")
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    work = _parse_worker(worker)
     dev = resolve_device(device)
     ckpt = load_checkpoint(default_checkpoint(checkpoint, run), device=dev)
-    chosen = match_sites(list(ckpt.model.sites), sites, f"checkpoint {ckpt.path}")
-    if corpus is not None:
-        if not corpus.exists():
-            raise UserError(f"corpus {corpus} does not exist")
-        docs = documents_for(ckpt, corpus, text_field)
-        corpus_spec = {"kind": "text", "path": str(corpus.resolve()), "text_field": text_field}
-        labels: list[str] = []
-        token_strings = None
-    else:
-        corpus_spec, docs = tokfsm_corpus(ckpt, num_seqs, seed)
-        corpus_spec = {"kind": "tokfsm", **corpus_spec}
-        labels = ["state"]
-        token_strings = TokFSM.token_strings()
     target = default_store(out_dir, run)
-    plan = {
-        "checkpoint": {"path": str(ckpt.path.resolve()), "sha256": ckpt.sha256},
-        "corpus": corpus_spec,
-        "shard_tokens": shard_tokens,
-        "max_tokens": max_tokens,
-        "sites": [_site_entry(ckpt.model.sites[n]) for n in chosen],
-        "labels": labels,
-        "token_strings": token_strings,
-    }
-    writer = StoreWriter.open(target, plan, overwrite=overwrite)
-    if writer.manifest.get("complete"):
+    job = plan_embed(ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split,
+                     sites=sites, batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens,
+                     worker=_parse_worker(worker), device=dev, overwrite=overwrite)
+    if job.complete:
         err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
-        res = {
-            "shards": writer.manifest["num_shards"],
-            "written": 0,
-            "skipped": writer.manifest["num_shards"],
-            "tokens_written": 0,
-            "complete": 1,
-        }
+        doc = job.run()
     else:
-        expected = num_seqs * ckpt.task.spec.seq_len if corpus is None and ckpt.task is not None else None
-        if expected is not None and max_tokens is not None:
-            expected = min(expected, max_tokens)
         start = time.perf_counter()
         with Progress(
             TextColumn("embedding"),
@@ -131,41 +101,25 @@ def embed(
             disable=not err.is_terminal,
             transient=True,
         ) as bar:
-            task = bar.add_task("embed", total=expected, rate="")
+            task = bar.add_task("embed", total=job.expected_tokens, rate="")
 
             def tick(n: int) -> None:
                 done = bar.tasks[0].completed + n
                 rate = done / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
 
-            res = run_embed(ckpt, writer, docs, chosen, shard_tokens, max_tokens, batch_size, dev, work, tick)
-        secs = time.perf_counter() - start
-        rate = res["tokens_written"] / max(secs, 1e-9)
+            doc = job.run(tick)
         err.print(
-            f"embedded {res['tokens_written']:,} tokens in {res['written']} shard(s) in {secs:.1f} s "
-            f"({rate:,.0f} tokens/s); skipped {res['skipped']} shard(s) already written or not ours",
+            f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in {doc['seconds']:.1f} s "
+            f"({doc['tokens_per_s']:,.0f} tokens/s); skipped {doc['skipped']} shard(s) already written or not ours",
             soft_wrap=True,
         )
-        res["seconds"] = round(secs, 3)
-        res["tokens_per_s"] = round(rate, 1)
-    man = writer.manifest
-    doc = {
-        "store": str(target),
-        "checkpoint": str(ckpt.path),
-        "checkpoint_sha256": ckpt.sha256,
-        "complete": bool(res["complete"]),
-        "tokens": man.get("tokens"),
-        "docs": man.get("docs"),
-        "sites": chosen,
-        "labels": labels,
-        **{k: v for k, v in res.items() if k != "complete"},
-    }
     if as_json:
         emit_json("embed", doc)
         return
-    if not res["complete"]:
+    if not doc["complete"]:
         out.print(
-            f"wrote {res['written']} shard(s) of {res['shards']} to {target}; the store is complete once "
+            f"wrote {doc['written']} shard(s) of {doc['shards']} to {target}; the store is complete once "
             f"every worker has finished"
         )
         return
@@ -175,11 +129,12 @@ def embed(
     table.add_column("shards", justify="right")
     table.add_column("sites")
     table.add_column("k / C / dtype")
-    e = plan["sites"][0]
+    e = job.writer.manifest["sites"][0]
+    chosen = doc["sites"]
     table.add_row(
-        f"{man['tokens']:,}",
-        f"{man['docs']:,}",
-        str(man["num_shards"]),
+        f"{doc['tokens']:,}",
+        f"{doc['docs']:,}",
+        str(doc["shards"]),
         f"{len(chosen)}: {', '.join(chosen[:4])}{' ...' if len(chosen) > 4 else ''}",
         f"{e['k']} / {e['num_codes']} / {code_dtype(e['num_codes']).name}",
     )

@@ -8,10 +8,9 @@ import typer
 from rich.table import Table
 
 from cbtool import metrics_log, plots
-from cbtool.checkpoint import load_checkpoint
+from cbtool.checkpoint import Checkpoint, load_checkpoint
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
-from cbtool.evaluate import evaluate_fsm
 from cbtool.plots import check_plot_path
 from cbtool.train import resolve_device
 
@@ -19,8 +18,8 @@ from cbtool.train import resolve_device
 def evaluate(
     path: Path | None = typer.Argument(None, help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
-    samples: int = typer.Option(512, "--samples", help="Sampled sequences for transition accuracy."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0 = greedy)."),
+    samples: int = typer.Option(512, "--samples", help="TokFSM: sampled sequences for transition accuracy."),
+    temperature: float = typer.Option(1.0, "--temperature", help="TokFSM: sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
@@ -37,62 +36,33 @@ def evaluate(
         raise UserError(f"--samples must be >= 1, got {samples}")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if blocks < 1:
+        raise UserError(f"--blocks must be >= 1, got {blocks}")
     dev = resolve_device(device)
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
-    if (ckpt.meta.get("task") or {}).get("name") == "text":
-        _plot(ckpt, _evaluate_text(ckpt, dev, blocks, as_json), plot)
-        return
-    if ckpt.task is None:
-        raise UserError(f"{ckpt.path} has no task this command can evaluate")
-    res = evaluate_fsm(ckpt.model, ckpt.task, dev, num_samples=samples, seed=seed, temperature=temperature)
+    task = ckpt.task
+    res = task.evaluate(ckpt.model, dev, samples=samples, seed=seed, temperature=temperature, blocks=blocks)
     if as_json:
         emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res,
                            "metrics_log": metrics_log.summary(ckpt.path)})
         _plot(ckpt, res, plot)
         return
-    table = Table(title=f"{ckpt.path}: codebooks on vs bypassed ({samples} samples, T={temperature})")
+    table = Table(title=f"{ckpt.path}: codebooks on vs bypassed ({task.eval_setting(res)})")
     table.add_column("")
-    table.add_column("loss (nats/token)", justify="right")
-    table.add_column("transition accuracy", justify="right")
-    table.add_column("greedy accuracy", justify="right")
+    for head, _ in task.metrics.values():
+        table.add_column(head, justify="right")
     for label in ("on", "bypassed"):
         r = res[label]
-        table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['transition_accuracy']:.3f}",
-                      f"{r['greedy_accuracy']:.3f}")
+        table.add_row(f"codebooks {label}", *[f"{r[key]:{fmt}}" for key, (_, fmt) in task.metrics.items()])
     out.print(table)
     out.print(_usage_table(res["code_usage"]))
     _plot(ckpt, res, plot)
 
 
-def _plot(ckpt, res: dict, plot: Path | None) -> None:
+def _plot(ckpt: Checkpoint, res: dict, plot: Path | None) -> None:
     if plot is not None:
         plots.training_curves(metrics_log.read_metrics(ckpt.path), res, plot, f"{ckpt.path}: training curves")
         err.print(f"plot written to {plot}")
-
-
-def _evaluate_text(ckpt, dev, blocks: int, as_json: bool) -> dict:
-    """Text checkpoints: LM loss / perplexity on the held-out split, codebooks on vs bypassed."""
-    from cbtool.evaluate import evaluate_text
-    from cbtool.text import task_from_meta
-
-    if blocks < 1:
-        raise UserError(f"--blocks must be >= 1, got {blocks}")
-    task = task_from_meta(ckpt.meta, ckpt.path)
-    res = evaluate_text(ckpt.model, task, dev, num_blocks=blocks)
-    if as_json:
-        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res,
-                           "metrics_log": metrics_log.summary(ckpt.path)})
-        return res
-    table = Table(title=f"{ckpt.path}: codebooks on vs bypassed ({res['heldout_tokens']:,} held-out tokens)")
-    table.add_column("")
-    table.add_column("LM loss (nats/token)", justify="right")
-    table.add_column("perplexity", justify="right")
-    for label in ("on", "bypassed"):
-        r = res[label]
-        table.add_row(f"codebooks {label}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}")
-    out.print(table)
-    out.print(_usage_table(res["code_usage"]))
-    return res
 
 
 def _usage_table(code_usage: dict[str, float]) -> Table:

@@ -1,125 +1,23 @@
-"""`cbtool find-codes`: precision/recall of every stored code against a regex or label feature."""
+"""`cbtool find-codes`: precision/recall of every stored code against a regex or label feature (cbtool/search.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from cbtool import plots
-from cbtool.commands.common import RUN_OPTION_HELP, default_store, emit_json, emit_jsonl, err, out
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, err, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
-from cbtool.features import MATCH_ON, LabelFeature, label_feature, regex_feature
 from cbtool.plots import check_plot_path
-from cbtool.scoring import SiteScores, score_labels, score_mask
-from cbtool.store import Store
-
-SORTS = ("precision", "recall", "f1")
-
-
-def open_store(path: Path | None, run: Path | None) -> Store:
-    """Open a complete store and refuse it when its checkpoint has changed since (warn if moved)."""
-    store = Store(default_store(path, run))
-    warning = store.check_checkpoint(required=False)
-    if warning:
-        err.print(f"warning: {warning}", soft_wrap=True)
-    return store
-
-
-def _candidates(sc: SiteScores, min_precision: float, min_recall: float, min_count: int) -> np.ndarray:
-    """Mask of codes that fired on the feature and pass the thresholds (any shape of hits)."""
-    return (
-        (sc.hits > 0) & (sc.precision >= min_precision) & (sc.recall >= min_recall) & (sc.fires >= min_count)
-    )
-
-
-def _order(
-    metric: np.ndarray, second: np.ndarray, fires: np.ndarray, site_rank: np.ndarray, code: np.ndarray
-) -> np.ndarray:
-    """Best first: metric desc, then the other metric desc, fires desc, site order, code id."""
-    return np.lexsort((code, site_rank, -fires, -second, -metric))
-
-
-def _best_per_row(metric: np.ndarray, second: np.ndarray, fires: np.ndarray) -> np.ndarray:
-    """Per row of (V, C): the column with the best metric, ties by `second`, then fires, then lowest id."""
-    tie = metric == metric.max(axis=1, keepdims=True)
-    sec = np.where(tie, second, -np.inf)
-    tie &= sec == sec.max(axis=1, keepdims=True)
-    return np.argmax(np.where(tie, fires[None, :], -1), axis=1)
-
-
-def _example_tokens(
-    store: Store, site: str, masks: list[np.ndarray], codes: list[int], n: int
-) -> dict[int, list[str]]:
-    """For each code: the `n` most frequent token strings among the feature tokens it fires on."""
-    counts: dict[int, dict[str, int]] = {c: {} for c in codes}
-    want = np.asarray(codes)
-    for s, mask in enumerate(masks):
-        pos = np.flatnonzero(mask)
-        if not len(pos):
-            continue
-        ids = np.asarray(store.codes(s, site)[pos])
-        toks = np.asarray(store.tokens(s)[pos])
-        spans = np.asarray(store.spans(s)[pos])
-        relevant = np.isin(ids, want).any(1)
-        if not relevant.any():
-            continue
-        text = store.text(s)
-        ids, toks, spans = ids[relevant], toks[relevant], spans[relevant]
-        for c in codes:
-            rows = np.flatnonzero((ids == c).any(1))
-            for r in rows[:2000]:
-                t = store.token_string(int(toks[r]), text, spans[r])
-                counts[c][t] = counts[c].get(t, 0) + 1
-    return {
-        c: [t for t, _ in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:n]] for c, d in counts.items()
-    }
+from cbtool.search import GOOD_PRECISION, check_query, feature_title
+from cbtool.search import find_codes as search
 
 
 def _fmt(x: float) -> str:
     return f"{x:.3f}"
-
-
-def _feature_rows(
-    store: Store,
-    sites: list[str],
-    masks: list[np.ndarray],
-    sort: str,
-    min_precision: float,
-    min_recall: float,
-    min_count: int,
-) -> tuple[list[dict[str, Any]], int]:
-    parts = []
-    for rank, site in enumerate(sites):
-        sc = score_mask(store, site, masks)
-        keep = np.flatnonzero(_candidates(sc, min_precision, min_recall, min_count))
-        parts.append((rank, site, sc, keep))
-    site_rank = np.concatenate([np.full(len(k), r) for r, _, _, k in parts]) if parts else np.zeros(0)
-    code = np.concatenate([k for *_, k in parts]).astype(np.int64)
-    vals = {m: np.concatenate([sc.metric(m)[k] for _, _, sc, k in parts]) for m in SORTS}
-    hits = np.concatenate([sc.hits[k] for _, _, sc, k in parts])
-    fires = np.concatenate([sc.fires[k] for _, _, sc, k in parts])
-    second = vals["recall"] if sort == "precision" else vals["precision"]
-    order = _order(vals[sort], second, fires, site_rank, code)
-    rows = []
-    for i in order:
-        site = sites[int(site_rank[i])]
-        rows.append(
-            {
-                "code": f"{site}:{int(code[i])}",
-                "site": site,
-                "code_id": int(code[i]),
-                "precision": float(vals["precision"][i]),
-                "recall": float(vals["recall"][i]),
-                "f1": float(vals["f1"][i]),
-                "fires": int(fires[i]),
-                "hits": int(hits[i]),
-            }
-        )
-    return rows, len(rows)
 
 
 def find_codes(
@@ -162,94 +60,47 @@ def find_codes(
       cbtool find-codes --regex "42" --plot pr.png
     """
     plot = check_plot_path(plot)
-    if (regex is None) == (labels is None):
-        raise UserError("give exactly one feature: --regex RE or --labels NAME|FILE")
-    if label is not None and labels is None:
-        raise UserError("--label VALUE needs --labels NAME|FILE")
-    if match_on not in MATCH_ON:
-        raise UserError(f"--match-on must be first or all, got {match_on!r}")
-    if sort not in SORTS:
-        raise UserError(f"--sort must be precision, recall or f1, got {sort!r}")
-    for name, v in (("--min-precision", min_precision), ("--min-recall", min_recall)):
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"{name} must be in [0, 1], got {v}")
-    if min_count < 1:
-        raise UserError(f"--min-count must be >= 1, got {min_count}")
-    if top < 0 or examples < 0:
-        raise UserError("--top and --examples must be >= 0")
+    check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort, min_precision=min_precision,
+                min_recall=min_recall, min_count=min_count, top=top, examples=examples)
     if as_json and as_jsonl:
         raise UserError("choose one of --json and --jsonl")
-    store = open_store(store_path, run)
-    chosen = store.select_sites(sites)
-    thresholds = {"min_precision": min_precision, "min_recall": min_recall, "min_count": min_count}
-    base = {
-        "store": str(store.path),
-        "tokens": store.num_tokens,
-        "sites": chosen,
-        "sort": sort,
-        "thresholds": thresholds,
-    }
-
-    if labels is not None and label is None:
-        feat = label_feature(store, labels)
-        _label_table(
-            store, chosen, feat, sort, min_precision, min_recall, min_count, require, as_json, as_jsonl, base, plot
-        )
+    store = open_run_store(store_path, run)
+    doc = search(store, regex=regex, labels=labels, label=label, sites=sites, match_on=match_on, sort=sort,
+                 min_precision=min_precision, min_recall=min_recall, min_count=min_count, top=top,
+                 examples=examples)
+    wanted = f"precision >= {min_precision}, recall >= {min_recall} and >= {min_count} fires"
+    if doc["mode"] == "label-table":
+        if as_json:
+            emit_json("find-codes", doc)
+        elif as_jsonl:
+            emit_jsonl(doc["rows"])
+        else:
+            _print_label_table(doc, sort, wanted)
+        _plot(doc["rows"], plot, f"each value of {doc['labels']!r}: its best code")
+        if require and doc["summary"]["values_with_code"] == 0:
+            raise CheckFailed(f"no code has {wanted} for any value of {doc['labels']!r}")
         return
-
-    if regex is not None:
-        masks = regex_feature(store, regex, match_on)
-        query = {"mode": "regex", "regex": regex, "match_on": match_on}
-        title = f"/{regex}/ (match-on {match_on})"
-    else:
-        feat = label_feature(store, labels)  # type: ignore[arg-type]
-        v = feat.value_index(label)  # type: ignore[arg-type]
-        masks = [idx == v for idx in feat.index]
-        query = {"mode": "label", "labels": feat.name, "label": feat.values[v]}
-        title = f"{feat.name} = {feat.values[v]}"
-    size = int(sum(int(m.sum()) for m in masks))
-    if size == 0:
+    title = feature_title(doc)
+    if doc["feature_tokens"] == 0:
         err.print(f"warning: the feature {title} selects no token of the store", soft_wrap=True)
-    rows, total = _feature_rows(store, chosen, masks, sort, min_precision, min_recall, min_count)
-    shown = rows if top == 0 else rows[:top]
-    if examples and (not as_jsonl or shown):
-        for site in dict.fromkeys(r["site"] for r in shown):
-            ex = _example_tokens(
-                store, site, masks, [r["code_id"] for r in shown if r["site"] == site], examples
-            )
-            for r in shown:
-                if r["site"] == site:
-                    r["examples"] = ex[r["code_id"]]
     if as_json:
-        emit_json(
-            "find-codes", {**base, **query, "feature_tokens": size, "matching_codes": total, "rows": shown}
-        )
+        emit_json("find-codes", doc)
     elif as_jsonl:
-        emit_jsonl(shown)
+        emit_jsonl(doc["rows"])
     else:
         table = Table(
-            title=f"codes for {title}: {size:,} of {store.num_tokens:,} tokens; "
-            f"{total} code(s) pass the thresholds"
+            title=f"codes for {title}: {doc['feature_tokens']:,} of {store.num_tokens:,} tokens; "
+            f"{doc['matching_codes']} code(s) pass the thresholds"
         )
         for col in ("code", "precision", "recall", "F1", "fires", "hits", "examples"):
             table.add_column(col, justify="left" if col in ("code", "examples") else "right")
-        for r in shown:
-            table.add_row(
-                r["code"],
-                _fmt(r["precision"]),
-                _fmt(r["recall"]),
-                _fmt(r["f1"]),
-                f"{r['fires']:,}",
-                f"{r['hits']:,}",
-                " ".join(repr(t) for t in r.get("examples", [])),
-            )
+        for r in doc["rows"]:
+            table.add_row(r["code"], _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), f"{r['fires']:,}",
+                          f"{r['hits']:,}", " ".join(repr(t) for t in r.get("examples", [])))
         out.print(table)
-    _plot(rows, plot, f"candidate codes for {title}")
-    if require and total == 0:
-        raise CheckFailed(
-            f"no code has precision >= {min_precision}, recall >= {min_recall} and "
-            f">= {min_count} fires for {title}"
-        )
+    _plot(doc["rows"], plot, f"candidate codes for {title}")
+    if require and doc["matching_codes"] == 0:
+        raise CheckFailed(f"no code has {wanted} for {title}")
 
 
 def _plot(rows: list[dict[str, Any]], plot: Path | None, title: str) -> None:
@@ -258,121 +109,27 @@ def _plot(rows: list[dict[str, Any]], plot: Path | None, title: str) -> None:
         err.print(f"plot written to {plot}")
 
 
-def _label_table(
-    store: Store,
-    sites: list[str],
-    feat: LabelFeature,
-    sort: str,
-    min_precision: float,
-    min_recall: float,
-    min_count: int,
-    require: bool,
-    as_json: bool,
-    as_jsonl: bool,
-    base: dict[str, Any],
-    plot: Path | None = None,
-) -> None:
-    """One row per label value with its best code over the selected sites, plus per-site summaries."""
-    nv = len(feat.values)
-    if nv == 0:
-        raise UserError(f"labels {feat.name!r} have no values on this store")
-    best_metric = np.full(nv, -1.0)
-    best: list[dict[str, Any] | None] = [None] * nv
-    per_site: dict[str, dict[str, Any]] = {}
-    sizes = np.zeros(nv, dtype=np.int64)
-    for site in sites:
-        sc = score_labels(store, site, feat.index, nv)
-        sizes = np.asarray(sc.feature_size)
-        ok = _candidates(sc, min_precision, min_recall, min_count)
-        metric = np.where(ok, sc.metric(sort), -1.0)
-        second = np.where(ok, (sc.recall if sort == "precision" else sc.precision), -1.0)
-        combo = _best_per_row(metric, second, sc.fires)
-        rows_v = np.arange(nv)
-        has = ok[rows_v, combo]
-        p, r, f = sc.precision[rows_v, combo], sc.recall[rows_v, combo], sc.f1[rows_v, combo]
-        per_site[site] = {
-            "values_with_code": int(has.sum()),
-            "mean_best_precision": float(np.where(has, p, 0.0).mean()),
-            "mean_best_recall": float(np.where(has, r, 0.0).mean()),
-            "values_with_precision_0.9": int((has & (p >= 0.9)).sum()),
-        }
-        for v in np.flatnonzero(has & (metric[rows_v, combo] > best_metric)):
-            c = int(combo[v])
-            best_metric[v] = metric[v, c]
-            best[v] = {
-                "code": f"{site}:{c}",
-                "site": site,
-                "code_id": c,
-                "precision": float(p[v]),
-                "recall": float(r[v]),
-                "f1": float(f[v]),
-                "fires": int(sc.fires[c]),
-                "hits": int(sc.hits[v, c]),
-            }
-    rows = [
-        {"label": feat.values[v], "tokens": int(sizes[v]), **(best[v] or {"code": None})} for v in range(nv)
-    ]
-    with_code = sum(b is not None for b in best)
-    summary = {
-        "values": nv,
-        "values_with_code": with_code,
-        "values_with_precision_0.9": sum(1 for b in best if b and b["precision"] >= 0.9),
-    }
-    if as_json:
-        emit_json(
-            "find-codes",
-            {
-                **base,
-                "mode": "label-table",
-                "labels": feat.name,
-                "summary": summary,
-                "per_site": per_site,
-                "rows": rows,
-            },
-        )
-    elif as_jsonl:
-        emit_jsonl(rows)
-    else:
-        table = Table(title=f"best code per value of {feat.name!r} (by {sort})")
-        for col in ("label", "tokens", "code", "precision", "recall", "F1", "fires"):
-            table.add_column(col, justify="left" if col in ("label", "code") else "right")
-        for row in rows:
-            if row["code"] is None:
-                table.add_row(str(row["label"]), f"{row['tokens']:,}", "-", "", "", "", "")
-            else:
-                table.add_row(
-                    str(row["label"]),
-                    f"{row['tokens']:,}",
-                    row["code"],
-                    _fmt(row["precision"]),
-                    _fmt(row["recall"]),
-                    _fmt(row["f1"]),
-                    f"{row['fires']:,}",
-                )
-        out.print(table)
-        st = Table(title="per site: each value's best code at that site")
-        for col in ("site", "values with a code", "precision >= 0.9", "mean precision", "mean recall"):
-            st.add_column(col, justify="left" if col == "site" else "right")
-        for site, d in per_site.items():
-            st.add_row(
-                site,
-                f"{d['values_with_code']}/{nv}",
-                f"{d['values_with_precision_0.9']}/{nv}",
-                _fmt(d["mean_best_precision"]),
-                _fmt(d["mean_best_recall"]),
-            )
-        out.print(st)
-        out.print(
-            f"{with_code} of {nv} values of {feat.name!r} have a code with precision >= {min_precision}, "
-            f"recall >= {min_recall} and >= {min_count} fires; "
-            f"{summary['values_with_precision_0.9']} have one with precision >= 0.9"
-        )
-    _plot(rows, plot, f"each value of {feat.name!r}: its best code")
-    if require and with_code == 0:
-        raise CheckFailed(
-            f"no code has precision >= {min_precision}, recall >= {min_recall} and "
-            f">= {min_count} fires for any value of {feat.name!r}"
-        )
+def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:
+    nv, name, good = doc["summary"]["values"], doc["labels"], f"values_with_precision_{GOOD_PRECISION}"
+    table = Table(title=f"best code per value of {name!r} (by {sort})")
+    for col in ("label", "tokens", "code", "precision", "recall", "F1", "fires"):
+        table.add_column(col, justify="left" if col in ("label", "code") else "right")
+    for row in doc["rows"]:
+        if row["code"] is None:
+            table.add_row(str(row["label"]), f"{row['tokens']:,}", "-", "", "", "", "")
+        else:
+            table.add_row(str(row["label"]), f"{row['tokens']:,}", row["code"], _fmt(row["precision"]),
+                          _fmt(row["recall"]), _fmt(row["f1"]), f"{row['fires']:,}")
+    out.print(table)
+    st = Table(title="per site: each value's best code at that site")
+    for col in ("site", "values with a code", f"precision >= {GOOD_PRECISION}", "mean precision", "mean recall"):
+        st.add_column(col, justify="left" if col == "site" else "right")
+    for site, d in doc["per_site"].items():
+        st.add_row(site, f"{d['values_with_code']}/{nv}", f"{d[good]}/{nv}", _fmt(d["mean_best_precision"]),
+                   _fmt(d["mean_best_recall"]))
+    out.print(st)
+    out.print(f"{doc['summary']['values_with_code']} of {nv} values of {name!r} have a code with {wanted}; "
+              f"{doc['summary'][good]} have one with precision >= {GOOD_PRECISION}")
 
 
 def register(app: typer.Typer) -> None:

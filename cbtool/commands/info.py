@@ -8,9 +8,10 @@ import typer
 from rich.table import Table
 
 from cbtool import metrics_log
-from cbtool.checkpoint import META, load_checkpoint, sha256_file
+from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import RUN_OPTION_HELP, default_checkpoint, emit_json, out
-from cbtool.store import MANIFEST, read_manifest
+from cbtool.store import MANIFEST, checkpoint_status, read_manifest
+from cbtool.task import format_metrics
 
 
 def info(
@@ -56,9 +57,7 @@ def info(
         out.print(line)
         for label in ("on", "bypassed"):
             if label in res:
-                r = res[label]
-                out.print(f"  codebooks {label:8s} loss {r['loss']:.4f}  transition accuracy "
-                          f"{r['transition_accuracy']:.3f}")
+                out.print(f"  codebooks {label:8s} {format_metrics(ckpt.task, res[label])}")
     log = metrics_log.summary(ckpt.path)
     if log:
         out.print(f"[bold]metrics log[/] {log['path']} ({log['rows']} rows, steps {log['first_step']}-"
@@ -74,13 +73,7 @@ def info(
 def _store_info(path: Path, as_json: bool) -> None:
     man = read_manifest(path)
     ck = man["checkpoint"]
-    ck_path = Path(str(ck.get("path") or ""))
-    if not ck.get("path"):
-        status = "none recorded"
-    elif not (ck_path / META).is_file():
-        status = "not available"
-    else:
-        status = "unchanged" if sha256_file(ck_path / META) == ck.get("sha256") else "CHANGED since embedding"
+    status = checkpoint_status(path, man)
     sites = [e for e in man["sites"] if isinstance(e, dict)]
     if as_json:
         emit_json("store_info", {"path": str(path), "checkpoint_status": status, **man})

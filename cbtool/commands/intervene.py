@@ -4,8 +4,6 @@ paper's TokFSM state-steering experiment."""
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import typer
 from rich.table import Table
 
 from cbtool import plots
-from cbtool.checkpoint import Checkpoint, load_checkpoint
+from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import (
     DEVICE_HELP,
     RUN_OPTION_HELP,
@@ -26,119 +24,19 @@ from cbtool.commands.common import (
 )
 from cbtool.errors import CheckFailed, UserError
 from cbtool.plots import check_plot_path
-from cbtool.steering import (
-    MODES,
-    POSITIONS,
-    SampleJob,
-    decode_tokens,
-    encode_prompt,
-    generate_with_twins,
-    parse_interventions,
-    wilson_interval,
-)
+from cbtool.steer_jobs import check_options, steer
+from cbtool.steer_jobs import codes_from as steer_codes_from
+from cbtool.tokfsm import TokFSM
 from cbtool.train import resolve_device
-
-SPEC_KEYS = {"prompt", "codes", "mode", "seed", "strength", "samples"}
-
-
-def _read_prompts(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompt file {path} is empty")
-    return prompts
-
-
-def _read_spec(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """JSONL rows -> (line number, row), each checked; errors name the row (line) number."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read spec file {path}: {getattr(e, 'strerror', None) or e}") from None
-    rows = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} row {no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object")
-        unknown = set(row) - SPEC_KEYS
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                            f"allowed: {', '.join(sorted(SPEC_KEYS))}")
-        if not isinstance(row.get("prompt"), str):
-            raise UserError(f"{where}: 'prompt' must be a string")
-        codes = row.get("codes", [])
-        if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
-            raise UserError(f"{where}: 'codes' must be a list of SITE:CODE strings")
-        if "mode" in row and row["mode"] not in MODES:
-            raise UserError(f"{where}: 'mode' must be one of {', '.join(MODES)}")
-        for key in ("seed", "samples"):
-            if key in row and (not isinstance(row[key], int) or isinstance(row[key], bool) or row[key] < 0):
-                raise UserError(f"{where}: {key!r} must be a non-negative integer")
-        if row.get("samples") == 0:
-            raise UserError(f"{where}: 'samples' must be >= 1")
-        strength = row.get("strength", 1.0)
-        if not isinstance(strength, int | float) or isinstance(strength, bool):
-            raise UserError(f"{where}: 'strength' must be a number")
-        rows.append((no, row))
-    if not rows:
-        raise UserError(f"spec file {path} has no rows")
-    return rows
-
-
-def _jobs(ckpt: Checkpoint, args: dict[str, Any]) -> tuple[list[SampleJob], list[dict[str, Any]]]:
-    """Every sample to draw, and per sample what to report about it."""
-    jobs: list[SampleJob] = []
-    info: list[dict[str, Any]] = []
-    model = ckpt.model
-    if args["spec"] is not None:
-        for i, (no, row) in enumerate(_read_spec(args["spec"])):
-            try:
-                ivs = parse_interventions(row.get("codes", []), model, row.get("mode", args["mode"]),
-                                          row.get("strength", args["strength"]))
-                prompt = encode_prompt(ckpt, row["prompt"])
-            except UserError as e:
-                raise UserError(f"{args['spec']} row {no}: {e}") from None
-            seed = row.get("seed", args["seed"] + i * 1_000_003)
-            for j in range(row.get("samples", args["samples"])):
-                jobs.append(SampleJob(prompt, ivs, seed + j))
-                info.append({"row": no, "sample": j, "prompt": row["prompt"], "seed": seed + j,
-                             "interventions": [iv.to_dict() for iv in ivs]})
-        return jobs, info
-    ivs = parse_interventions(args["codes"], model, args["mode"], args["strength"])
-    if not ivs:
-        raise UserError("no intervention: give --code SITE:CODE (repeatable) or a --spec file")
-    if args["prompts_file"] is not None:
-        prompts = _read_prompts(args["prompts_file"])
-    else:
-        prompts = args["prompt"] or [""]
-    for i, text in enumerate(prompts):
-        tokens = encode_prompt(ckpt, text)
-        for j in range(args["samples"]):
-            seed = args["seed"] + len(jobs)
-            jobs.append(SampleJob(tokens, ivs, seed))
-            info.append({"row": i + 1, "sample": j, "prompt": text, "seed": seed,
-                         "interventions": [iv.to_dict() for iv in ivs]})
-    return jobs, info
-
-
-def _rate(hits: int, n: int) -> dict[str, Any]:
-    lo, hi = wilson_interval(hits, n)
-    return {"matches": hits, "samples": n, "rate": hits / n if n else None, "ci95": [lo, hi]}
 
 
 def intervene(
     path: Path | None = typer.Argument(None, help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
     code: list[str] = typer.Option([], "--code", "-c", help="SITE:CODE to steer with (repeatable)."),
+    codes_from: str | None = typer.Option(None, "--codes-from", help="Also steer with the best --pick codes of "
+                                          "find-codes --json/--jsonl output in FILE ('-' = stdin)."),
+    pick: int = typer.Option(1, "--pick", help="With --codes-from: how many of its best rows to steer with."),
     mode: str = typer.Option("force", "--mode", help="force (code joins the active set, replacing the "
                              "lowest-scoring one), add (its vector x --strength is added), ablate (removed, "
                              "next best takes its place)."),
@@ -181,6 +79,7 @@ def intervene(
       cbtool intervene --code 3:412 --code 2.attn.h1:7 --mode ablate --prompts prompts.txt --jsonl
       cbtool intervene --code 3.mlp:412 -n 200 --regex "^41" --require-gain 0.2
       cbtool intervene --spec rows.jsonl --json
+      cbtool find-codes --regex ' war' --jsonl | cbtool intervene --codes-from - --pick 2 --regex ' war'
       cbtool intervene --fsm-eval
       cbtool intervene --code 3.mlp:412 -n 200 --regex "^41" --plot rates.png
     """
@@ -189,6 +88,8 @@ def intervene(
         raise UserError("--plot draws success rates: give --regex (or use --fsm-eval)")
     if as_json and as_jsonl:
         raise UserError("--json and --jsonl are exclusive")
+    if codes_from is not None:
+        code = [*code, *steer_codes_from(codes_from, pick)]
     dev = resolve_device(device)
     if fsm_eval:
         res = _fsm_eval(path, run, dev, pairs, fsm_patch, code_seqs, seed, temperature, as_json, code or prompt
@@ -197,68 +98,27 @@ def intervene(
             plots.fsm_steering_rates(res, plot)
             err.print(f"plot written to {plot}")
         return
-    if mode not in MODES:
-        raise UserError(f"unknown --mode {mode!r}: use {', '.join(MODES)}")
-    if positions not in POSITIONS:
-        raise UserError(f"unknown --positions {positions!r}: use {', '.join(POSITIONS)}")
-    if sum(x is not None and x != [] for x in (prompt, prompts_file, spec)) > 1:
-        raise UserError("give only one of --prompt, --prompts and --spec")
-    if spec is not None and code:
-        raise UserError("--code and --spec are exclusive: put each row's codes in the spec")
-    for name, value, low in (("--samples", samples, 1), ("--max-new-tokens", max_new_tokens, 1),
-                             ("--batch-size", batch_size, 1)):
-        if value < low:
-            raise UserError(f"{name} must be >= {low}, got {value}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {top_k}")
     if require_gain is not None and regex is None:
         raise UserError("--require-gain needs --regex")
-    pattern = None
-    if regex is not None:
-        try:
-            pattern = re.compile(regex)
-        except re.error as e:
-            raise UserError(f"invalid --regex {regex!r}: {e}") from None
+    check_options(codes=code, prompts=prompt, prompts_file=prompts_file, spec=spec, mode=mode, positions=positions,
+                  samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  batch_size=batch_size, regex=regex)
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
-    args = {"spec": spec, "mode": mode, "strength": strength, "seed": seed, "samples": samples,
-            "codes": code, "prompts_file": prompts_file, "prompt": prompt}
-    jobs, info = _jobs(ckpt, args)
     t0 = time.perf_counter()
-    steered, baseline = generate_with_twins(ckpt.model, jobs, max_new_tokens, temperature, top_k, positions,
-                                            batch_size, dev)
-    err.print(f"[dim]{len(jobs)} steered samples + {len(jobs)} twins on {dev}, batch {batch_size}: "
+    summary = steer(ckpt, code, prompt, mode=mode, strength=strength, positions=positions, samples=samples,
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                    batch_size=batch_size, regex=regex, spec=spec, prompts_file=prompts_file, device=dev)
+    rows = summary.pop("rows")
+    err.print(f"[dim]{len(rows)} steered samples + {len(rows)} twins on {dev}, batch {batch_size}: "
               f"{time.perf_counter() - t0:.2f} s[/dim]")
-    rows = []
-    for meta, s_ids, b_ids in zip(info, steered, baseline, strict=True):
-        row = {**meta, "steered": decode_tokens(ckpt, s_ids), "baseline": decode_tokens(ckpt, b_ids)}
-        if pattern is not None:
-            row["steered_match"] = bool(pattern.search(row["steered"]))
-            row["baseline_match"] = bool(pattern.search(row["baseline"]))
-        rows.append(row)
-    n = len(rows)
-    summary: dict[str, Any] = {
-        "checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, "samples": n,
-        "positions": positions, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-        "seed": seed, "changed": sum(r["steered"] != r["baseline"] for r in rows) / n,
-    }
-    if spec is None:
-        summary["interventions"] = rows[0]["interventions"]
-    if pattern is not None:
-        s_hits = sum(r["steered_match"] for r in rows)
-        b_hits = sum(r["baseline_match"] for r in rows)
-        summary["regex"] = regex
-        summary["steered"], summary["baseline"] = _rate(s_hits, n), _rate(b_hits, n)
-        summary["gain"] = (s_hits - b_hits) / n
-        if require_gain is not None:
-            summary["require_gain"] = require_gain
+    if require_gain is not None:
+        summary["require_gain"] = require_gain
     if as_jsonl:
         emit_jsonl(rows)
     elif as_json:
         emit_json("intervene", {**summary, "examples": rows[:5]})
     else:
-        _show(rows, summary, pattern is not None)
+        _show(rows, summary, regex is not None)
     if plot is not None:
         plots.steering_rates(summary, plot)
         err.print(f"plot written to {plot}")
@@ -305,7 +165,7 @@ def _fsm_eval(path: Path | None, run: Path | None, dev, pairs: int, patch: str, 
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
-    if ckpt.task is None or type(ckpt.task).__name__ != "TokFSM":
+    if not isinstance(ckpt.task, TokFSM):
         raise UserError(f"{ckpt.path} was not trained on TokFSM: --fsm-eval needs a TokFSM checkpoint")
     err.print(f"[dim]state steering: {pairs} pairs, code search over {code_seqs} sequences, on {dev}[/dim]")
     res = fsm_state_steering(ckpt.model, ckpt.task, dev, pairs=pairs, seed=seed, num_seqs=code_seqs,

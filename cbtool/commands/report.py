@@ -9,8 +9,15 @@ from pathlib import Path
 import typer
 
 from cbtool.checkpoint import META
-from cbtool.commands.common import RUN_OPTION_HELP, default_checkpoint, default_store, err, out, run_dir
-from cbtool.commands.find_codes import open_store
+from cbtool.commands.common import (
+    RUN_OPTION_HELP,
+    default_checkpoint,
+    default_store,
+    err,
+    open_run_store,
+    out,
+    run_dir,
+)
 from cbtool.errors import UserError
 from cbtool.report import Limits, build, write_report
 from cbtool.store import MANIFEST
@@ -69,7 +76,7 @@ def report(
         store_path = default_store(None, run) if (default_store(None, run) / MANIFEST).is_file() else None
         if not (checkpoint / META).is_file():
             raise UserError(f"checkpoint {checkpoint} does not exist (train one with `cbtool train`, or give paths)")
-    store = open_store(store_path, None) if store_path is not None else None
+    store = open_run_store(store_path, None) if store_path is not None else None
     if store is not None and checkpoint is None and store.checkpoint_path.name and \
             (store.checkpoint_path / META).is_file():
         checkpoint = store.checkpoint_path  # unchanged since embedding (open_store checked its hash)
