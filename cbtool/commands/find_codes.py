@@ -8,8 +8,10 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from cbtool import plots
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, err, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
+from cbtool.plots import check_plot_path
 from cbtool.search import GOOD_PRECISION, check_query, feature_title
 from cbtool.search import find_codes as search
 
@@ -44,6 +46,9 @@ def find_codes(
     require: bool = typer.Option(False, "--require", help="Exit 1 when no code meets the thresholds (CI)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON row per line on stdout."),
+    plot: Path | None = typer.Option(  # noqa: B008
+        None, "--plot", help="Also draw precision vs recall of the candidate codes to FILE.png or FILE.svg."
+    ),
 ) -> None:
     """Precision, recall and F1 of every code against a feature; best codes first.
 
@@ -52,7 +57,9 @@ def find_codes(
       cbtool find-codes --labels state                  # every TokFSM state -> its best code
       cbtool find-codes --labels state --label 42 --sites '*.mlp' --top 5
       cbtool find-codes --labels my_labels.npy --require --min-precision 0.8   # CI check (exit 1)
+      cbtool find-codes --regex "42" --plot pr.png
     """
+    plot = check_plot_path(plot)
     check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort, min_precision=min_precision,
                 min_recall=min_recall, min_count=min_count, top=top, examples=examples)
     if as_json and as_jsonl:
@@ -69,6 +76,7 @@ def find_codes(
             emit_jsonl(doc["rows"])
         else:
             _print_label_table(doc, sort, wanted)
+        _plot(doc["rows"], plot, f"each value of {doc['labels']!r}: its best code")
         if require and doc["summary"]["values_with_code"] == 0:
             raise CheckFailed(f"no code has {wanted} for any value of {doc['labels']!r}")
         return
@@ -90,8 +98,15 @@ def find_codes(
             table.add_row(r["code"], _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), f"{r['fires']:,}",
                           f"{r['hits']:,}", " ".join(repr(t) for t in r.get("examples", [])))
         out.print(table)
+    _plot(doc["rows"], plot, f"candidate codes for {title}")
     if require and doc["matching_codes"] == 0:
         raise CheckFailed(f"no code has {wanted} for {title}")
+
+
+def _plot(rows: list[dict[str, Any]], plot: Path | None, title: str) -> None:
+    if plot is not None:
+        plots.precision_recall(rows, plot, title)
+        err.print(f"plot written to {plot}")
 
 
 def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:
