@@ -35,7 +35,7 @@ from cbtool.sites import CodebookModel
 TOKENIZER_FILE = "tokenizer.json"
 EOT = "<|endoftext|>"
 HOLDOUT_EVERY = 20  # every 20th document (or block, see HOLDOUT_MIN_DOCS) is held out
-HOLDOUT_MIN_DOCS = 2 * HOLDOUT_EVERY  # corpora with fewer documents hold out every 20th block instead
+HOLDOUT_MIN_DOCS = 5 * HOLDOUT_EVERY  # >= 5 held-out documents; smaller corpora hold out every 20th block instead
 SPLITS = ("all", "heldout", "train")  # `embed --split`: documents of a text checkpoint's own corpus
 BUILTIN_NAME = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".jsonl")

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn import functional as F
 
+from cbtool import metrics_log
 from cbtool import text as textmod
 from cbtool.checkpoint import Checkpoint, load_checkpoint, recover_interrupted_swap, save_checkpoint
 from cbtool.errors import UserError
@@ -78,6 +79,8 @@ class TrainConfig:
     kmeans: str = option("sklearn", "k-means implementation (cbtool/kmeans_init.py): sklearn or torch.", cli=False)
     dead_window: int = option(100, "Revive codes dead over this many phase-2 steps (0: never).", cli=False)
     checkpoint_every: int = option(200, "Save every N steps (0: never).")
+    log_every: int = option(metrics_log.DEFAULT_EVERY, "Write a metrics.jsonl row every N steps (default "
+                            f"{metrics_log.DEFAULT_EVERY}; 0: none).")
     eval_samples: int = option(512, "TokFSM: sampled sequences for the final transition accuracy.", cli=False)
     seed: int = option(0, "Seed of the model, the data order and the TokFSM graph.")
     model: dict[str, int] = option(help="The built-in transformer (cbtool/model.py ModelConfig); vocab_size and "
@@ -97,7 +100,7 @@ class TrainConfig:
                               cli=False)
 
     def validate(self) -> None:
-        for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window"):
+        for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window", "log_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.base_steps + self.steps < 1:
@@ -266,6 +269,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.elapsed = 0.0
         self.phase_seconds = dict.fromkeys(PHASE_TIMERS, 0.0)  # wall time per phase of the run
+        self.metrics = metrics_log.MetricsLog(cfg.log_every)
+        self.metrics.attach(self.model)
         self._make_optimizer(self.phase(0))
 
     def _site_codes(self, chosen: list[tuple[int, str]], locator: Locator) -> dict[tuple[int, str], int]:
@@ -370,13 +375,16 @@ class Trainer:
             g["lr"] = g["base_lr"] * scale
         self.opt.step()
         acc = float((logits.argmax(-1) == tokens[:, 1:]).float().mean())
+        extra = {}
+        if isinstance(self.task, TokFSM) and self.metrics.due(step + 1, self.total_steps):  # TokFSM task accuracy
+            extra["fsm_valid"] = metrics_log.fsm_valid_rate(self.task, tokens, logits.argmax(-1))
         self.step += 1
         revived = 0
         if phase == "codebook" and cfg.dead_window and (self.step - cfg.base_steps) % cfg.dead_window == 0:
             gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
             revived = sum(cb.revive_dead(gen) for cb in self.model.codebooks.values())
         return {"step": self.step, "loss": task.item(), "mse": aux.item() if aux is not None else 0.0,
-                "acc": acc, "revived": revived}
+                "acc": acc, "revived": revived, **extra}
 
     def _set_usage_tracking(self) -> None:
         on = self.phase(self.step) == "codebook" and self.cfg.dead_window > 0
@@ -406,6 +414,10 @@ class Trainer:
                 self.elapsed += dt
                 self.phase_seconds[self.phase(self.step - 1)] += dt - (self.phase_seconds["kmeans"] - kmeans_before)
                 self.history.append(row)
+                self.metrics.add_step(dt, tokens_per_step, row["revived"])
+                if self.metrics.due(self.step, self.total_steps):
+                    self.metrics.record(self.step, self.phase(self.step - 1), row, self.opt.param_groups[0]["lr"],
+                                        self.model, row.get("fsm_valid"))
                 progress.update(bar, completed=self.step, phase=self.phase(self.step - 1), loss=row["loss"],
                                 acc=row["acc"], tps=tokens_per_step / dt)
                 if progress.disable and (self.step % 100 == 0 or self.step == self.total_steps):
@@ -456,6 +468,7 @@ class Trainer:
                 continue
             for key, val in s.items():
                 state[f"opt.{i}.{key}"] = val.detach().clone() if torch.is_tensor(val) else torch.tensor(val)
+        state.update(self.metrics.state())
         for cb_key, cb in self.model.codebooks.items():
             state[f"usage.{cb_key}"] = cb.usage.clone()
             if cb.recent_inputs is not None:
@@ -466,7 +479,8 @@ class Trainer:
         # a frozen pretrained base is referenced by path + hash, its weights saved only when trained
         save_base = not self.pretrained or self.cfg.train_base
         save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base,
-                        train_state=self.train_state(), extra_files=self.task.files())
+                        train_state=self.train_state(),
+                        extra_files={**self.task.files(), metrics_log.FILE: self.metrics.to_bytes()})
 
     @classmethod
     def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console) -> Trainer:
@@ -492,6 +506,8 @@ class Trainer:
         for k in PHASE_TIMERS:  # absent in checkpoints of older versions: those phases count from 0
             if state.get(f"trainer.seconds.{k}") is not None and state[f"trainer.seconds.{k}"].numel() == 1:
                 self.phase_seconds[k] = float(state[f"trainer.seconds.{k}"])
+        self.metrics.rows = [r for r in metrics_log.read_metrics(ckpt.path) if r["step"] <= self.step]
+        self.metrics.load_state(state)
         if not 0 <= self.step <= self.total_steps:
             raise UserError(f"{bad} (step {self.step} of {self.total_steps})")
         try:

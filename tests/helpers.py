@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cbtool.cli import app
+from cbtool.metrics_log import read_metrics
 
 
 def run_cli(*args: object):
@@ -18,7 +19,8 @@ def run_cli(*args: object):
 
 
 def assert_same_training(full: Path, part: Path) -> None:
-    """Two checkpoints hold bit-identical weights, codebooks and evaluation results."""
+    """Two checkpoints hold bit-identical weights, codebooks, evaluation results and metrics logs (but for
+    the wall-clock fields)."""
     for name in ("model.safetensors", "codebooks.safetensors"):
         a, b = load_file(str(full / name)), load_file(str(part / name))
         assert a.keys() == b.keys()
@@ -27,3 +29,6 @@ def assert_same_training(full: Path, part: Path) -> None:
     ra = json.loads((full / "cbtool.json").read_text())["training"]["results"]
     rb = json.loads((part / "cbtool.json").read_text())["training"]["results"]
     assert ra["on"] == rb["on"] and ra["bypassed"] == rb["bypassed"]
+    clock = ("seconds", "tokens_per_s")
+    la, lb = ([{k: v for k, v in r.items() if k not in clock} for r in read_metrics(ck)] for ck in (full, part))
+    assert la and la == lb, "the metrics log differs after resume"

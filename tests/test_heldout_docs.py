@@ -28,9 +28,9 @@ def _letter(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def letters(tmp_path_factory):
-    """60 documents (>= HOLDOUT_MIN_DOCS): every 20th is held out whole."""
+    """100 documents (>= HOLDOUT_MIN_DOCS): every 20th is held out whole."""
     d = tmp_path_factory.mktemp("letters")
-    for i in range(60):
+    for i in range(100):
         (d / f"{i:03d}.txt").write_text(_letter(i) * 3, encoding="utf-8")
     return d
 
@@ -48,8 +48,8 @@ def test_documents_are_held_out_whole(letters):
     sources = textmod.read_corpus(letters)
     assert textmod.holdout_kind(len(sources)) == "documents"
     train, held = textmod.split_sources(sources, "documents")
-    assert [s.name for s in held] == ["019.txt", "039.txt", "059.txt"]
-    assert len(train) == 57 and not {s.name for s in train} & {s.name for s in held}
+    assert [s.name for s in held] == ["019.txt", "039.txt", "059.txt", "079.txt", "099.txt"]
+    assert len(train) == 95 and not {s.name for s in train} & {s.name for s in held}
     tok = textmod.train_bpe(sources, 300)
     task = textmod.TextTask(tok, str(letters), "text", 16, sources=sources)
     assert task.holdout == "documents" and task.task_meta()["holdout"] == "documents"
@@ -76,7 +76,7 @@ def test_embed_split_heldout_stores_only_heldout_documents(letters_ckpt, tmp_pat
     assert res.exit_code == 0, res.output
     st = Store(store)
     text = "".join(st.text(i) for i in range(st.num_shards))
-    for i in (19, 39, 59):
+    for i in (19, 39, 59, 79, 99):
         assert f"document {i} safe" in text
     assert "document 18 safe" not in text and "document 0 safe" not in text
     assert st.manifest["corpus"]["split"] == "heldout"

@@ -7,8 +7,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cbtool.commands.common import RUN_OPTION_HELP, emit_json, open_run_store, out
+from cbtool import plots
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, err, open_run_store, out
 from cbtool.errors import CheckFailed
+from cbtool.plots import check_plot_path
 from cbtool.usage import check_options
 from cbtool.usage import dead_codes as dead_codes_of
 
@@ -25,6 +27,9 @@ def dead_codes(
         help="Exit 1 when any selected site has a larger share of dead codes (CI check).",
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout (with dead code ids)."),
+    plot: Path | None = typer.Option(  # noqa: B008
+        None, "--plot", help="Also draw each site's sorted code usage to FILE.png or FILE.svg (needs cbtool[plot])."
+    ),
 ) -> None:
     """Per site: codes, dead (never fired), rare (fired on < --min-count tokens), share alive, usage
     entropy and perplexity, and the most used codes.
@@ -33,7 +38,9 @@ def dead_codes(
       cbtool dead-codes
       cbtool dead-codes --sites '*.mlp' --max-dead-frac 0.1      # CI: exit 1 above 10% dead
       cbtool dead-codes runs/a/codes --json | jq '.sites[].dead'
+      cbtool dead-codes --sites '*.mlp' --plot usage.png
     """
+    plot = check_plot_path(plot)
     check_options(min_count, top, max_dead_frac)
     store = open_run_store(store_path, run)
     doc = dead_codes_of(store, sites, min_count, top, max_dead_frac)
@@ -62,6 +69,10 @@ def dead_codes(
             for r in rows:
                 most = ", ".join(f"{m['code']} ({m['share_of_tokens']:.1%})" for m in r["most_used"])
                 out.print(f"most used at {r['site']}: {most or 'none'}")
+    if plot is not None:
+        counts = {r["site"]: store.counts(r["site"]) for r in rows}
+        plots.usage_curves(counts, plot, f"code usage over {store.num_tokens:,} tokens of {store.path}")
+        err.print(f"plot written to {plot}")
     if failing:
         raise CheckFailed(
             f"{len(failing)} site(s) have more than {max_dead_frac:.1%} dead codes: "

@@ -7,9 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, out
+from cbtool import metrics_log, plots
+from cbtool.checkpoint import Checkpoint, load_checkpoint
+from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
+from cbtool.plots import check_plot_path
 from cbtool.train import resolve_device
 
 
@@ -22,11 +24,14 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     blocks: int = typer.Option(256, "--blocks", help="Text checkpoints: held-out blocks for the LM loss."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw the training curves (metrics log) and the "
+                                     "on/bypassed loss to FILE.png or FILE.svg (needs cbtool[plot])."),
 ) -> None:
     """Loss and accuracy with codebooks ON vs BYPASSED, and the share of codes that fire per site.
 
-    Examples:  cbtool eval    cbtool eval runs/a/checkpoint --samples 2048 --json
+    Examples:  cbtool eval    cbtool eval runs/a/checkpoint --samples 2048 --json    cbtool eval --plot curves.png
     """
+    plot = check_plot_path(plot)
     if samples < 1:
         raise UserError(f"--samples must be >= 1, got {samples}")
     if temperature < 0:
@@ -38,7 +43,9 @@ def evaluate(
     task = ckpt.task
     res = task.evaluate(ckpt.model, dev, samples=samples, seed=seed, temperature=temperature, blocks=blocks)
     if as_json:
-        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res})
+        emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res,
+                           "metrics_log": metrics_log.summary(ckpt.path)})
+        _plot(ckpt, res, plot)
         return
     table = Table(title=f"{ckpt.path}: codebooks on vs bypassed ({task.eval_setting(res)})")
     table.add_column("", no_wrap=True)
@@ -49,6 +56,13 @@ def evaluate(
         table.add_row(f"codebooks {label}", *[f"{r[key]:{fmt}}" for key, (_, fmt) in task.metrics.items()])
     out.print(table)
     out.print(_usage_table(res["code_usage"]))
+    _plot(ckpt, res, plot)
+
+
+def _plot(ckpt: Checkpoint, res: dict, plot: Path | None) -> None:
+    if plot is not None:
+        plots.training_curves(metrics_log.read_metrics(ckpt.path), res, plot, f"{ckpt.path}: training curves")
+        err.print(f"plot written to {plot}")
 
 
 def _usage_table(code_usage: dict[str, float]) -> Table:

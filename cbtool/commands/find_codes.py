@@ -8,8 +8,10 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from cbtool import plots
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, emit_json, emit_jsonl, err, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
+from cbtool.plots import check_plot_path
 from cbtool.search import GOOD_PRECISION, check_query, feature_title
 from cbtool.search import find_codes as search
 
@@ -49,6 +51,9 @@ def find_codes(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="--baseline: the store's checkpoint "  # noqa: B008
                                            "(default: the one it was embedded from)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    plot: Path | None = typer.Option(  # noqa: B008
+        None, "--plot", help="Also draw precision vs recall of the candidate codes to FILE.png or FILE.svg."
+    ),
 ) -> None:
     """Precision, recall and F1 of every code against a feature; best codes first.
 
@@ -58,7 +63,9 @@ def find_codes(
       cbtool find-codes --labels state --label 42 --sites '*.mlp' --top 5
       cbtool find-codes --labels my_labels.npy --require --min-precision 0.8   # CI check (exit 1)
       cbtool find-codes --labels state --baseline neurons   # codes vs the best single neuron
+      cbtool find-codes --regex "42" --plot pr.png
     """
+    plot = check_plot_path(plot)
     check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort, min_precision=min_precision,
                 min_recall=min_recall, min_count=min_count, top=top, examples=examples, baseline=baseline)
     if as_json and as_jsonl:
@@ -81,6 +88,7 @@ def find_codes(
             emit_jsonl(doc["rows"])
         else:
             _print_label_table(doc, sort, wanted)
+        _plot(doc["rows"], plot, f"each value of {doc['labels']!r}: its best code")
         if require and doc["summary"]["values_with_code"] == 0:
             raise CheckFailed(f"no code has {wanted} for any value of {doc['labels']!r}")
         return
@@ -108,8 +116,15 @@ def find_codes(
         out.print(table)
         if neurons:
             out.print(_beat_line(doc["baseline"]))
+    _plot(doc["rows"], plot, f"candidate codes for {title}")
     if require and doc["matching_codes"] == 0:
         raise CheckFailed(f"no code has {wanted} for {title}")
+
+
+def _plot(rows: list[dict[str, Any]], plot: Path | None, title: str) -> None:
+    if plot is not None:
+        plots.precision_recall(rows, plot, title)
+        err.print(f"plot written to {plot}")
 
 
 def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from cbtool import metrics_log
 from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import RUN_OPTION_HELP, default_checkpoint, emit_json, out
 from cbtool.store import MANIFEST, checkpoint_status, read_manifest
@@ -31,7 +32,7 @@ def info(
     training = meta.get("training") or {}
     if as_json:
         emit_json("info", {"path": str(ckpt.path), "sha256": ckpt.sha256, **meta,
-                           "sites": list(ckpt.model.sites)})
+                           "sites": list(ckpt.model.sites), "metrics_log": metrics_log.summary(ckpt.path)})
         return
     version = f"format {meta['format_version']}, cbtool {meta.get('cbtool_version')}"
     out.print(f"[bold]checkpoint[/] {ckpt.path}  ({version})")
@@ -57,6 +58,10 @@ def info(
         for label in ("on", "bypassed"):
             if label in res:
                 out.print(f"  codebooks {label:8s} {format_metrics(ckpt.task, res[label])}")
+    log = metrics_log.summary(ckpt.path)
+    if log:
+        out.print(f"[bold]metrics log[/] {log['path']} ({log['rows']} rows, steps {log['first_step']}-"
+                  f"{log['last_step']}; `cbtool eval --plot curves.png` or `cbtool report` draws it)")
     files = Table(title="files")
     files.add_column("file")
     files.add_column("sha256")

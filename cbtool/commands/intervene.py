@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from cbtool import plots
 from cbtool.checkpoint import Checkpoint, load_checkpoint
 from cbtool.commands.common import (
     DEVICE_HELP,
@@ -23,6 +24,7 @@ from cbtool.commands.common import (
 )
 from cbtool.errors import CheckFailed, UserError
 from cbtool.patching import DEFAULT_ROWS, ROW_HELP
+from cbtool.plots import check_plot_path
 from cbtool.steer_jobs import check_options, steer
 from cbtool.steer_jobs import codes_from as steer_codes_from
 from cbtool.tokfsm import TokFSM
@@ -75,6 +77,8 @@ def intervene(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
     as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON row per sample on stdout."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw steered vs baseline rates with 95% intervals "
+                                     "(--regex or --fsm-eval) to FILE.png or FILE.svg."),
 ) -> None:
     """Generate with codes forced on / added / ablated, beside an unsteered twin of every sample.
 
@@ -86,20 +90,29 @@ def intervene(
       cbtool find-codes --regex ' war' --jsonl | cbtool intervene --codes-from - --pick 2 --regex ' war'
       cbtool intervene --fsm-eval                      # the paper's state-patching table
       cbtool intervene --fsm-eval --fsm-mode steering  # two-digit next-state JSD to b's true transitions
+      cbtool intervene --code 3.mlp:412 -n 200 --regex "^41" --plot rates.png
     """
+    plot = check_plot_path(plot)
+    if plot is not None and regex is None and not fsm_eval:
+        raise UserError("--plot draws success rates: give --regex (or use --fsm-eval)")
     if as_json and as_jsonl:
         raise UserError("--json and --jsonl are exclusive")
     if codes_from is not None:
         code = [*code, *steer_codes_from(codes_from, pick)]
     dev = resolve_device(device)
     if fsm_eval and fsm_mode == "patching":
+        if plot is not None:
+            raise UserError("--plot draws the state-steering rates: use --fsm-eval --fsm-mode steering")
         _fsm_patching(path, run, dev, prefix_states, patch_rows, seed, as_json, code or prompt or spec or prompts_file)
         return
     if fsm_eval and fsm_mode != "steering":
         raise UserError(f"unknown --fsm-mode {fsm_mode!r}: use patching or steering")
     if fsm_eval:
-        _fsm_eval(path, run, dev, pairs, fsm_patch, code_seqs, seed, temperature, as_json, code or prompt
-                  or spec or prompts_file)
+        res = _fsm_eval(path, run, dev, pairs, fsm_patch, code_seqs, seed, temperature, as_json, code or prompt
+                        or spec or prompts_file)
+        if plot is not None:
+            plots.fsm_steering_rates(res, plot)
+            err.print(f"plot written to {plot}")
         return
     if require_gain is not None and regex is None:
         raise UserError("--require-gain needs --regex")
@@ -122,6 +135,9 @@ def intervene(
         emit_json("intervene", {**summary, "examples": rows[:5]})
     else:
         _show(rows, summary, regex is not None)
+    if plot is not None:
+        plots.steering_rates(summary, plot)
+        err.print(f"plot written to {plot}")
     if require_gain is not None and summary["gain"] < require_gain:
         s_rate, b_rate = summary["steered"]["rate"], summary["baseline"]["rate"]
         raise CheckFailed(f"steered rate {s_rate:.3f} is {summary['gain']:+.3f} over the baseline "
@@ -176,7 +192,7 @@ def _fsm_patching(path: Path | None, run: Path | None, dev, prefix_states: int, 
 
 
 def _fsm_eval(path: Path | None, run: Path | None, dev, pairs: int, patch: str, code_seqs: int, seed: int,
-              temperature: float, as_json: bool, extra: Any) -> None:
+              temperature: float, as_json: bool, extra: Any) -> dict[str, Any]:
     from cbtool.fsm_steering import fsm_state_steering
 
     if pairs < 1 or code_seqs < 1:
@@ -191,7 +207,7 @@ def _fsm_eval(path: Path | None, run: Path | None, dev, pairs: int, patch: str, 
                              patch=patch, temperature=temperature)
     if as_json:
         emit_json("intervene-fsm", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res})
-        return
+        return res
     table = Table(title=f"{ckpt.path}: force state b's best codes on inputs ending in state a "
                         f"({pairs} pairs, JSD in bits)")
     table.add_column("codes", no_wrap=True)
@@ -209,6 +225,7 @@ def _fsm_eval(path: Path | None, run: Path | None, dev, pairs: int, patch: str, 
               "b / a; /none: JSD b relative to the unpatched input; digit1: the first digit alone; valid b / "
               "valid a: share of sampled next states that are out-neighbours of b / a; precision: mean "
               "precision of the forced codes.")
+    return res
 
 
 def register(app: typer.Typer) -> None:
