@@ -1,4 +1,4 @@
-"""Codes vs neurons (DESIGN.md "Definitions"): a neuron's precision on a feature at the activation
+"""Codes vs neurons (docs/definitions.md): a neuron's precision on a feature at the activation
 threshold that gives a code's recall.
 
 Neurons of the built-in model, read in the same forward pass (codebooks on) that produced the stored

@@ -1,5 +1,5 @@
 """State patching, the paper's TokFSM causal experiment (arXiv 2310.17230 sec. 4, as its authors'
-TokFSM tutorial measures it; DESIGN.md "Definitions").
+TokFSM tutorial measures it; docs/definitions.md).
 
 For states a != b: run `BOS b`, keep the codes the model selects at its last position and its own
 next-token distribution there (b's reference). Run an input that ends in state a with b's codes forced
