@@ -45,7 +45,7 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name in TENSOR_FILES:
         for key, t in load_file(str(ckpt / name)).items():
-            if key != "trainer.elapsed":  # wall-clock time, the only state that may differ
+            if key != "trainer.elapsed" and not key.startswith("trainer.seconds."):  # wall-clock times may differ
                 out[f"{name}:{key}"] = t
     return out
 

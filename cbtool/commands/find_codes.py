@@ -317,9 +317,6 @@ def _label_table(
                 "fires": int(sc.fires[c]),
                 "hits": int(sc.hits[v, c]),
             }
-    rows = [
-        {"label": feat.values[v], "tokens": int(sizes[v]), **(best[v] or {"code": None})} for v in range(nv)
-    ]
     if neurons:
         index = np.concatenate(feat.index) if feat.index else np.zeros(0, dtype=np.int64)
         masks = {v: index == v for v in {r["label_index"] for r in site_rows}}
@@ -332,6 +329,9 @@ def _label_table(
             if b is not None:
                 m = found[(b["site"], b["code_id"], v)]
                 b.update({k: m[k] for k in m if k.startswith("neuron")})
+    rows = [
+        {"label": feat.values[v], "tokens": int(sizes[v]), **(best[v] or {"code": None})} for v in range(nv)
+    ]
     with_code = sum(b is not None for b in best)
     summary = {
         "values": nv,
@@ -372,7 +372,7 @@ def _label_table(
         out.print(table)
         st = Table(title="per site: each value's best code at that site")
         cols = ["site", "values with a code", "precision >= 0.9", "mean precision", "mean recall"]
-        cols += ["neuron precision (matched recall)", "codes beating neuron"] if neurons else []
+        cols += ["neuron precision (matched recall)", "codes beating / tying neuron"] if neurons else []
         for col in cols:
             st.add_column(col, justify="left" if col == "site" else "right")
         for site, d in per_site.items():
@@ -383,7 +383,7 @@ def _label_table(
                 _fmt(d["mean_best_precision"]),
                 _fmt(d["mean_best_recall"]),
                 *([_fmt(d["mean_neuron_precision"]) if d["codes"] else "-",
-                   f"{d['codes_beating_neuron']}/{d['codes']}"] if neurons else []),
+                   f"{d['codes_beating_neuron']} / {d['codes_tying_neuron']} of {d['codes']}"] if neurons else []),
             )
         out.print(st)
         if neurons:
@@ -418,6 +418,8 @@ class _NeuronBaseline:
 def _site_beat(rows: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     return {"codes": n, "codes_beating_neuron": sum(r["precision"] > r["neuron_precision"] for r in rows),
+            "codes_tying_neuron": sum(r["precision"] == r["neuron_precision"] for r in rows),
+            "mean_code_precision": float(np.mean([r["precision"] for r in rows])) if n else None,
             "mean_neuron_precision": float(np.mean([r["neuron_precision"] for r in rows])) if n else None}
 
 
@@ -425,7 +427,8 @@ def _beat_line(summary: dict[str, Any]) -> str:
     if not summary["codes"]:
         return "no code to compare with neurons"
     return (f"{summary['codes_beating_neuron']} of {summary['codes']} codes "
-            f"({summary['share_beating_neuron']:.1%}) are more precise than their best neuron at the same recall "
+            f"({summary['share_beating_neuron']:.1%}) are more precise than their best neuron at the same recall, "
+            f"{summary['codes_tying_neuron']} as precise "
             f"(mean precision codes {summary['mean_code_precision']:.3f}, neurons "
             f"{summary['mean_neuron_precision']:.3f}; {summary['neurons']:,} neurons of {summary['checkpoint']})")
 

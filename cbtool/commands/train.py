@@ -16,7 +16,7 @@ def train(
     task: str | None = typer.Option(None, "--task", help="tokfsm (default) or text (default with --corpus "
                                     "or --base-model; the built-in Shakespeare corpus if no --corpus)."),
     preset: str = typer.Option("default", "--preset",
-                               help="default (CPU, ~4 min), paper (20k steps x 512, GPU), tiny."),
+                               help="default (CPU, ~4-5 min), paper (20k steps x 512, GPU), tiny."),
     sites: str | None = typer.Option(None, "--sites", help="Where codebooks go: attn-heads,mlp (default), attn, "
                                      "mlp, 2.mlp, 0-1.attn, or a layer list 0,2."),
     num_codes: int | None = typer.Option(None, "--num-codes", help="Codes per codebook (C)."),
@@ -57,7 +57,8 @@ def train(
     """Train a transformer with codebooks (TokFSM by default) and write a checkpoint.
 
     Examples:
-      cbtool train                          # the default: ~4 min on a 2-core CPU, >= 95% accuracy
+      cbtool train                          # the default: ~4-5 min on a 2-core CPU, >= 97.5% accuracy
+      cbtool train --site-codes ''          # the earlier default: C=1000 at every site (95.6%)
       cbtool train --sites mlp --num-codes 2000 --k 2 --out runs/mlp
       cbtool train --preset paper --device cuda
       cbtool train --resume                 # after an interruption
