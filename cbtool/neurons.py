@@ -252,13 +252,15 @@ def open_checkpoint(store: Store, path, device) -> Checkpoint:
 
 def annotate(rows: list[dict[str, Any]], matches: list[NeuronMatch]) -> dict[str, Any]:
     """Add each row's best neuron; return the summary (share of codes that beat their best neuron)."""
-    beat = 0
+    beat = tie = 0
     for r, m in zip(rows, matches, strict=True):
         r.update(neuron=m.neuron, neuron_precision=m.precision, neuron_recall=m.recall,
                  neuron_threshold=m.threshold, neuron_fires=m.fires)
         beat += r["precision"] > m.precision
+        tie += r["precision"] == m.precision
     n = len(rows)
     return {"codes": n, "codes_beating_neuron": beat, "share_beating_neuron": beat / n if n else None,
+            "codes_tying_neuron": tie,
             "mean_code_precision": float(np.mean([r["precision"] for r in rows])) if n else None,
             "mean_neuron_precision": float(np.mean([m.precision for m in matches])) if n else None}
 

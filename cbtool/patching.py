@@ -181,7 +181,8 @@ def state_patching(model: CodebookModel, fsm: TokFSM, device, rows: list[PatchRo
         walks = prefixed_walks(fsm, prefix_states, gen)
         inputs = {"bare": (state_prompts(fsm), torch.zeros(len(states), dtype=torch.long)),
                   "prefix": walk_tokens(walks)}
-        table = [{"row": r.name, "codebooks": [s.key for s in r.specs]} for r in rows]
+        table = [{"row": r.name, "codebooks": [s.key for s in r.specs],
+                  "sites": sum(len(s.site_names) for s in r.specs)} for r in rows]
         for label, (tokens, start) in inputs.items():
             raw = [pair_jsd(model, tokens, start, states, ref, codes, r, device) for r in rows]
             top = max(raw) or 1.0
@@ -202,12 +203,12 @@ def patching_table(res: dict[str, Any], title: str):
 
     table = Table(title=title)
     table.add_column("patched codes", no_wrap=True)
-    table.add_column("codebooks", justify="right")
+    table.add_column("sites", justify="right")
     p = res["prefix_states"]
     for col in ("JSD bare", "norm. bare", f"JSD prefix 0..{p}", f"norm. prefix 0..{p}"):
         table.add_column(col, justify="right")
     for r in res["table"]:
-        table.add_row(r["row"], str(len(r["codebooks"])), f"{r['jsd_bare']:.4f}", f"{r['normalised_bare']:.3f}",
+        table.add_row(r["row"], str(r["sites"]), f"{r['jsd_bare']:.4f}", f"{r['normalised_bare']:.3f}",
                       f"{r['jsd_prefix']:.4f}", f"{r['normalised_prefix']:.3f}")
     return table
 

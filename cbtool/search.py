@@ -244,6 +244,8 @@ def _label_baseline(store: Store, doc: dict[str, Any], feat: LabelFeature, site_
     for site, summary in doc["per_site"].items():
         mine = [r for r in site_rows if r["site"] == site]
         summary.update(codes=len(mine), codes_beating_neuron=sum(r["precision"] > r["neuron_precision"] for r in mine),
+                       codes_tying_neuron=sum(r["precision"] == r["neuron_precision"] for r in mine),
+                       mean_code_precision=float(np.mean([r["precision"] for r in mine])) if mine else None,
                        mean_neuron_precision=float(np.mean([r["neuron_precision"] for r in mine])) if mine else None)
     found = {(r["site"], r["code_id"], r["label_index"]): r for r in site_rows}
     for v, row in enumerate(doc["rows"]):

@@ -98,6 +98,12 @@ def test_find_codes_baseline_neurons(store):
         assert r["neuron_recall"] >= r["recall"] - 1e-12 and 0 < r["neuron_precision"] <= 1
         assert r["neuron_fires"] >= r["hits"]
     assert summary["codes_beating_neuron"] == sum(r["precision"] > r["neuron_precision"] for r in doc["rows"])
+    doc = json.loads(run_cli("find-codes", store, "--labels", "state", "--sites", "1.mlp", "--baseline", "neurons",
+                             "--json", "--device", "cpu").stdout)
+    site = doc["per_site"]["1.mlp"]
+    assert site["codes"] == doc["baseline"]["codes"] == sum(r["code"] is not None for r in doc["rows"])
+    assert all("neuron" in r for r in doc["rows"] if r["code"] is not None)  # the per-value rows get theirs too
+    assert site["codes_beating_neuron"] == sum(r["precision"] > r["neuron_precision"] for r in doc["rows"] if r["code"])
     table = run_cli("find-codes", store, "--labels", "state", "--sites", "1.mlp", "--baseline", "neurons",
                     "--device", "cpu")
     assert table.exit_code == 0, table.output

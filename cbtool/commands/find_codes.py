@@ -142,14 +142,14 @@ def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:
     neurons = "baseline" in doc
     st = Table(title="per site: each value's best code at that site")
     cols = ["site", "values with a code", f"precision >= {GOOD_PRECISION}", "mean precision", "mean recall"]
-    cols += ["neuron precision (matched recall)", "codes beating neuron"] if neurons else []
+    cols += ["neuron precision (matched recall)", "codes beating / tying neuron"] if neurons else []
     for col in cols:
         st.add_column(col, justify="left" if col == "site" else "right")
     for site, d in doc["per_site"].items():
         st.add_row(site, f"{d['values_with_code']}/{nv}", f"{d[good]}/{nv}", _fmt(d["mean_best_precision"]),
                    _fmt(d["mean_best_recall"]),
                    *([_fmt(d["mean_neuron_precision"]) if d["codes"] else "-",
-                      f"{d['codes_beating_neuron']}/{d['codes']}"] if neurons else []))
+                      f"{d['codes_beating_neuron']} / {d['codes_tying_neuron']} of {d['codes']}"] if neurons else []))
     out.print(st)
     if neurons:
         out.print(_beat_line(doc["baseline"]))
@@ -161,7 +161,8 @@ def _beat_line(summary: dict[str, Any]) -> str:
     if not summary["codes"]:
         return "no code to compare with neurons"
     return (f"{summary['codes_beating_neuron']} of {summary['codes']} codes "
-            f"({summary['share_beating_neuron']:.1%}) are more precise than their best neuron at the same recall "
+            f"({summary['share_beating_neuron']:.1%}) are more precise than their best neuron at the same recall, "
+            f"{summary['codes_tying_neuron']} as precise "
             f"(mean precision codes {summary['mean_code_precision']:.3f}, neurons "
             f"{summary['mean_neuron_precision']:.3f}; {summary['neurons']:,} neurons of {summary['checkpoint']})")
 

@@ -15,7 +15,7 @@ from cbtool.train import TrainConfig, cli_fields, start_training
 
 def train(
     preset: str = typer.Option("default", "--preset",
-                               help="default (CPU, ~4 min), paper (20k steps x 512, GPU), tiny."),
+                               help="default (CPU, ~5 min), paper (20k steps x 512, GPU), tiny."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     out_dir: Path | None = typer.Option(None, "--out", help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
@@ -27,7 +27,8 @@ def train(
     """Train a transformer with codebooks (TokFSM by default) and write a checkpoint.
 
     Examples:
-      cbtool train                          # the default: ~4 min on a 2-core CPU, >= 95% accuracy
+      cbtool train                          # the default: ~5 min on a 2-core CPU, >= 97.5% accuracy
+      cbtool train --site-codes ''          # the earlier default: C=1000 at every site (95.6%)
       cbtool train --sites mlp --num-codes 2000 --k 2 --out runs/mlp
       cbtool train --preset paper --device cuda
       cbtool train --resume                 # after an interruption
