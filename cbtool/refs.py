@@ -52,9 +52,10 @@ def _listing(sites: dict[str, Site], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def codes_from_results(text: str, where: str, pick: int) -> list[str]:
+def codes_from_results(text: str, where: str, pick: int, per_site: bool = False) -> list[str]:
     """The `code` of the first `pick` rows of `find-codes` output (`--json` document or `--jsonl` rows), in the
-    order find-codes ranked them: how `intervene --codes-from` takes its codes without hand-picking."""
+    order find-codes ranked them: how `intervene --codes-from` takes its codes without hand-picking.
+    `per_site`: the first `pick` rows of every site instead (codes at several layers, as the paper steers)."""
     text = text.strip()
     if not text:
         raise UserError(f"{where}: empty; expected find-codes --json or --jsonl output")
@@ -71,4 +72,13 @@ def codes_from_results(text: str, where: str, pick: int) -> list[str]:
     codes = [r["code"] for r in rows if isinstance(r, dict) and isinstance(r.get("code"), str)]
     if not codes:
         raise UserError(f"{where}: no rows with a 'code' (did find-codes find any code?)")
-    return codes[:pick]
+    if not per_site:
+        return codes[:pick]
+    seen: dict[str, int] = {}
+    out = []
+    for code in codes:
+        site = code.rpartition(":")[0]
+        seen[site] = seen.get(site, 0) + 1
+        if seen[site] <= pick:
+            out.append(code)
+    return out

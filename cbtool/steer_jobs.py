@@ -193,13 +193,14 @@ def steer(
     return {**summary, "rows": rows}
 
 
-def codes_from(source: str, pick: int = 1) -> list[str]:
+def codes_from(source: str, pick: int = 1, per_site: bool = False) -> list[str]:
     """The codes of the best `pick` rows of `find-codes --json`/`--jsonl` output in file `source` ("-": stdin),
-    in find-codes' order: `intervene --codes-from` steers with what a search found, never hand-picked codes."""
+    in find-codes' order: `intervene --codes-from` steers with what a search found, never hand-picked codes.
+    `per_site`: the best `pick` rows of every site in it."""
     if pick < 1:
         raise UserError(f"--pick must be >= 1, got {pick}")
     if source == "-":
-        return codes_from_results(sys.stdin.read(), "stdin", pick)
+        return codes_from_results(sys.stdin.read(), "stdin", pick, per_site)
     path = Path(source)
     if not path.is_file():
         raise UserError(f"--codes-from {source}: no such file")
@@ -207,4 +208,4 @@ def codes_from(source: str, pick: int = 1) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read --codes-from {source}: {getattr(e, 'strerror', None) or e}") from None
-    return codes_from_results(text, source, pick)
+    return codes_from_results(text, source, pick, per_site)

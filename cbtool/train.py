@@ -67,7 +67,7 @@ class TrainConfig:
     k: int = option(1, "Codes selected per token.")
     base_steps: int = option(900, "Phase 1: plain transformer steps (0 = train codebooks from scratch with "
                              "the model).")
-    steps: int = option(600, "Phase 2: codebook training steps.")
+    steps: int = option(300, "Phase 2: codebook training steps.")
     batch_size: int = option(32, "Sequences per training step.")
     lr: float = option(3e-3, "Phase 1 learning rate.")
     codebook_lr: float = option(2e-3, "Phase 2 learning rate.")
@@ -76,7 +76,7 @@ class TrainConfig:
     train_base: bool = option(False, "Phase 2: also fine-tune the base weights.", flag="--train-base/--freeze-base")
     base_lr_factor: float = option(0.1, "With --train-base: base lr = codebook lr x this.")
     kmeans_seqs: int = option(256, "Sequences whose activations initialise the codebooks by k-means.")
-    kmeans: str = option("sklearn", "k-means implementation (cbtool/kmeans_init.py): sklearn or torch.", cli=False)
+    kmeans: str = option("sklearn", "k-means implementation (cbtool/kmeans_init.py): sklearn or torch.")
     dead_window: int = option(100, "Revive codes dead over this many phase-2 steps (0: never).", cli=False)
     checkpoint_every: int = option(200, "Save every N steps (0: never).")
     log_every: int = option(metrics_log.DEFAULT_EVERY, "Write a metrics.jsonl row every N steps (default "

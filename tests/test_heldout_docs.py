@@ -39,7 +39,7 @@ def letters(tmp_path_factory):
 def letters_ckpt(letters, tmp_path_factory):
     out = tmp_path_factory.mktemp("lck") / "ck"
     res = run_cli("train", "--corpus", letters, "--preset", "tiny", "--seq-len", "32", "--base-steps", "10",
-                  "--steps", "4", "--sites", "1.mlp", "--out", out, "--device", "cpu")
+                  "--steps", "4", "--sites", "mlp", "--out", out, "--device", "cpu")
     assert res.exit_code == 0, res.output
     return out
 
@@ -128,6 +128,14 @@ def test_intervene_codes_from_find_codes_output(letters_ckpt, tmp_path):
         assert res.exit_code == 0, res.output
         doc = json.loads(res.stdout)
         assert [iv["code"] for iv in doc["interventions"]] == [rows[0]["code"]]
+    res = run_cli("intervene", letters_ckpt, "--codes-from", tmp_path / "found.jsonl", "--pick", "1", "--per-site",
+                  "--prompt", "On the", "-n", "1", "--max-new-tokens", "2", "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    first_per_site = {}
+    for r in rows:
+        first_per_site.setdefault(r["code"].rpartition(":")[0], r["code"])
+    assert [iv["code"] for iv in json.loads(res.stdout)["interventions"]] == list(first_per_site.values())
+    assert len(first_per_site) > 1  # the search found codes at several sites: the option has something to do
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     (tmp_path / "junk.json").write_text("{not json", encoding="utf-8")
     for name in ("empty.jsonl", "junk.json", "missing.json"):

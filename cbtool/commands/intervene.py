@@ -38,6 +38,8 @@ def intervene(
     codes_from: str | None = typer.Option(None, "--codes-from", help="Also steer with the best --pick codes of "
                                           "find-codes --json/--jsonl output in FILE ('-' = stdin)."),
     pick: int = typer.Option(1, "--pick", help="With --codes-from: how many of its best rows to steer with."),
+    per_site: bool = typer.Option(False, "--per-site", help="With --codes-from: the best --pick rows of every "
+                                  "site in it (codes at several layers at once)."),
     mode: str = typer.Option("force", "--mode", help="force (code joins the active set, replacing the "
                              "lowest-scoring one), add (its vector x --strength is added), ablate (removed, "
                              "next best takes its place)."),
@@ -97,8 +99,10 @@ def intervene(
         raise UserError("--plot draws success rates: give --regex (or use --fsm-eval)")
     if as_json and as_jsonl:
         raise UserError("--json and --jsonl are exclusive")
+    if per_site and codes_from is None:
+        raise UserError("--per-site needs --codes-from")
     if codes_from is not None:
-        code = [*code, *steer_codes_from(codes_from, pick)]
+        code = [*code, *steer_codes_from(codes_from, pick, per_site)]
     dev = resolve_device(device)
     if fsm_eval and fsm_mode == "patching":
         if plot is not None:

@@ -28,7 +28,7 @@ def train(
 
     Examples:
       cbtool train                          # the default: ~5 min on a 2-core CPU, >= 97.5% accuracy
-      cbtool train --site-codes ''          # the earlier default: C=1000 at every site (95.6%)
+      cbtool train --site-codes '' --steps 600  # the earlier default: C=1000 everywhere (95.6%)
       cbtool train --sites mlp --num-codes 2000 --k 2 --out runs/mlp
       cbtool train --preset paper --device cuda
       cbtool train --resume                 # after an interruption
