@@ -11,7 +11,9 @@ concepts: for each concept, `find-codes --regex RE --min-count M` on the held-ou
 `show-code` context line. steering: for each topic, the codes are the first `--pick` rows of
 `find-codes --regex RE --min-count M --jsonl` (no hand-picking), then
 `intervene --codes-from - --pick N --regex RE` from neutral prompts, `--samples` samples per prompt set, each
-beside its unsteered twin; the table gives both rates with 95% Wilson intervals.
+beside its unsteered twin; the table gives both rates with 95% Wilson intervals. `--per-site` passes
+`intervene --per-site` (the best --pick codes of every site among find-codes' rows); `--topics shakespeare`
+uses topics and neutral prompts for the built-in text model's corpus.
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ TOPICS: dict[str, str] = {
     "farming": r"(?i)\b(farm|farms|farmer|farmers|agriculture|agricultural|crops|crop|harvest|wheat|cotton)\b",
     "the sea": r"(?i)\b(navy|naval|ships|ship|vessels|vessel|seas|ocean|harbor|harbors|fleet)\b",
 }
+# the built-in text model's corpus (Shakespeare): its own topics and neutral prompts (`--topics shakespeare`)
+PLAY_TOPICS: dict[str, str] = {
+    "love": r"(?i)\b(love|loves|loved|lover|lovers|loving|kiss|kisses|heart|hearts)\b",
+    "death": r"(?i)\b(death|dead|die|dies|died|grave|graves|kill|killed|slain|murder|murdered)\b",
+    "royalty": r"(?i)\b(king|kings|queen|crown|throne|majesty|royal|prince|princes)\b",
+    "war": r"(?i)\b(war|wars|battle|sword|swords|soldier|soldiers|army|arms|fight|enemy)\b",
+    "heaven": r"(?i)\b(heaven|heavens|god|gods|angel|angels|soul|souls|pray|prayers)\b",
+    "night": r"(?i)\b(night|nights|moon|stars|dark|darkness|sleep|dream|dreams)\b",
+}
+PLAY_PROMPTS = ["The", "And", "I", "What", "Come,", "Now", "My lord,", "Enter"]
 PROMPTS = ["The", "In the year ahead,", "I want to speak tonight about", "Our country", "We must",
            "It is my duty to report that", "Let me tell you", "This is"]
 
@@ -95,10 +107,11 @@ def concepts(args: argparse.Namespace) -> list[dict]:
 
 def steering(args: argparse.Namespace) -> list[dict]:
     prompts = Path(args.out).with_suffix(".prompts.txt")
-    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    per_prompt = max(1, args.samples // len(PROMPTS))
+    topics, neutral = (PLAY_TOPICS, PLAY_PROMPTS) if args.topics == "shakespeare" else (TOPICS, PROMPTS)
+    prompts.write_text("\n".join(neutral) + "\n", encoding="utf-8")
+    per_prompt = max(1, args.samples // len(neutral))
     rows = []
-    for name, regex in TOPICS.items():
+    for name, regex in topics.items():
         t0 = time.perf_counter()
         found = subprocess.run([sys.executable, "-m", "cbtool", "find-codes", str(args.store), "--regex", regex,
                                 "--min-count", str(args.min_count), "--jsonl"], capture_output=True, text=True)
@@ -106,7 +119,8 @@ def steering(args: argparse.Namespace) -> list[dict]:
             rows.append({"topic": name, "regex": regex, "codes": None})
             continue
         cmd = [sys.executable, "-m", "cbtool", "intervene", str(args.checkpoint), "--codes-from", "-",
-               "--pick", str(args.pick), "--mode", args.mode, "--strength", str(args.strength),
+               "--pick", str(args.pick), *(["--per-site"] if args.per_site else []), "--mode", args.mode,
+               "--strength", str(args.strength),
                "--prompts", str(prompts), "-n", str(per_prompt), "--max-new-tokens", str(args.max_new_tokens),
                "--regex", regex, "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--json"]
         res = subprocess.run(cmd, input=found.stdout, capture_output=True, text=True)
@@ -133,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-count", type=int, default=10, help="find-codes --min-count")
     ap.add_argument("--samples", type=int, default=200, help="steering: samples per topic (over all prompts)")
     ap.add_argument("--pick", type=int, default=1, help="steering: codes taken from find-codes per topic")
+    ap.add_argument("--topics", choices=("sotu", "shakespeare"), default="sotu",
+                    help="steering: topic regexes and neutral prompts for this corpus")
+    ap.add_argument("--per-site", action="store_true", help="steering: the best --pick codes of every site")
     ap.add_argument("--mode", default="force")
     ap.add_argument("--strength", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=24)
