@@ -41,10 +41,12 @@ def parse_variant(text: str) -> dict[str, object]:
         elif value.lower() in ("true", "false"):
             out[key] = value.lower() == "true"
         else:
-            try:
-                out[key] = int(value)
-            except ValueError:
-                out[key] = float(value)
+            for parse in (int, float, str):  # kmeans=torch is a string
+                try:
+                    out[key] = parse(value)
+                    break
+                except ValueError:
+                    continue
     return out
 
 
