@@ -98,7 +98,11 @@ def read_text(path: Path, what: str = "file") -> str:
 def read_versioned_json(doc: Path, fmt: str, version: int, what: str, schema: Spec | None = None) -> dict[str, Any]:
     """Parse a cbtool metadata file and check its format name and version, then its shape against `schema`
     (cbtool/schema.py): one UserError line for any problem."""
-    data = strict_json.loads(read_text(doc, what), str(doc))
+    try:
+        text = read_bytes(doc, what).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{doc} is not valid JSON (not UTF-8 text: byte {e.start})") from None
+    data = strict_json.loads(text, str(doc))
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise UserError(f"{doc} is not a cbtool {what} (format != {fmt!r})")
     if data.get("format_version") != version:

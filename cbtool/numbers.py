@@ -38,5 +38,5 @@ def check_option(flag: str, value: Any) -> None:
 
 
 def _digits(value: int) -> str:
-    text = str(value) if abs(value) < 10**30 else f"{'-' if value < 0 else ''}a {len(str(abs(value)))}-digit number"
-    return text
+    """The number, or how long it is when printing it whole would flood the line."""
+    return str(value) if abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit number"

@@ -13,7 +13,7 @@ import regex
 from cbtool.errors import UserError
 
 TIMEOUT_ENV = "CBTOOL_REGEX_TIMEOUT"
-DEFAULT_TIMEOUT_S = 10.0  # one search of one document; an ordinary regex takes milliseconds
+DEFAULT_TIMEOUT_S = 10.0  # CPU seconds of one search of one document; an ordinary regex takes milliseconds
 MAX_PATTERN_CHARS = 10_000
 
 
@@ -45,8 +45,8 @@ class UserRegex:
         self.timeout = timeout_s()
 
     def _too_slow(self) -> UserError:
-        return UserError(f"{self.option} {_short(self.pattern)} took over {self.timeout:g} s on one document "
-                         f"(catastrophic backtracking?); simplify it (limit: ${TIMEOUT_ENV})")
+        return UserError(f"{self.option} {_short(self.pattern)} ran for over {self.timeout:g} s of CPU time on one "
+                         f"document (catastrophic backtracking?); simplify it (limit: ${TIMEOUT_ENV})")
 
     def finditer(self, text: str) -> Iterator[regex.Match[str]]:
         try:

@@ -21,7 +21,7 @@ class Spec:
 
 def _fail(where: str, at: str, spec: Spec, value: Any) -> UserError:
     shown = type(value).__name__ if isinstance(value, dict | list) else repr(value)[:40]
-    return UserError(f"{where}: {at or 'the document'} must be {spec.what}, got {shown}")
+    return UserError(f"{where}: malformed: {at or 'the document'} must be {spec.what}, got {shown}")
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Obj(Spec):
             raise _fail(where, at, self, value)
         for k in self.required:
             if k not in value:
-                raise UserError(f"{where}: missing key {(at + '.' if at else '') + k!r}")
+                raise UserError(f"{where}: malformed: missing key {(at + '.' if at else '') + k!r}")
         for k, spec in self.keys.items():
             if k in value:
                 spec.check(value[k], f"{at}.{k}" if at else k, where)

@@ -18,6 +18,7 @@ from cbtool.checkpoint import Checkpoint
 from cbtool.errors import UserError
 from cbtool.files import read_text
 from cbtool.limits import MAX_SAMPLES, MAX_SEQ_LEN
+from cbtool.numbers import check_number
 from cbtool.refs import codes_from_results
 from cbtool.regexes import UserRegex
 from cbtool.steering import MODES, POSITIONS, SampleJob, generate_with_twins, parse_interventions, wilson_interval
@@ -131,6 +132,7 @@ def check_options(*, codes: Sequence[str] = (), prompts: Sequence[str] = (), pro
             raise UserError(f"{name} must be in 1..{high:,}, got {value}")
     if len(prompts) * samples > MAX_SAMPLES:
         raise UserError(f"{len(prompts)} prompts x --samples {samples} is over {MAX_SAMPLES:,} samples")
+    check_number(temperature, "--temperature")  # the API takes no detour through the CLI's checks
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:

@@ -283,7 +283,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a code store: no {MANIFEST}")
     man = read_versioned_json(man_path, FORMAT, FORMAT_VERSION, "code store", schema.MANIFEST)
     if man.get("complete") and any(man.get(k) is None for k in ("num_shards", "tokens", "docs", "shards")):
-        raise UserError(f"{man_path}: a complete store needs num_shards, tokens, docs and shards")
+        raise UserError(f"{man_path}: malformed: a complete store needs num_shards, tokens, docs and shards")
     return man
 
 

@@ -33,6 +33,7 @@ from cbtool.kmeans_init import capture_inputs, init_codebook
 from cbtool.limits import MAX_CODEBOOK_BYTES, MAX_CODES, MAX_SEQ_LEN, MAX_VOCAB
 from cbtool.locks import Lock, acquire
 from cbtool.model import ModelConfig, Transformer
+from cbtool.numbers import check_seed
 from cbtool.sites import BuiltinLocator, CodebookModel, Locator, parse_site_codes, parse_sites_option
 from cbtool.task import Task
 from cbtool.text import TextTokenizer
@@ -104,6 +105,7 @@ class TrainConfig:
         for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window", "log_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_seed(self.seed, "--seed")
         if self.base_steps + self.steps < 1:
             raise UserError("nothing to train: --steps and --base-steps are both 0")
         if self.kmeans not in ("sklearn", "torch"):
