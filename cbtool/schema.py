@@ -108,7 +108,7 @@ INT = Int()
 ANY_INT = Int(lo=None)
 
 _MODEL_CONFIG = MapOf(INT)
-_METRICS = MapOf(Opt(NUM))
+_METRICS = MapOf(NUM)
 _TRAIN_CONFIG = Obj({
     "task": STR, "sites": STR, "num_codes": INT, "site_codes": STR, "k": INT, "base_steps": INT, "steps": INT,
     "batch_size": INT, "lr": NUM, "codebook_lr": NUM, "mse_coef": NUM, "commit_coef": NUM, "train_base": BOOL,
