@@ -21,8 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cbtool import schema
 from cbtool.errors import UserError
-from cbtool.files import atomic_write_text, read_versioned_json, sha256_file
+from cbtool.files import atomic_write_bytes, atomic_write_text, current_umask, read_versioned_json, sha256_file
 from cbtool.limits import MAX_CODES, MAX_ELEMENTS
 from cbtool.model import ModelConfig, Transformer
 from cbtool.sites import BuiltinLocator, CodebookModel, CodebookSpec
@@ -65,11 +66,14 @@ def save_checkpoint(
 ) -> None:
     """Write a checkpoint directory atomically. `meta` holds model/tokenizer/task/training.
 
-    `extra_files` (name -> bytes, e.g. tokenizer.json) are written and hashed like the rest."""
-    out = Path(out)
+    `extra_files` (name -> bytes, e.g. tokenizer.json) are written and hashed like the rest. Only the files
+    cbtool owns are replaced: anything else in the directory (a user's notes, a sub-folder) is kept, and a
+    symlinked `out` is written where it points."""
+    out = real_target(Path(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a checkpoint follows the umask
     except OSError as e:
         raise UserError(f"cannot write checkpoint to {out}: {e.strerror or e}") from None
     try:
@@ -81,7 +85,7 @@ def save_checkpoint(
             save_file(state, str(tmp / MODEL))
             files.append(MODEL)
         for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+            atomic_write_bytes(tmp / name, data)
             files.append(name)
         if train_state is not None:
             save_file({k: v.cpu().contiguous() for k, v in train_state.items()}, str(tmp / TRAIN_STATE))
@@ -116,7 +120,25 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def real_target(out: Path) -> Path:
+    """Where a checkpoint at `out` really lives: a symlinked directory is written where it points."""
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
+def owned_files(path: Path) -> set[str]:
+    """The entries of a checkpoint directory that cbtool wrote (and so may replace): cbtool.json, the files
+    it lists, and the names cbtool writes. Everything else belongs to the user."""
+    names = {META, CODEBOOKS, MODEL, TRAIN_STATE, "tokenizer.json", "metrics.jsonl"}
+    try:
+        listed = json.loads((path / META).read_text(encoding="utf-8")).get("files")
+        names.update(n for n in listed if isinstance(n, str) and "/" not in n and not n.startswith("."))
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+        pass
+    return names
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the new directory into place; the user's own entries of the old one move into the new one."""
     if out.exists() and not (out / META).is_file() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a cbtool checkpoint; refusing to replace it")
     old = None
@@ -130,6 +152,10 @@ def _swap_in(tmp: Path, out: Path) -> None:
             os.rename(old, out)
         raise
     if old is not None:
+        owned = owned_files(old)
+        for entry in old.iterdir():
+            if entry.name not in owned and not (out / entry.name).exists():
+                os.rename(entry, out / entry.name)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -172,7 +198,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META
     if not meta_path.is_file():
         raise UserError(f"{path} is not a cbtool checkpoint: no {META}")
-    meta = read_versioned_json(meta_path, FORMAT, FORMAT_VERSION, "checkpoint")
+    meta = read_versioned_json(meta_path, FORMAT, FORMAT_VERSION, "checkpoint", schema.CHECKPOINT)
     for key, kind in (("model", dict), ("codebooks", list), ("files", dict)):
         if not isinstance(meta.get(key), kind):
             raise UserError(f"{meta_path}: missing or malformed key {key!r}")

@@ -19,7 +19,9 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as cx
 
 import cbtool
+from cbtool.error_classes import environment_error
 from cbtool.errors import CheckFailed, UserError
+from cbtool.numbers import check_option
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 
@@ -29,6 +31,7 @@ class _Group(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or bool(os.environ.get("CBTOOL_DEBUG"))
+        _check_numbers(self)
         try:
             rc = super().main(args=args, prog_name=prog_name or "cbtool", complete_var=complete_var,
                               standalone_mode=False, **extra)
@@ -53,10 +56,30 @@ class _Group(TyperGroup):
         except Exception as e:  # noqa: BLE001 - the documented last resort
             if debug:
                 traceback.print_exc()
+            message = environment_error(e)  # an error class that is always bad input or the environment
+            if message is not None:
+                _fail(message, EXIT_USAGE)
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
                   EXIT_INTERNAL)
         sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _check_numbers(group: TyperGroup) -> None:
+    """Every command checks each parsed option value (cbtool/numbers.py) before it runs: no NaN, no
+    infinity, no integer beyond int64, seeds within 0..2^32-1."""
+    for cmd in group.commands.values():
+        if getattr(cmd.callback, "_numbers_checked", False):
+            continue
+        flags = {p.name: max(getattr(p, "opts", None) or [f"--{p.name}"], key=len) for p in cmd.params}
+
+        def checked(*args, _run=cmd.callback, _flags=flags, **kwargs):
+            for name, value in kwargs.items():
+                check_option(_flags.get(name, f"--{name}"), value)
+            return _run(*args, **kwargs)
+
+        checked._numbers_checked = True  # type: ignore[attr-defined]
+        cmd.callback = checked
 
 
 def _fail(message: str, code: int) -> None:

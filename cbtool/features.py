@@ -20,19 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from cbtool.errors import UserError
+from cbtool.files import read_text
+from cbtool.regexes import UserRegex
 from cbtool.store import Store
 
 MATCH_ON = ("first", "all")
 
 
-def compile_regex(pattern: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise UserError(f"invalid regex {pattern!r}: {e}") from None
-
-
-def match_ranges(regex: re.Pattern[str], text: str, doc_chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def match_ranges(regex: UserRegex | re.Pattern[str], text: str, doc_chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Non-empty match [start, end) character ranges, document by document, in text coordinates."""
     starts: list[int] = []
     ends: list[int] = []
@@ -80,7 +75,7 @@ def tokens_overlapping(
 
 def regex_feature(store: Store, pattern: str, match_on: str = "all") -> list[np.ndarray]:
     """Per-shard boolean masks of the tokens a regex selects."""
-    regex = compile_regex(pattern)
+    regex = UserRegex(pattern)
     if match_on not in MATCH_ON:
         raise UserError(f"--match-on must be first or all, got {match_on!r}")
     masks = []
@@ -157,10 +152,7 @@ def label_feature(store: Store, source: str) -> LabelFeature:
         if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(np.asarray(arr) == np.round(arr)):
             return _index_int_labels(path.name, _split(store, np.asarray(arr, dtype=np.int64)))
         raise UserError(f"label file {path} has dtype {arr.dtype}; use integers (-1 = none) or strings")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"label file {path} is not UTF-8 text") from None
+    lines = read_text(path, "label file").splitlines()
     if len(lines) != n:
         raise UserError(f"label file {path} has {len(lines)} lines but the store has {n} tokens")
     return _index_str_labels(store, path.name, np.array([ln.strip() for ln in lines], dtype=str))

@@ -4,15 +4,17 @@ bases (cbtool/hf.py): hashing, atomic writes, versioned JSON metadata (docs/form
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cbtool import strict_json
 from cbtool.errors import UserError
+from cbtool.schema import Spec, validate
 
 BLOCK = 1 << 20  # bytes read at a time while hashing
 
@@ -30,13 +32,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file via a temp file in the same directory and an atomic rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file via a temp file in the same directory and an atomic rename; its permissions follow the
+    umask, as a plain open() would (mkstemp alone makes 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,15 +68,46 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def read_versioned_json(doc: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
-    """Parse a cbtool metadata file and check its format name and version (one UserError line each)."""
+def read_bytes(path: Path, what: str = "file") -> bytes:
+    """A regular file's bytes; anything else (a FIFO, a device such as /dev/zero, a folder) is refused
+    without blocking on it. One UserError line for every failure."""
     try:
-        data = json.loads(doc.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{doc} is not valid JSON: {e}") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{what} {path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """A regular file's UTF-8 text (see `read_bytes`)."""
+    data = read_bytes(path, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+
+
+def read_versioned_json(doc: Path, fmt: str, version: int, what: str, schema: Spec | None = None) -> dict[str, Any]:
+    """Parse a cbtool metadata file and check its format name and version, then its shape against `schema`
+    (cbtool/schema.py): one UserError line for any problem."""
+    try:
+        text = read_bytes(doc, what).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{doc} is not valid JSON (not UTF-8 text: byte {e.start})") from None
+    data = strict_json.loads(text, str(doc))
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise UserError(f"{doc} is not a cbtool {what} (format != {fmt!r})")
     if data.get("format_version") != version:
         raise UserError(f"{doc}: {what} format version {data.get('format_version')!r} is not supported "
                         f"(this cbtool reads {version})")
+    if schema is not None:
+        validate(data, schema, str(doc))
     return data

@@ -50,7 +50,7 @@ def kmeans_codes(acts: torch.Tensor, num_codes: int, seed: int) -> torch.Tensor:
         codes = x[pick] + 1e-3 * rng.standard_normal((num_codes, x.shape[1])) * (pick >= len(x))[:, None]
         return torch.from_numpy(codes).float()
     km = MiniBatchKMeans(
-        n_clusters=num_codes, random_state=seed, batch_size=max(4096, 2 * num_codes),
+        n_clusters=num_codes, random_state=seed % 2**32, batch_size=max(4096, 2 * num_codes),  # sklearn: < 2^32
         n_init=1, max_iter=20, max_no_improvement=5, reassignment_ratio=0.01,
     )
     with warnings.catch_warnings():

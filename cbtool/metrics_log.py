@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
+from cbtool import strict_json
 from cbtool.codebook import gather_mean, select_topk
 from cbtool.errors import UserError
+from cbtool.files import read_text
 from cbtool.sites import CodebookModel
 from cbtool.tokfsm import TokFSM
 
@@ -173,10 +175,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         path = path / FILE
     if not path.is_file():
         return []
-    try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read metrics log {path}: {getattr(e, 'strerror', None) or e}") from None
+    text = read_text(path, "metrics log")
+    rows = [strict_json.loads(line, f"metrics log {path} line {i}")
+            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows):
         raise UserError(f"{path} is not a cbtool metrics log (a row has no integer 'step')")
     return rows

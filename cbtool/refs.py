@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+from cbtool import strict_json
 from cbtool.errors import UserError
 from cbtool.limits import MAX_INT_DIGITS
 from cbtool.sites import Site
@@ -61,10 +62,10 @@ def codes_from_results(text: str, where: str, pick: int, per_site: bool = False)
         raise UserError(f"{where}: empty; expected find-codes --json or --jsonl output")
     try:
         if text.startswith("{") and "\n{" not in text:
-            doc = json.loads(text)
+            doc = strict_json.loads(text, where)
             rows = doc.get("rows") if isinstance(doc, dict) and "rows" in doc else [doc]
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = [strict_json.loads(line, where) for line in text.splitlines() if line.strip()]
     except (json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{where}: not find-codes JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
     if not isinstance(rows, list):

@@ -9,18 +9,17 @@ over each code's firings, as `show-code` picks them).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cbtool import metrics_log
+from cbtool import metrics_log, strict_json
 from cbtool.checkpoint import read_meta
 from cbtool.errors import UserError
 from cbtool.features import LabelFeature, label_feature
-from cbtool.files import atomic_write_text, sha256_file
+from cbtool.files import atomic_write_text, read_text, sha256_file
 from cbtool.plots import readable
 from cbtool.scoring import SiteScores, score_labels
 from cbtool.store import Store
@@ -257,13 +256,9 @@ def label_table(reader: StoreReader, sites: list[str], neighbours: list[list[int
 
 def read_include(path: Path) -> dict[str, Any]:
     """A `--json` document of another cbtool command (intervene --fsm-eval, intervene, find-codes, ...)."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--include {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        why = getattr(e, "strerror", None) or e
-        raise UserError(f"--include {path}: not a readable JSON document ({why})") from None
+    if not Path(path).exists():
+        raise UserError(f"--include {path} does not exist")
+    doc = strict_json.loads(read_text(Path(path), "--include"), f"--include {path}")
     if not isinstance(doc, dict):
         raise UserError(f"--include {path}: expected one JSON object (a cbtool --json output)")
     return {"file": str(path), "kind": str(doc.get("kind") or "json"), "doc": doc}

@@ -6,8 +6,6 @@ The interventions and the batched sampling are in cbtool/steering.py; definition
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,19 +13,21 @@ from typing import Any
 
 import torch
 
+from cbtool import strict_json
 from cbtool.checkpoint import Checkpoint
 from cbtool.errors import UserError
+from cbtool.files import read_text
+from cbtool.limits import MAX_SAMPLES, MAX_SEQ_LEN
+from cbtool.numbers import check_number
 from cbtool.refs import codes_from_results
+from cbtool.regexes import UserRegex
 from cbtool.steering import MODES, POSITIONS, SampleJob, generate_with_twins, parse_interventions, wilson_interval
 
 SPEC_KEYS = {"prompt", "codes", "mode", "seed", "strength", "samples"}
 
 
 def read_prompts(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+    text = read_text(path, "prompt file")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {path} is empty")
@@ -36,19 +36,13 @@ def read_prompts(path: Path) -> list[str]:
 
 def read_spec(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """JSONL rows -> (line number, row), each checked; errors name the row (line) number."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read spec file {path}: {getattr(e, 'strerror', None) or e}") from None
+    lines = read_text(path, "spec file").splitlines()
     rows = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path} row {no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        row = strict_json.loads(line, where)
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
         unknown = set(row) - SPEC_KEYS
@@ -65,12 +59,14 @@ def read_spec(path: Path) -> list[tuple[int, dict[str, Any]]]:
         for key in ("seed", "samples"):
             if key in row and (not isinstance(row[key], int) or isinstance(row[key], bool) or row[key] < 0):
                 raise UserError(f"{where}: {key!r} must be a non-negative integer")
-        if row.get("samples") == 0:
-            raise UserError(f"{where}: 'samples' must be >= 1")
+        if not 1 <= row.get("samples", 1) <= MAX_SAMPLES:
+            raise UserError(f"{where}: 'samples' must be in 1..{MAX_SAMPLES:,}")
         strength = row.get("strength", 1.0)
         if not isinstance(strength, int | float) or isinstance(strength, bool):
             raise UserError(f"{where}: 'strength' must be a number")
         rows.append((no, row))
+    if sum(row.get("samples", 1) for _, row in rows) > MAX_SAMPLES:
+        raise UserError(f"{path}: its rows ask for more than {MAX_SAMPLES:,} samples in all")
     if not rows:
         raise UserError(f"spec file {path} has no rows")
     return rows
@@ -120,7 +116,7 @@ def rate(hits: int, n: int) -> dict[str, Any]:
 def check_options(*, codes: Sequence[str] = (), prompts: Sequence[str] = (), prompts_file: Path | None = None,
                   spec: Path | None = None, mode: str = "force", positions: str = "all", samples: int = 4,
                   max_new_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None,
-                  batch_size: int = 32, regex: str | None = None) -> re.Pattern[str] | None:
+                  batch_size: int = 32, regex: str | None = None) -> UserRegex | None:
     """Refuse malformed options (one UserError line) before a checkpoint is loaded; the compiled regex."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}: use {', '.join(MODES)}")
@@ -130,20 +126,20 @@ def check_options(*, codes: Sequence[str] = (), prompts: Sequence[str] = (), pro
         raise UserError("give only one of --prompt, --prompts and --spec")
     if spec is not None and codes:
         raise UserError("--code and --spec are exclusive: put each row's codes in the spec")
-    for name, value, low in (("--samples", samples, 1), ("--max-new-tokens", max_new_tokens, 1),
-                             ("--batch-size", batch_size, 1)):
-        if value < low:
-            raise UserError(f"{name} must be >= {low}, got {value}")
+    for name, value, high in (("--samples", samples, MAX_SAMPLES), ("--max-new-tokens", max_new_tokens, MAX_SEQ_LEN),
+                              ("--batch-size", batch_size, MAX_SAMPLES)):
+        if not 1 <= value <= high:
+            raise UserError(f"{name} must be in 1..{high:,}, got {value}")
+    if len(prompts) * samples > MAX_SAMPLES:
+        raise UserError(f"{len(prompts)} prompts x --samples {samples} is over {MAX_SAMPLES:,} samples")
+    check_number(temperature, "--temperature")  # the API takes no detour through the CLI's checks
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     if regex is None:
         return None
-    try:
-        return re.compile(regex)
-    except re.error as e:
-        raise UserError(f"invalid --regex {regex!r}: {e}") from None
+    return UserRegex(regex)
 
 
 def steer(
@@ -173,8 +169,8 @@ def steer(
     for meta, s_ids, b_ids in zip(info, steered, baseline, strict=True):
         row = {**meta, "steered": task.decode(s_ids), "baseline": task.decode(b_ids)}
         if pattern is not None:
-            row["steered_match"] = bool(pattern.search(row["steered"]))
-            row["baseline_match"] = bool(pattern.search(row["baseline"]))
+            row["steered_match"] = pattern.search(row["steered"])
+            row["baseline_match"] = pattern.search(row["baseline"])
         rows.append(row)
     n = len(rows)
     summary: dict[str, Any] = {
@@ -204,8 +200,5 @@ def codes_from(source: str, pick: int = 1, per_site: bool = False) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise UserError(f"--codes-from {source}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read --codes-from {source}: {getattr(e, 'strerror', None) or e}") from None
+    text = read_text(path, "--codes-from")
     return codes_from_results(text, source, pick, per_site)

@@ -29,9 +29,7 @@ import fnmatch
 import json
 import os
 import shutil
-import socket
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,10 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from cbtool import schema, strict_json
 from cbtool.checkpoint import META
 from cbtool.corpus import Document
 from cbtool.errors import UserError
-from cbtool.files import atomic_write_text, read_versioned_json, save_npy, sha256_file
+from cbtool.files import atomic_write_text, current_umask, read_text, read_versioned_json, save_npy, sha256_file
+from cbtool.locks import acquire
 from cbtool.sites import CodebookSpec, Site
 from cbtool.version import __version__
 
@@ -196,38 +196,13 @@ class StoreWriter:
     @contextmanager
     def claim(self, index: int) -> Iterator[None]:
         """Hold the lock file of shard `index` while writing it; refuse if a live writer holds it."""
-        lock = self.path / f"{shard_name(index)}.lock"
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_lock(lock)
-                if _lock_is_stale(holder):
-                    lock.unlink(missing_ok=True)
-                    continue
-                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another writer"
-                raise UserError(
-                    f"shard {index} of {self.path} is being written by {who} "
-                    f"(delete {lock} if that writer is gone)"
-                ) from None
-            except OSError as e:
-                raise UserError(f"cannot claim shard {index} of store {self.path}: {e.strerror or e}") from None
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(me, f)
-            except OSError as e:
-                lock.unlink(missing_ok=True)
-                raise UserError(f"cannot claim shard {index} of store {self.path}: {e.strerror or e}") from None
-            break
-        else:  # pragma: no cover - lost a race twice
-            raise UserError(f"could not claim shard {index} of {self.path}; another writer is active")
+        lock = acquire(self.path / f"{shard_name(index)}.lock", f"shard {index} of {self.path}")
         try:
             for stale in self.path.glob(f".{shard_name(index)}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
 
     def write_shard(self, index: int, arrays: ShardArrays) -> int:
         """Write one shard atomically (temp dir + rename). Returns its token count."""
@@ -238,6 +213,7 @@ class StoreWriter:
         sites = {e["name"]: e for e in self.manifest["sites"]}
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{shard_name(index)}.tmp-", dir=self.path))
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a store follows the umask
         except OSError as e:
             raise UserError(f"cannot write shard {index} of store {self.path}: {e.strerror or e}") from None
         try:
@@ -298,26 +274,6 @@ class StoreWriter:
         return True
 
 
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        return json.loads(lock.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _lock_is_stale(holder: dict[str, Any]) -> bool:
-    """A lock is stale when its writer was on this host and that process no longer exists."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def read_manifest(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -325,18 +281,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
     man_path = path / MANIFEST
     if not path.is_dir() or not man_path.is_file():
         raise UserError(f"{path} is not a code store: no {MANIFEST}")
-    man = read_versioned_json(man_path, FORMAT, FORMAT_VERSION, "code store")
-    if not isinstance(man.get("sites"), list) or not isinstance(man.get("checkpoint"), dict):
-        raise UserError(f"{man_path}: missing or malformed sites/checkpoint")
+    man = read_versioned_json(man_path, FORMAT, FORMAT_VERSION, "code store", schema.MANIFEST)
+    if man.get("complete") and any(man.get(k) is None for k in ("num_shards", "tokens", "docs", "shards")):
+        raise UserError(f"{man_path}: malformed: a complete store needs num_shards, tokens, docs and shards")
     return man
 
 
 def _read_shard_meta(path: Path, index: int) -> dict[str, Any]:
     f = path / shard_name(index) / SHARD_META
     try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
+        meta = strict_json.loads(read_text(f, "shard metadata"), str(f))
         int(meta["tokens"]), int(meta["docs"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (UserError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"store {path}: shard {index} is missing or corrupt ({e})") from None
     return meta
 

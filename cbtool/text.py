@@ -16,7 +16,6 @@ is a pure function of (seed, step), like TokFSM's, so `--resume` stays exact.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from cbtool import strict_json
 from cbtool.corpus import Corpus, Document
 from cbtool.errors import UserError
 from cbtool.evaluate import mean_loss, on_vs_bypassed
+from cbtool.files import read_text
 from cbtool.sites import CodebookModel
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -59,22 +60,14 @@ class Source:
 
 
 def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    return read_text(path, "corpus file")
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Source]:
     for i, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        row = strict_json.loads(line, f"{path}:{i}")
         if not isinstance(row, dict) or text_field not in row:
             raise UserError(f"{path}:{i}: no field {text_field!r} (choose one with --text-field)")
         value = row[text_field]
@@ -204,10 +197,7 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: Path) -> TextTokenizer:
-        try:
-            return cls.from_str(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read tokenizer {path}: {e}") from None
+        return cls.from_str(read_text(Path(path), "tokenizer"))
 
     def encode_many(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token ids and char spans (n, 2) for each text, no special tokens added."""

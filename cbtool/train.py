@@ -27,11 +27,13 @@ from torch.nn import functional as F
 
 from cbtool import metrics_log
 from cbtool import text as textmod
-from cbtool.checkpoint import Checkpoint, load_checkpoint, recover_interrupted_swap, save_checkpoint
+from cbtool.checkpoint import Checkpoint, load_checkpoint, real_target, recover_interrupted_swap, save_checkpoint
 from cbtool.errors import UserError
 from cbtool.kmeans_init import capture_inputs, init_codebook
-from cbtool.limits import MAX_CODEBOOK_BYTES, MAX_CODES
+from cbtool.limits import MAX_CODEBOOK_BYTES, MAX_CODES, MAX_SEQ_LEN, MAX_VOCAB
+from cbtool.locks import Lock, acquire
 from cbtool.model import ModelConfig, Transformer
+from cbtool.numbers import check_seed
 from cbtool.sites import BuiltinLocator, CodebookModel, Locator, parse_site_codes, parse_sites_option
 from cbtool.task import Task
 from cbtool.text import TextTokenizer
@@ -103,6 +105,7 @@ class TrainConfig:
         for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window", "log_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_seed(self.seed, "--seed")
         if self.base_steps + self.steps < 1:
             raise UserError("nothing to train: --steps and --base-steps are both 0")
         if self.kmeans not in ("sklearn", "torch"):
@@ -127,8 +130,10 @@ class TrainConfig:
             raise UserError("--base-model trains on text: use --task text (the default with --base-model)")
         if self.gguf_file is not None and self.base_model is None:
             raise UserError("--gguf-file needs --base-model DIR (the folder holding the file)")
-        if self.task == "text" and self.seq_len < 2:
-            raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.task == "text" and not 2 <= self.seq_len <= MAX_SEQ_LEN:
+            raise UserError(f"--seq-len must be in 2..{MAX_SEQ_LEN}, got {self.seq_len}")
+        if self.task == "text" and not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise UserError(f"--vocab-size must be in 1..{MAX_VOCAB}, got {self.vocab_size}")
         cfg = self.model
         if cfg["d_model"] % cfg["n_head"]:
             raise UserError("d_model must be divisible by n_head")
@@ -228,6 +233,7 @@ class Trainer:
         else `make_task(cfg)`."""
         cfg.validate()
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
+        self.lock: Lock | None = None  # start_training's claim on `out`
         if cfg.corpus is not None and not (cfg.corpus in textmod.NAMED_CORPORA and not Path(cfg.corpus).exists()):
             cfg.corpus = str(Path(cfg.corpus).resolve())
         torch.manual_seed(cfg.seed)
@@ -251,6 +257,7 @@ class Trainer:
                                 f"{base.config.block_size} positions")
         else:
             task = task if task is not None else make_task(cfg)
+            task.train_tokens  # noqa: B018 - a corpus too small for --seq-len is refused before the model is built
             # the model's vocabulary and positions are the task's
             cfg.model = {**cfg.model, "vocab_size": task.vocab_size, "block_size": task.block_size}
             self.model_spec = {"kind": "builtin", "config": cfg.model}
@@ -394,6 +401,14 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Train to the end, save, and return the results; the lock on --out is released however it ends."""
+        try:
+            return self._run(on_checkpoint)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self, on_checkpoint: Callable[[int], None] | None) -> dict[str, Any]:
         cfg = self.cfg
         progress = Progress(
             TextColumn("[bold]{task.fields[phase]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -582,7 +597,33 @@ def start_training(out: Path, preset: str = "default", *, resume: bool = False, 
     target = Path(out)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     log = log if log is not None else Console(stderr=True, quiet=True)
-    if resume:
+    check_target(target, overwrite or resume)
+    cfg = None if resume else make_config(preset, **options)
+    if cfg is not None:
+        cfg.validate()  # bad options are refused before anything is created
+    lock = acquire_out(target)
+    try:
+        trainer = _start(target, cfg, overwrite, dev, log)
+    except BaseException:
+        lock.release()
+        raise
+    trainer.lock = lock
+    return trainer
+
+
+def acquire_out(target: Path) -> Lock:
+    """One `train` per --out at a time: the lock file `.NAME.lock` beside the (real) checkpoint directory."""
+    real = real_target(target)
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint to {target}: {e.strerror or e}") from None
+    return acquire(real.parent / f".{real.name}.lock", f"checkpoint {target}")
+
+
+def _start(target: Path, cfg: TrainConfig | None, overwrite: bool, dev: torch.device, log: Console) -> Trainer:
+    """A new run of `cfg`, or (`cfg` None) the unfinished run at `target` resumed."""
+    if cfg is None:
         recover_interrupted_swap(target)
         if not target.exists():
             raise UserError(f"nothing to resume: {target} does not exist")
@@ -591,8 +632,7 @@ def start_training(out: Path, preset: str = "default", *, resume: bool = False, 
             raise UserError(f"{target} is already finished ({trainer.step} steps); nothing to resume")
         log.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
         return trainer
-    check_target(target, overwrite)
-    cfg = make_config(preset, **options)
+    check_target(target, overwrite)  # again: another run may have finished while this one waited
     trainer = Trainer(cfg, target, dev, log)
     sizes = f"C={cfg.num_codes}" + (f" ({cfg.site_codes})" if cfg.site_codes else "")
     log.print(f"training {cfg.task} on {dev}: {len(trainer.model.sites)} sites, {sizes}, k={cfg.k}, "

@@ -138,6 +138,11 @@ def test_commands_work_on_a_pretrained_base_checkpoint(model_dirs, corpus, tmp_p
                   "--max-new-tokens", "3", "--json", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert all(ex["prompt"] == "In January" for ex in json.loads(res.stdout)["examples"])
+    assert run_cli("info", out, "--json").exit_code == 0 and run_cli("info", store).exit_code == 0
+    res = run_cli("find-codes", store, "--regex", "January", "--json")
+    assert res.exit_code == 0, res.output
+    res = run_cli("report", out, store, "--out", tmp_path / "r.html")
+    assert res.exit_code == 0 and (tmp_path / "r.html").is_file(), res.output
 
 
 def test_changed_or_missing_base_refused(model_dirs, corpus, tmp_path):

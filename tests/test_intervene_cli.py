@@ -89,7 +89,7 @@ def test_regex_rates_and_require_gain(tiny_checkpoint_master):
         (("--code", "1.mlp:1", "--mode", "boost"), "--mode"),
         (("--code", "1.mlp:1", "--positions", "middle"), "--positions"),
         (("--code", "1.mlp:1", "--prompt", "12a"), "digit"),
-        (("--code", "1.mlp:1", "--regex", "("), "invalid --regex"),
+        (("--code", "1.mlp:1", "--regex", "("), "invalid regex"),
         (("--code", "1.mlp:1", "--require-gain", "0.1"), "needs --regex"),
         (("--prompt", "12"), "no intervention"),
         (("--code", "1.mlp:1", "--max-new-tokens", "500"), "context"),

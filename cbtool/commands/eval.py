@@ -11,6 +11,7 @@ from cbtool import metrics_log, plots
 from cbtool.checkpoint import Checkpoint, load_checkpoint
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
+from cbtool.limits import MAX_SAMPLES
 from cbtool.plots import check_plot_path
 from cbtool.train import resolve_device
 
@@ -32,8 +33,8 @@ def evaluate(
     Examples:  cbtool eval    cbtool eval runs/a/checkpoint --samples 2048 --json    cbtool eval --plot curves.png
     """
     plot = check_plot_path(plot)
-    if samples < 1:
-        raise UserError(f"--samples must be >= 1, got {samples}")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise UserError(f"--samples must be in 1..{MAX_SAMPLES:,}, got {samples}")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if blocks < 1:
