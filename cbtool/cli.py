@@ -19,6 +19,8 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as cx
 
 import cbtool
+from cbtool import progress
+from cbtool.commands.common import err
 from cbtool.errors import CheckFailed, UserError
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
@@ -27,7 +29,14 @@ EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 class _Group(TyperGroup):
     """Maps every failure to the documented exit code and one line on stderr."""
 
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        _plain_flags(getattr(command, "params", []))
+        return command
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        progress.enable(err)
+        _plain_flags(self.params)
         debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or bool(os.environ.get("CBTOOL_DEBUG"))
         try:
             rc = super().main(args=args, prog_name=prog_name or "cbtool", complete_var=complete_var,
@@ -57,6 +66,13 @@ class _Group(TyperGroup):
             _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
                   EXIT_INTERNAL)
         sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _plain_flags(params: list) -> None:
+    """Typer's help would show `<bool>` after a flag, which takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
 
 
 def _fail(message: str, code: int) -> None:
