@@ -31,12 +31,19 @@ class _Group(TyperGroup):
 
     def get_command(self, ctx, cmd_name):
         command = super().get_command(ctx, cmd_name)
-        _plain_flags(getattr(command, "params", []))
+        if command is not None:
+            _plain_flags(command)
         return command
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        progress.enable(err)
-        _plain_flags(self.params)
+        progress.enable(err)  # commands show progress; library callers in the same process stay quiet after
+        _plain_flags(self)
+        try:
+            self._main(args, prog_name, complete_var, **extra)
+        finally:
+            progress.enable(None)
+
+    def _main(self, args, prog_name, complete_var, **extra):
         debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or bool(os.environ.get("CBTOOL_DEBUG"))
         try:
             rc = super().main(args=args, prog_name=prog_name or "cbtool", complete_var=complete_var,
@@ -68,11 +75,23 @@ class _Group(TyperGroup):
         sys.exit(rc if isinstance(rc, int) else 0)
 
 
-def _plain_flags(params: list) -> None:
-    """Typer's help would show `<bool>` after a flag, which takes no value."""
-    for param in params:
+def _plain_flags(command) -> None:
+    """Typer's help would show `<bool>` after a flag (and after --help), which takes no value."""
+    if getattr(command, "_plain_flags", False):
+        return
+    command._plain_flags = True
+    for param in command.params:
         if getattr(param, "is_flag", False):
             param.metavar = ""
+    help_option = command.get_help_option
+
+    def plain_help_option(ctx, help_option=help_option):
+        option = help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = plain_help_option
 
 
 def _fail(message: str, code: int) -> None:
