@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -142,7 +143,7 @@ def _reader_files(tmp: Path) -> None:
     (tmp / "notes.txt").write_text(text)
     (tmp / "my_notes").mkdir()
     (tmp / "my_notes" / "a.txt").write_text(text)
-    (tmp / "posts.jsonl").write_text("".join(f'{{"body": "post {i}: {text[:300]}"}}\n' for i in range(8)))
+    (tmp / "posts.jsonl").write_text("".join(json.dumps({"body": f"post {i}: {text[:600]}"}) + "\n" for i in range(8)))
 
 
 def _hf_models(tmp: Path) -> None:
