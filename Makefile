@@ -21,8 +21,11 @@ setup: $(STAMP) browser
 browser:
 	bash scripts/ensure-chromium
 
+# refuses to replace an existing ./cbtool-run/checkpoint unless OVERWRITE=1
 demo: $(STAMP)
-	$(BIN)/cbtool train --overwrite
+	@if [ -e cbtool-run/checkpoint ] && [ -z "$(OVERWRITE)" ]; then \
+	  echo "make demo: ./cbtool-run/checkpoint exists; 'make demo OVERWRITE=1' replaces it" >&2; exit 2; fi
+	$(BIN)/cbtool train $(if $(OVERWRITE),--overwrite)
 	$(BIN)/cbtool eval
 	$(BIN)/cbtool embed --overwrite
 	$(BIN)/cbtool find-codes --labels state --sites '*.mlp' --top 10

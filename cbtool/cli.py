@@ -19,6 +19,8 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as cx
 
 import cbtool
+from cbtool import progress
+from cbtool.commands.common import err
 from cbtool.error_classes import environment_error
 from cbtool.errors import CheckFailed, UserError
 from cbtool.numbers import check_option
@@ -29,7 +31,21 @@ EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 class _Group(TyperGroup):
     """Maps every failure to the documented exit code and one line on stderr."""
 
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command)
+        return command
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        progress.enable(err)  # commands show progress; library callers in the same process stay quiet after
+        _plain_flags(self)
+        try:
+            self._main(args, prog_name, complete_var, **extra)
+        finally:
+            progress.enable(None)
+
+    def _main(self, args, prog_name, complete_var, **extra):
         debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or bool(os.environ.get("CBTOOL_DEBUG"))
         _check_numbers(self)
         try:
@@ -80,6 +96,25 @@ def _check_numbers(group: TyperGroup) -> None:
 
         checked._numbers_checked = True  # type: ignore[attr-defined]
         cmd.callback = checked
+
+
+def _plain_flags(command) -> None:
+    """Typer's help would show `<bool>` after a flag (and after --help), which takes no value."""
+    if getattr(command, "_plain_flags", False):
+        return
+    command._plain_flags = True
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    help_option = command.get_help_option
+
+    def plain_help_option(ctx, help_option=help_option):
+        option = help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = plain_help_option
 
 
 def _fail(message: str, code: int) -> None:

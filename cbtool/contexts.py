@@ -97,6 +97,7 @@ def _contexts(store: Store, site: str, code: int, n_examples: int, context: int)
                     {
                         "position": int(store.token_offsets[s] + p),
                         "doc": int(doc_base[s] + d),
+                        "doc_position": p - int(offs[d]),
                         "left": _render(store, text, tokens, spans, lo, p, before=_start(spans, p)),
                         "token": _render(store, text, tokens, spans, p, p + 1),
                         "right": _render(store, text, tokens, spans, p + 1, hi, after=_end(spans, p)),

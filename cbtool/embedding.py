@@ -21,7 +21,15 @@ import torch
 from cbtool.checkpoint import Checkpoint
 from cbtool.corpus import Corpus, Document
 from cbtool.errors import UserError
-from cbtool.store import ShardArrays, StoreWriter, code_dtype, documents_to_arrays, match_sites, site_entry
+from cbtool.store import (
+    ShardArrays,
+    StoreWriter,
+    checkpoint_ref,
+    code_dtype,
+    documents_to_arrays,
+    match_sites,
+    site_entry,
+)
 
 DEFAULT_SHARD_TOKENS = 1_000_000
 
@@ -97,7 +105,7 @@ def plan_embed(
     if checkpoint.task.vocab_size > vocab:
         raise UserError(f"tokenizer has {checkpoint.task.vocab_size} tokens but the model only {vocab}: mismatch")
     plan = {
-        "checkpoint": {"path": str(checkpoint.path.resolve()), "sha256": checkpoint.sha256},
+        "checkpoint": checkpoint_ref(checkpoint.path, Path(out), checkpoint.sha256),
         "corpus": docs.spec,
         "shard_tokens": shard_tokens,
         "max_tokens": max_tokens,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from cbtool import progress
 from cbtool.sites import CodebookModel
 
 
@@ -52,11 +53,14 @@ def on_vs_bypassed(
     model.eval()
     result: dict[str, Any] = {}
     try:
-        for label, enabled in (("on", True), ("bypassed", False)):
-            model.set_enabled(enabled)
-            result[label] = measure()
-        model.set_enabled(True)
-        result["code_usage"] = code_usage(model, usage_batches, device)
+        with progress.track("eval (codebooks on)", 3, "parts") as bar:
+            for label, enabled in (("on", True), ("bypassed", False)):
+                model.set_enabled(enabled)
+                result[label] = measure()
+                bar.advance(1, phase="eval (bypassed)" if enabled else "eval (code usage)")
+            model.set_enabled(True)
+            result["code_usage"] = code_usage(model, usage_batches, device)
+            bar.advance(1)
     finally:
         model.set_enabled(True)
         model.train(was_training)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cbtool import progress
 from cbtool.sites import CodebookModel, Site
 from cbtool.steering import Intervention, pick_token, sample_uniforms, steering
 from cbtool.tokfsm import BOS, TokFSM
@@ -201,39 +202,41 @@ def fsm_state_steering(
         true_b, true_a = true_next_state(fsm, b), true_next_state(fsm, a)
         uniforms = sample_uniforms([seed * 1_000_003 + i for i in range(pairs)], 2)
         table = []
-        for choice in choices:
-            sites = choice_sites(model, choice)
+        with progress.track("state steering", len(choices), "site choices") as bar:
+            for choice in choices:
+                sites = choice_sites(model, choice)
 
-            def rows(j: int, sites: list[Site] = sites) -> list[list[Intervention]]:
-                return [[Intervention(s, int(best[s.name].codes[int(bi), j])) for s in sites] for bi in b]
+                def rows(j: int, sites: list[Site] = sites) -> list[list[Intervention]]:
+                    return [[Intervention(s, int(best[s.name].codes[int(bi), j])) for s in sites] for bi in b]
 
-            first = rows(0) if patch == "state" else [[] for _ in range(pairs)]
-            second = rows(1)
-            dists, gens = [], []
-            for lo in range(0, pairs, batch_pairs):
-                hi = min(pairs, lo + batch_pairs)
-                d, g = patched_next_state(model, tokens[lo:hi], first[lo:hi], second[lo:hi],
-                                          uniforms[lo:hi], device, temperature)
-                dists.append(d)
-                gens.append(g)
-            dist, new = torch.cat(dists), torch.cat(gens)
-            raw = (new[:, 0] - 1) * 10 + (new[:, 1] - 1)
-            ok = ((new >= 1) & (new <= 10)).all(1) & (raw < s_count)
-            s1 = raw.clamp(0, s_count - 1)
-            valid_b = fsm.adjacency[b, s1] & ok
-            valid_a = fsm.adjacency[a, s1] & ok
-            prec = [float(best[s.name].precision[b].mean()) for s in sites]
-            table.append({
-                "sites": choice,
-                "patched_sites": len(sites),
-                "jsd_to_b": float(jsd_bits(dist, true_b).mean()),
-                "jsd_to_a": float(jsd_bits(dist, true_a).mean()),
-                "first_digit_jsd_to_b": float(jsd_bits(first_digit(dist), first_digit(true_b)).mean()),
-                "first_digit_jsd_to_a": float(jsd_bits(first_digit(dist), first_digit(true_a)).mean()),
-                "valid_for_b": float(valid_b.float().mean()),
-                "valid_for_a": float(valid_a.float().mean()),
-                "mean_code_precision": sum(prec) / len(prec) if prec else None,
-            })
+                first = rows(0) if patch == "state" else [[] for _ in range(pairs)]
+                second = rows(1)
+                dists, gens = [], []
+                for lo in range(0, pairs, batch_pairs):
+                    hi = min(pairs, lo + batch_pairs)
+                    d, g = patched_next_state(model, tokens[lo:hi], first[lo:hi], second[lo:hi],
+                                              uniforms[lo:hi], device, temperature)
+                    dists.append(d)
+                    gens.append(g)
+                dist, new = torch.cat(dists), torch.cat(gens)
+                raw = (new[:, 0] - 1) * 10 + (new[:, 1] - 1)
+                ok = ((new >= 1) & (new <= 10)).all(1) & (raw < s_count)
+                s1 = raw.clamp(0, s_count - 1)
+                valid_b = fsm.adjacency[b, s1] & ok
+                valid_a = fsm.adjacency[a, s1] & ok
+                prec = [float(best[s.name].precision[b].mean()) for s in sites]
+                table.append({
+                    "sites": choice,
+                    "patched_sites": len(sites),
+                    "jsd_to_b": float(jsd_bits(dist, true_b).mean()),
+                    "jsd_to_a": float(jsd_bits(dist, true_a).mean()),
+                    "first_digit_jsd_to_b": float(jsd_bits(first_digit(dist), first_digit(true_b)).mean()),
+                    "first_digit_jsd_to_a": float(jsd_bits(first_digit(dist), first_digit(true_a)).mean()),
+                    "valid_for_b": float(valid_b.float().mean()),
+                    "valid_for_a": float(valid_a.float().mean()),
+                    "mean_code_precision": sum(prec) / len(prec) if prec else None,
+                })
+                bar.advance(1)
         base = next((r["jsd_to_b"] for r in table if r["sites"] == "none"), None)
         for r in table:
             r["jsd_to_b_vs_none"] = r["jsd_to_b"] / base if base else None

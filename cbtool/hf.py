@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbtool import progress
 from cbtool.errors import UserError
 from cbtool.files import hash_file_into
 
@@ -38,7 +39,8 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise UserError("--base-model needs the `transformers` package: pip install 'cbtool[hf]'") from None
+        raise UserError("--base-model needs the `transformers` package: pip install -e '.[hf]' in the cbtool "
+                        "checkout") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:  # the GGUF converter draws its own tqdm bar, which disable_progress_bar() does not reach
@@ -211,8 +213,9 @@ def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool =
         try:
             # weights only from safetensors (or the GGUF file): never a pickled pytorch_model.bin
             weights = {} if gguf_file is not None else {"use_safetensors": True}
-            cached = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config, dtype=torch.float32,
-                                                                       **kw, **weights)
+            with progress.track(f"loading {gguf_file or p.name}", None, "models"):
+                cached = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config,
+                                                                           dtype=torch.float32, **kw, **weights)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--base-model {p}: cannot load the model ({_first_line(e)})") from None
         cached.eval()
@@ -248,7 +251,8 @@ def load_hf_tokenizer(path: str | Path, gguf_file: str | None = None):
         if gguf_file is not None:
             kw["gguf_file"] = gguf_file
         try:
-            fast = transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True, **kw)
+            with progress.track(f"loading the tokenizer of {gguf_file or p.name}", None, "tokenizers"):
+                fast = transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True, **kw)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"--base-model {p}: cannot load its tokenizer ({_first_line(e)})") from None
         tok = getattr(fast, "backend_tokenizer", None)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from cbtool import progress
 from cbtool.errors import UserError
 from cbtool.fsm_steering import jsd_bits
 from cbtool.sites import CodebookModel, CodebookSpec
@@ -183,8 +184,14 @@ def state_patching(model: CodebookModel, fsm: TokFSM, device, rows: list[PatchRo
                   "prefix": walk_tokens(walks)}
         table = [{"row": r.name, "codebooks": [s.key for s in r.specs],
                   "sites": sum(len(s.site_names) for s in r.specs)} for r in rows]
-        for label, (tokens, start) in inputs.items():
-            raw = [pair_jsd(model, tokens, start, states, ref, codes, r, device) for r in rows]
+        with progress.track("state patching", len(inputs) * len(rows), "rows") as bar:
+            raw_by: dict[str, list[float]] = {}
+            for label, (tokens, start) in inputs.items():
+                raw_by[label] = []
+                for r in rows:
+                    raw_by[label].append(pair_jsd(model, tokens, start, states, ref, codes, r, device))
+                    bar.advance(1)
+        for label, raw in raw_by.items():
             top = max(raw) or 1.0
             for entry, v in zip(table, raw, strict=True):
                 entry[f"jsd_{label}"] = v

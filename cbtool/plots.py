@@ -1,6 +1,6 @@
 """`--plot FILE.png|svg` for eval, dead-codes, find-codes and intervene (matplotlib, the Agg backend).
 
-matplotlib is an optional extra (`pip install 'cbtool[plot]'`); it is imported only when a plot is asked for.
+matplotlib is an optional extra (`pip install -e '.[plot]'`); it is imported only when a plot is asked for.
 Figures are built on `matplotlib.figure.Figure` (no pyplot, no global state, no display) and written
 atomically (temp file + rename). The format follows the file's suffix.
 """
@@ -38,7 +38,8 @@ def _matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'cbtool[plot]'") from None
+        raise UserError("--plot needs matplotlib: pip install matplotlib (the plot extra: pip install -e '.[plot]' "
+                        "in the cbtool checkout)") from None
     matplotlib.use("Agg", force=False)
     return matplotlib
 

@@ -20,6 +20,7 @@ from cbtool.scoring import SiteScores, score_labels, score_mask
 from cbtool.store import Store
 
 SORTS = ("precision", "recall", "f1")
+DEFAULT_TOP = 20  # rows of a code search when `top` is not given
 GOOD_PRECISION = 0.9  # the label table counts the values whose best code reaches this precision
 BASELINES = ("neurons",)
 
@@ -115,6 +116,7 @@ def label_table(
     best: list[dict[str, Any] | None] = [None] * nv
     per_site: dict[str, dict[str, Any]] = {}
     sizes = np.zeros(nv, dtype=np.int64)
+    good_somewhere = np.zeros(nv, dtype=bool)
     for site in sites:
         sc = score_labels(store, site, feat.index, nv)
         sizes = np.asarray(sc.feature_size)
@@ -131,6 +133,7 @@ def label_table(
             "mean_best_recall": float(np.where(has, r, 0.0).mean()),
             f"values_with_precision_{GOOD_PRECISION}": int((has & (p >= GOOD_PRECISION)).sum()),
         }
+        good_somewhere |= has & (p >= GOOD_PRECISION)
         if site_rows is not None:
             site_rows += [{"site": site, "label_index": int(v), "code_id": int(combo[v]), "precision": float(p[v]),
                            "hits": int(sc.hits[v, combo[v]])} for v in np.flatnonzero(has)]
@@ -145,15 +148,18 @@ def label_table(
     summary = {
         "values": nv,
         "values_with_code": sum(b is not None for b in best),
-        f"values_with_precision_{GOOD_PRECISION}": sum(1 for b in best if b and b["precision"] >= GOOD_PRECISION),
+        # as in the per-site table: some chosen site has a code of that precision for the value
+        f"values_with_precision_{GOOD_PRECISION}": int(good_somewhere.sum()),
+        # the overall best codes (by `sort`, one per value) that reach it
+        f"best_codes_with_precision_{GOOD_PRECISION}": sum(1 for b in best if b and b["precision"] >= GOOD_PRECISION),
     }
     return {"mode": "label-table", "labels": feat.name, "summary": summary, "per_site": per_site, "rows": rows}
 
 
 def check_query(
     *, regex: str | None = None, labels: str | None = None, label: str | None = None, match_on: str = "all",
-    sort: str = "f1", min_precision: float = 0.0, min_recall: float = 0.0, min_count: int = 1, top: int = 20,
-    examples: int = 3, baseline: str | None = None,
+    sort: str = "f1", min_precision: float = 0.0, min_recall: float = 0.0, min_count: int = 1,
+    top: int | None = None, examples: int = 3, baseline: str | None = None,
 ) -> None:
     """Refuse a malformed query (one UserError line) before any store is read."""
     if baseline not in (None, *BASELINES):
@@ -171,20 +177,22 @@ def check_query(
             raise UserError(f"{name} must be in [0, 1], got {v}")
     if min_count < 1:
         raise UserError(f"--min-count must be >= 1, got {min_count}")
-    if top < 0 or examples < 0:
+    if (top is not None and top < 0) or examples < 0:
         raise UserError("--top and --examples must be >= 0")
 
 
 def find_codes(
     store: Store, *, regex: str | None = None, labels: str | None = None, label: str | None = None,
     sites: str | None = None, match_on: str = "all", sort: str = "f1", min_precision: float = 0.0,
-    min_recall: float = 0.0, min_count: int = 1, top: int = 20, examples: int = 3, baseline: str | None = None,
+    min_recall: float = 0.0, min_count: int = 1, top: int | None = None, examples: int = 3,
+    baseline: str | None = None,
     checkpoint: Path | None = None, device: Any = "cpu", log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score every code of the chosen sites (globs, None = all) against one feature: `regex`, or `labels`
     (a stored label name or a file) with one `label` value. `labels` without `label` gives the label
     table: each value's best code. Returns what `cbtool find-codes --json` prints; `rows` holds the
-    `top` best (0 = all) and `matching_codes` how many pass the thresholds.
+    `top` best (0 = all; None = 20 codes, or every value of the label table, whose `top` rows are the values
+    with the best codes by `sort`) and `matching_codes` how many pass the thresholds.
 
     `baseline="neurons"`: each row also gets its best neuron (`neuron`, `neuron_precision`, ...) from
     `checkpoint` (default: the store's own) on `device`, and the document a `baseline` summary; in the
@@ -203,6 +211,8 @@ def find_codes(
         doc = {**base, **table}
         if baseline:
             _label_baseline(store, doc, feat, site_rows, checkpoint, device, log)
+        if top:
+            doc["rows"] = sorted(doc["rows"], key=lambda r: -r.get(sort, -1.0))[:top]
         return doc
     if regex is not None:
         masks = regex_feature(store, regex, match_on)
@@ -213,7 +223,7 @@ def find_codes(
         masks = [idx == v for idx in feat.index]
         query = {"mode": "label", "labels": feat.name, "label": feat.values[v]}
     rows = feature_rows(store, chosen, masks, sort, min_precision, min_recall, min_count)
-    shown = rows if top == 0 else rows[:top]
+    shown = rows if top == 0 else rows[:DEFAULT_TOP if top is None else top]
     if examples:
         for site in dict.fromkeys(r["site"] for r in shown):
             ex = example_tokens(store, site, masks, [r["code_id"] for r in shown if r["site"] == site], examples)

@@ -17,11 +17,13 @@ from cbtool import strict_json
 from cbtool.checkpoint import Checkpoint
 from cbtool.errors import UserError
 from cbtool.files import read_text
+from cbtool.fsm_text import valid_transitions
 from cbtool.limits import MAX_SAMPLES, MAX_SEQ_LEN
 from cbtool.numbers import check_number
 from cbtool.refs import codes_from_results
 from cbtool.regexes import UserRegex
 from cbtool.steering import MODES, POSITIONS, SampleJob, generate_with_twins, parse_interventions, wilson_interval
+from cbtool.tokfsm import TokFSM
 
 SPEC_KEYS = {"prompt", "codes", "mode", "seed", "strength", "samples"}
 
@@ -180,6 +182,12 @@ def steer(
     }
     if spec is None:
         summary["interventions"] = rows[0]["interventions"]
+    if isinstance(task, TokFSM):  # TokFSM: how often the generated states follow the FSM's edges
+        prompts = ["".join(r["prompt"].split()) for r in rows]
+        summary["valid_transitions"] = {
+            label: valid_transitions(task, [p + r[label] for p, r in zip(prompts, rows, strict=True)],
+                                     [len(p) for p in prompts])
+            for label in ("steered", "baseline")}
     if pattern is not None:
         s_hits = sum(r["steered_match"] for r in rows)
         b_hits = sum(r["baseline_match"] for r in rows)

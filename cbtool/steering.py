@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from cbtool import progress
 from cbtool.codebook import Codebook
 from cbtool.errors import UserError
 from cbtool.generate import left_pad, pick_token
@@ -298,19 +299,21 @@ def generate_with_twins(
     block = _block_size(model)
     steered: list[list[int]] = []
     baseline: list[list[int]] = []
-    for lo in range(0, len(jobs), batch_size):
-        chunk = jobs[lo: lo + batch_size]
-        prompts = [j.prompt for j in chunk] * 2
-        if block is not None and max(len(p) for p in prompts) + max_new_tokens > block:
-            raise UserError(f"prompt + --max-new-tokens exceeds the model's context of {block} tokens")
-        rows = [j.interventions for j in chunk] + [[] for _ in chunk]
-        uniforms = sample_uniforms([j.seed for j in chunk] * 2, max_new_tokens)
-        idx, start = left_pad(prompts)
-        with steering(model, rows, positions, device) as fwd:
-            new = sample_steered(fwd, idx.to(device), start, uniforms, temperature, top_k).cpu()
-        n = len(chunk)
-        steered.extend(new[:n].tolist())
-        baseline.extend(new[n:].tolist())
+    with progress.track("generate", len(jobs), "samples") as bar:
+        for lo in range(0, len(jobs), batch_size):
+            chunk = jobs[lo: lo + batch_size]
+            prompts = [j.prompt for j in chunk] * 2
+            if block is not None and max(len(p) for p in prompts) + max_new_tokens > block:
+                raise UserError(f"prompt + --max-new-tokens exceeds the model's context of {block} tokens")
+            rows = [j.interventions for j in chunk] + [[] for _ in chunk]
+            uniforms = sample_uniforms([j.seed for j in chunk] * 2, max_new_tokens)
+            idx, start = left_pad(prompts)
+            with steering(model, rows, positions, device) as fwd:
+                new = sample_steered(fwd, idx.to(device), start, uniforms, temperature, top_k).cpu()
+            n = len(chunk)
+            steered.extend(new[:n].tolist())
+            baseline.extend(new[n:].tolist())
+            bar.advance(n)
     return steered, baseline
 
 

@@ -479,10 +479,22 @@ def open_store(path: Path, warn: Callable[[str], None] | None = None) -> Store:
     return store
 
 
+def checkpoint_ref(checkpoint: Path, store: Path, sha256: str) -> dict[str, Any]:
+    """The manifest's `checkpoint`: its path relative to the store (so a run directory holding both can be
+    copied or moved), its absolute path when written (found there when the store alone moves), its hash."""
+    ck = Path(checkpoint).resolve()
+    return {"path": os.path.relpath(ck, Path(store).resolve()), "absolute_path": str(ck), "sha256": sha256}
+
+
 def checkpoint_dir(path: Path, manifest: dict[str, Any]) -> Path:
-    """The checkpoint a store came from; a relative path in the manifest is relative to the store."""
+    """The checkpoint a store came from; a relative path in the manifest is relative to the store, and when
+    nothing is there the absolute path recorded beside it is used."""
     ck = Path(str(manifest["checkpoint"].get("path") or ""))
-    return ck if ck.is_absolute() else Path(path) / ck
+    found = ck if ck.is_absolute() else Path(path) / ck
+    absolute = manifest["checkpoint"].get("absolute_path")
+    if not (found / META).is_file() and isinstance(absolute, str) and (Path(absolute) / META).is_file():
+        return Path(absolute)
+    return found
 
 
 def checkpoint_status(path: Path, manifest: dict[str, Any]) -> str:

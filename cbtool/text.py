@@ -46,7 +46,8 @@ def _need_tokenizers():
     try:
         import tokenizers
     except ImportError:
-        raise UserError("text tasks need the `tokenizers` package: pip install 'cbtool[text]'") from None
+        raise UserError("text tasks need the `tokenizers` package: pip install tokenizers (the text extra: "
+                        "pip install -e '.[text]' in the cbtool checkout)") from None
     return tokenizers
 
 

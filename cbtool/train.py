@@ -13,7 +13,6 @@ Every batch is a pure function of (seed, step) and the checkpoint carries the op
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, field, fields, replace
@@ -22,10 +21,9 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn import functional as F
 
-from cbtool import metrics_log
+from cbtool import metrics_log, progress
 from cbtool import text as textmod
 from cbtool.checkpoint import Checkpoint, load_checkpoint, real_target, recover_interrupted_swap, save_checkpoint
 from cbtool.errors import UserError
@@ -81,6 +79,10 @@ class TrainConfig:
     kmeans: str = option("sklearn", "k-means implementation (cbtool/kmeans_init.py): sklearn or torch.")
     dead_window: int = option(100, "Revive codes dead over this many phase-2 steps (0: never).", cli=False)
     checkpoint_every: int = option(200, "Save every N steps (0: never).")
+    keep_optimizer: bool = option(False, "Keep the optimizer moments in the finished checkpoint too (intermediate "
+                                  "saves always hold them, for --resume; a finished run cannot be resumed, so the "
+                                  "final save drops them: about 3/4 of a built-in checkpoint's size).",
+                                  flag="--keep-optimizer/--drop-optimizer")
     log_every: int = option(metrics_log.DEFAULT_EVERY, "Write a metrics.jsonl row every N steps (default "
                             f"{metrics_log.DEFAULT_EVERY}; 0: none).")
     eval_samples: int = option(512, "TokFSM: sampled sequences for the final transition accuracy.", cli=False)
@@ -349,13 +351,15 @@ class Trainer:
             for chunk in tokens.split(64):
                 self.model(chunk.to(self.device))
 
-        acts = capture_inputs(cbs, run)
-        for i, (cb, a) in enumerate(zip(cbs, acts, strict=True)):
-            init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97, cfg.kmeans)
+        with progress.track("k-means insertion", len(cbs), "codebooks") as bar:
+            acts = capture_inputs(cbs, run)
+            for i, (cb, a) in enumerate(zip(cbs, acts, strict=True)):
+                init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97, cfg.kmeans)
+                bar.advance(1)
         self.model.train()
         self.phase_seconds["kmeans"] += time.perf_counter() - t0
         self.log.print(f"codebooks initialised by k-means from {acts[0].shape[0]} tokens "
-                       f"in {time.perf_counter() - t0:.1f}s", highlight=False)
+                       f"in {time.perf_counter() - t0:.1f}s", markup=False, highlight=False)
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -410,17 +414,10 @@ class Trainer:
 
     def _run(self, on_checkpoint: Callable[[int], None] | None) -> dict[str, Any]:
         cfg = self.cfg
-        progress = Progress(
-            TextColumn("[bold]{task.fields[phase]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} {task.fields[tps]:,.0f} tok/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True,
-        )
         tokens_per_step = cfg.batch_size * (self.task.block_size - 1)
-        self.log.print(self.task.summary(), highlight=False)
-        with progress:
-            bar = progress.add_task("train", total=self.total_steps, completed=self.step, phase=self.phase(self.step),
-                                    loss=float("nan"), acc=0.0, tps=0.0)
+        self.log.print(self.task.summary(), markup=False, highlight=False)
+        smooth: dict[str, float] = {}
+        with progress.track(self.phase(self.step), self.total_steps, "steps", done=self.step) as bar:
             while self.step < self.total_steps:
                 self._set_usage_tracking()
                 t0 = time.perf_counter()
@@ -434,17 +431,19 @@ class Trainer:
                 if self.metrics.due(self.step, self.total_steps):
                     self.metrics.record(self.step, self.phase(self.step - 1), row, self.opt.param_groups[0]["lr"],
                                         self.model, row.get("fsm_valid"))
-                progress.update(bar, completed=self.step, phase=self.phase(self.step - 1), loss=row["loss"],
-                                acc=row["acc"], tps=tokens_per_step / dt)
-                if progress.disable and (self.step % 100 == 0 or self.step == self.total_steps):
-                    self.log.print(f"step {self.step}/{self.total_steps} [{self.phase(self.step - 1)}] "
-                                   f"loss {row['loss']:.3f} acc {row['acc']:.3f} mse {row['mse']:.3f} "
-                                   f"{tokens_per_step / dt:,.0f} tok/s", highlight=False)
+                new_phase = self.step == cfg.base_steps + 1
+                bar.advance(1, phase=self.phase(self.step - 1), **_smoothed(smooth, row, new_phase))
+                bar.fields.pop("tok/s", None)  # last, after the smoothed losses
+                bar.fields["tok/s"] = f"{(bar.rate or 0) * tokens_per_step:,.0f}"
+                if not progress.live() and (self.step % 100 == 0 or self.step == self.total_steps
+                                            or time.perf_counter() - bar.last_line >= progress.heartbeat_seconds()):
+                    self.log.print(bar.describe(), markup=False, highlight=False, soft_wrap=True)
+                    bar.last_line = time.perf_counter()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save(results=None)
                     if on_checkpoint:
                         on_checkpoint(self.step)
-        self.log.print("evaluating (codebooks on and bypassed)...", highlight=False)
+        self.log.print("evaluating (codebooks on and bypassed)...", markup=False, highlight=False)
         t_eval = time.perf_counter()
         results = self.task.evaluate(self.model, self.device, samples=cfg.eval_samples, seed=cfg.seed,
                                      blocks=cfg.eval_blocks)
@@ -494,8 +493,10 @@ class Trainer:
     def save(self, results: dict[str, Any] | None) -> None:
         # a frozen pretrained base is referenced by path + hash, its weights saved only when trained
         save_base = not self.pretrained or self.cfg.train_base
-        save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base,
-                        train_state=self.train_state(),
+        state = self.train_state()
+        if results is not None and not self.cfg.keep_optimizer:  # finished: only what cannot be recomputed
+            state = {k: v for k, v in state.items() if not k.startswith(("opt.", "recent."))}
+        save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base, train_state=state,
                         extra_files={**self.task.files(), metrics_log.FILE: self.metrics.to_bytes()})
 
     @classmethod
@@ -553,12 +554,34 @@ class Trainer:
         return self
 
 
+LOSS_SMOOTHING = 0.9  # the training log's loss and accuracy: exponential moving average over steps
+
+
+def _smoothed(state: dict[str, float], row: dict[str, float], restart: bool) -> dict[str, str]:
+    """The log's smoothed loss / accuracy (/ MSE in the codebook phase), restarted when the phase changes."""
+    keys = ("loss", "acc", "mse") if row.get("mse") else ("loss", "acc")
+    for key in keys:
+        old = state.get(key)
+        state[key] = row[key] if old is None or restart else LOSS_SMOOTHING * old + (1 - LOSS_SMOOTHING) * row[key]
+    return {key: f"{state[key]:.3f}" for key in keys}
+
+
 def apply_preset(name: str, task: str = "tokfsm", base_model: str | None = None) -> TrainConfig:
     """A preset's TrainConfig; text runs (`task="text"` or a base model) use the text presets."""
     table = HF_PRESETS if base_model is not None else TEXT_PRESETS if task == "text" else PRESETS
     if name not in table:
         raise UserError(f"unknown --preset {name!r}: use {', '.join(table)}")
     return TrainConfig(**table[name])
+
+
+def cli_help(f: Field) -> str:
+    """A CLI field's help with its value in the TokFSM default preset (text and pretrained-base runs take
+    theirs from TEXT_PRESETS / HF_PRESETS, which `--preset`'s help says)."""
+    value = getattr(apply_preset("default"), f.name)
+    if value is None:
+        return f.metadata["help"]
+    shown = "''" if value == "" else value if not isinstance(value, bool) else ("on" if value else "off")
+    return f"{f.metadata['help']} (default: {shown})"
 
 
 def make_config(preset: str = "default", **options: Any) -> TrainConfig:

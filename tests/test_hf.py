@@ -97,7 +97,7 @@ def test_train_frozen_base_cli(model_dirs, corpus, tmp_path, family):
     out = tmp_path / "ck"
     res = run_cli("train", "--base-model", model_dirs[family], "--corpus", corpus, "--preset", "tiny",
                   "--sites", "0.attn-heads,0.attn,1.mlp", "--steps", "4", "--out", out, "--device", "cpu",
-                  "--json")
+                  "--keep-optimizer", "--json")
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "cbtool.json").read_text())
     assert meta["model"]["kind"] == "hf" and meta["model"]["family"] == family

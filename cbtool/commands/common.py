@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,12 @@ from cbtool.store import Store, open_store
 
 SCHEMA_VERSION = 1
 
-out = Console(highlight=False, soft_wrap=True)  # results: stdout
-err = Console(stderr=True, highlight=False)  # logs: stderr
+# results: stdout. Piped or redirected, tables get room for their natural width (up to 200 columns, or
+# $COLUMNS) instead of the 80 columns rich assumes, so headers and samples are not cut or wrapped.
+PIPED_WIDTH = 200
+out = Console(highlight=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or PIPED_WIDTH))
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # logs: stderr, one line per message
 
 
 def run_dir(run: Path | None) -> Path:

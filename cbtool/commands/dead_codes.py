@@ -28,7 +28,7 @@ def dead_codes(
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout (with dead code ids)."),
     plot: Path | None = typer.Option(  # noqa: B008
-        None, "--plot", help="Also draw each site's sorted code usage to FILE.png or FILE.svg (needs cbtool[plot])."
+        None, "--plot", help="Also draw each site's sorted code usage to FILE.png or FILE.svg (needs matplotlib)."
     ),
 ) -> None:
     """Per site: codes, dead (never fired), rare (fired on < --min-count tokens), share alive, usage

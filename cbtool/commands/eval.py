@@ -21,16 +21,19 @@ def evaluate(
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
     samples: int = typer.Option(512, "--samples", help="TokFSM: sampled sequences for transition accuracy."),
     temperature: float = typer.Option(1.0, "--temperature", help="TokFSM: sampling temperature (0 = greedy)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="TokFSM: seed of the sampled sequences."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     blocks: int = typer.Option(256, "--blocks", help="Text checkpoints: held-out blocks for the LM loss."),
     plot: Path | None = typer.Option(None, "--plot", help="Also draw the training curves (metrics log) and the "
-                                     "on/bypassed loss to FILE.png or FILE.svg (needs cbtool[plot])."),
+                                     "on/bypassed loss to FILE.png or FILE.svg (needs matplotlib)."),
 ) -> None:
     """Loss and accuracy with codebooks ON vs BYPASSED, and the share of codes that fire per site.
 
-    Examples:  cbtool eval    cbtool eval runs/a/checkpoint --samples 2048 --json    cbtool eval --plot curves.png
+    Examples:
+      cbtool eval
+      cbtool eval runs/a/checkpoint --samples 2048 --json
+      cbtool eval --plot curves.png
     """
     plot = check_plot_path(plot)
     if not 1 <= samples <= MAX_SAMPLES:

@@ -40,7 +40,8 @@ def find_codes(
     min_precision: float = typer.Option(0.0, "--min-precision", help="Only codes with precision >= this."),
     min_recall: float = typer.Option(0.0, "--min-recall", help="Only codes with recall >= this."),
     min_count: int = typer.Option(1, "--min-count", help="Only codes that fire on >= this many tokens."),
-    top: int = typer.Option(20, "--top", help="Rows to show (0 = all)."),
+    top: int | None = typer.Option(None, "--top", show_default=False, help="Rows to show, best first (0 = all). "
+                                   "(default: 20 codes; every value of a --labels table)"),
     sort: str = typer.Option("f1", "--sort", help="precision, recall or f1."),
     examples: int = typer.Option(3, "--examples", help="Example tokens per code (regex / --label)."),
     require: bool = typer.Option(False, "--require", help="Exit 1 when no code meets the thresholds (CI)."),
@@ -139,6 +140,8 @@ def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:
             table.add_row(str(row["label"]), f"{row['tokens']:,}", row["code"], _fmt(row["precision"]),
                           _fmt(row["recall"]), _fmt(row["f1"]), f"{row['fires']:,}")
     out.print(table)
+    if len(doc["rows"]) < nv:
+        out.print(f"{len(doc['rows'])} of {nv} values shown: those with the best codes by {sort} (--top 0 for all)")
     neurons = "baseline" in doc
     st = Table(title="per site: each value's best code at that site")
     cols = ["site", "values with a code", f"precision >= {GOOD_PRECISION}", "mean precision", "mean recall"]
@@ -153,8 +156,10 @@ def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:
     out.print(st)
     if neurons:
         out.print(_beat_line(doc["baseline"]))
+    best_good = doc["summary"][f"best_codes_with_precision_{GOOD_PRECISION}"]
     out.print(f"{doc['summary']['values_with_code']} of {nv} values of {name!r} have a code with {wanted}; "
-              f"{doc['summary'][good]} have one with precision >= {GOOD_PRECISION}")
+              f"{doc['summary'][good]} have one of precision >= {GOOD_PRECISION} at some site (per-site table), "
+              f"and for {best_good} the best code by {sort} (first table) reaches it")
 
 
 def _beat_line(summary: dict[str, Any]) -> str:

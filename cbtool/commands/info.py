@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cbtool import metrics_log
@@ -22,7 +24,10 @@ def info(
     """What a checkpoint holds (model, sites, C, k, training summary, file hashes) or a code store holds
     (tokens, docs, shards, sites, labels, and whether its checkpoint is unchanged).
 
-    Examples:  cbtool info    cbtool info runs/a/checkpoint --json    cbtool info cbtool-run/codes
+    Examples:
+      cbtool info
+      cbtool info runs/a/checkpoint --json
+      cbtool info cbtool-run/codes
     """
     if path is not None and (Path(path) / MANIFEST).is_file():
         _store_info(Path(path), as_json)
@@ -37,10 +42,10 @@ def info(
     version = f"format {meta['format_version']}, cbtool {meta.get('cbtool_version')}"
     out.print(f"[bold]checkpoint[/] {ckpt.path}  ({version})")
     model = meta["model"]
-    desc = ", ".join(f"{k}={v}" for k, v in (model.get("config") or {}).items())
-    out.print(f"[bold]model[/] {model.get('kind')}: {desc}")
+    desc = _fields(model.get("config") or {k: v for k, v in model.items() if k != "kind"})
+    out.print(f"[bold]model[/] {model.get('kind')}: {escape(desc)}", soft_wrap=True)
     if meta.get("task"):
-        out.print(f"[bold]task[/] {meta['task']}")
+        out.print(f"[bold]task[/] {escape(_fields(meta['task']))}", soft_wrap=True)
     table = Table(title="codebooks")
     for col in ("module", "sites", "C", "dim", "k", "similarity"):
         table.add_column(col)
@@ -70,6 +75,11 @@ def info(
     out.print(files)
 
 
+def _fields(d: dict) -> str:
+    """`key=value, ...` for people; nested values as compact JSON."""
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in d.items())
+
+
 def _store_info(path: Path, as_json: bool) -> None:
     man = read_manifest(path)
     ck = man["checkpoint"]
@@ -85,7 +95,9 @@ def _store_info(path: Path, as_json: bool) -> None:
                   f"{man.get('num_shards')} shard(s)")
     out.print(f"[bold]checkpoint[/] {ck.get('path')} ({status})")
     if man.get("corpus") is not None:
-        out.print(f"[bold]corpus[/] {man['corpus']}")
+        corpus = man["corpus"]
+        out.print(f"[bold]corpus[/] {escape(_fields(corpus) if isinstance(corpus, dict) else str(corpus))}",
+                  soft_wrap=True)
     out.print(f"[bold]labels[/] {', '.join(man.get('labels') or []) or 'none'}")
     table = Table(title="sites")
     for col in ("site", "C", "k"):

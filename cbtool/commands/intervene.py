@@ -10,19 +10,23 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from cbtool import plots
 from cbtool.checkpoint import Checkpoint, load_checkpoint
+from cbtool.code_meaning import code_meaning, matching_store
 from cbtool.commands.common import (
     DEVICE_HELP,
     RUN_OPTION_HELP,
     default_checkpoint,
+    default_store,
     emit_json,
     emit_jsonl,
     err,
     out,
 )
 from cbtool.errors import CheckFailed, UserError
+from cbtool.fsm_text import group_states
 from cbtool.patching import DEFAULT_ROWS, ROW_HELP
 from cbtool.plots import check_plot_path
 from cbtool.steer_jobs import check_options, steer
@@ -138,7 +142,8 @@ def intervene(
     elif as_json:
         emit_json("intervene", {**summary, "examples": rows[:5]})
     else:
-        _show(rows, summary, regex is not None)
+        _describe_codes(ckpt, rows, run)
+        _show(rows, summary, regex is not None, isinstance(ckpt.task, TokFSM))
     if plot is not None:
         plots.steering_rates(summary, plot)
         err.print(f"plot written to {plot}")
@@ -148,19 +153,43 @@ def intervene(
                           f"{b_rate:.3f}; --require-gain {require_gain} not met")
 
 
-def _show(rows: list[dict[str, Any]], summary: dict[str, Any], with_regex: bool, limit: int = 50) -> None:
+def _describe_codes(ckpt: Checkpoint, rows: list[dict[str, Any]], run: Path | None) -> None:
+    """One line per forced / added / ablated code: what it stands for in the run's store (when that store
+    was embedded from this checkpoint)."""
+    store = matching_store(default_store(None, run), ckpt.sha256)
+    refs = dict.fromkeys(iv["code"] for r in rows for iv in r["interventions"])
+    if store is None:
+        if refs:
+            out.print(f"(run `cbtool embed` to see what the codes stand for: no store of {ckpt.path} at "
+                      f"{default_store(None, run)})", markup=False)
+        return
+    for ref in refs:
+        out.print(f"{ref}: {code_meaning(store, ref)}  ({store.path})", markup=False, highlight=False)
+
+
+def _show(rows: list[dict[str, Any]], summary: dict[str, Any], with_regex: bool, fsm: bool = False,
+          limit: int = 50) -> None:
     table = Table(title=f"steered vs unsteered twin ({summary['samples']} samples, positions="
-                        f"{summary['positions']}, T={summary['temperature']})")
-    for col in ("row", "seed", "prompt", "interventions", "steered", "baseline"):
+                        f"{summary['positions']}, T={summary['temperature']}"
+                        + ("; digits grouped into states" if fsm else "") + ")")
+    for col in ("row", "seed", "prompt", "interventions"):
         table.add_column(col, overflow="fold")
+    for col in ("steered (bold: where it differs from its twin)", "baseline (twin)"):
+        table.add_column(col, no_wrap=fsm, overflow="fold")
     for r in rows[:limit]:
         ivs = " ".join(f"{iv['mode']} {iv['code']}" for iv in r["interventions"]) or "-"
-        s, b = r["steered"], r["baseline"]
+        prompt = "".join(r["prompt"].split()) if fsm else r["prompt"]
+        s, b = _twin_texts(r["steered"], r["baseline"], len(prompt) if fsm else None)
         if with_regex:
-            s = f"{'✓' if r['steered_match'] else '✗'} {s}"
-            b = f"{'✓' if r['baseline_match'] else '✗'} {b}"
-        table.add_row(str(r["row"]), str(r["seed"]), r["prompt"] or "(empty)", ivs, s, b)
+            s = Text(f"{'✓' if r['steered_match'] else '✗'} ").append_text(s)
+            b = Text(f"{'✓' if r['baseline_match'] else '✗'} ").append_text(b)
+        table.add_row(str(r["row"]), str(r["seed"]), (group_states(prompt) if fsm else prompt) or "(empty)",
+                      ivs, s, b)
     out.print(table)
+    valid = summary.get("valid_transitions")
+    if valid:
+        out.print("valid FSM transitions in the generated states: " + ", ".join(
+            f"{label} {v['valid']}/{v['transitions']} = {v['rate']:.1%}" for label, v in valid.items()))
     if len(rows) > limit:
         out.print(f"... {len(rows) - limit} more samples (use --jsonl for all)")
     out.print(f"steered text differs from its twin in {summary['changed']:.1%} of samples")
@@ -170,6 +199,18 @@ def _show(rows: list[dict[str, Any]], summary: dict[str, Any], with_regex: bool,
             out.print(f"{label:>8}: {r['matches']}/{r['samples']} match /{summary['regex']}/ = "
                       f"{r['rate']:.1%} (95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%})")
         out.print(f"    gain: {summary['gain']:+.1%}")
+
+
+def _twin_texts(steered: str, baseline: str, fsm_first: int | None) -> tuple[Text, Text]:
+    """Steered and twin text, the steered characters that differ from the twin's in bold; TokFSM digits
+    (`fsm_first`: the digit index of the first generated digit) grouped into states."""
+    s_text, b_text = Text(), Text()
+    for i, ch in enumerate(steered):
+        if fsm_first is not None and i and (fsm_first + i) % 2 == 0:
+            s_text.append(" ")
+        s_text.append(ch, style="bold" if i >= len(baseline) or baseline[i] != ch else "")
+    b_text.append(baseline if fsm_first is None else group_states(baseline, fsm_first))
+    return s_text, b_text
 
 
 def _tokfsm_checkpoint(path: Path | None, run: Path | None, dev, extra: Any) -> Checkpoint:

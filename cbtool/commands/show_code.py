@@ -11,6 +11,7 @@ from rich.table import Table
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, open_run_store, out
 from cbtool.contexts import code_contexts
 from cbtool.errors import UserError
+from cbtool.fsm_text import group_context
 
 
 def show_code(
@@ -51,16 +52,24 @@ def show_code(
             + ", ".join(f"{escape(repr(t['token']))} x{t['count']:,}" for t in res["top_tokens"])
         )
     if res["examples"]:
-        table = Table(title=f"contexts of {ref} (firing token \\[highlighted])")
+        table = Table(title=f"contexts of {ref} (firing token \\[highlighted]; ⏎ = a line break)")
         table.add_column("doc", justify="right")
         table.add_column("context")
         for name in store.label_names:
             table.add_column(name, justify="right")
+        fsm = (store.manifest.get("corpus") or {}).get("kind") == "tokfsm"
         for ex in res["examples"]:
-            mark = escape("[" + ex["token"] + "]")
-            ctx = f"{escape(ex['left'])}[bold reverse]{mark}[/]{escape(ex['right'])}"
+            left, token, right = (group_context(ex["left"], ex["token"], ex["right"], ex["doc_position"]) if fsm
+                                  else (ex["left"], ex["token"], ex["right"]))
+            mark = escape("[" + one_line(token) + "]")
+            ctx = f"{escape(one_line(left))}[bold reverse]{mark}[/]{escape(one_line(right))}"
             table.add_row(str(ex["doc"]), ctx, *[str(ex[f"label_{n}"]) for n in store.label_names])
         out.print(table)
+
+
+def one_line(text: str) -> str:
+    """A context on one table row: line breaks shown as ⏎, tabs as spaces."""
+    return text.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎").replace("\t", " ")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,12 +10,14 @@ from typing import Any, get_args, get_type_hints
 import typer
 
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
-from cbtool.train import TrainConfig, cli_fields, start_training
+from cbtool.train import TrainConfig, cli_fields, cli_help, start_training
 
 
 def train(
     preset: str = typer.Option("default", "--preset",
-                               help="default (CPU, ~5 min), paper (20k steps x 512, GPU), tiny."),
+                               help="default (CPU, ~5 min), paper (20k steps x 512, GPU), tiny (seconds). The "
+                               "defaults shown below are the TokFSM default preset's; --task text and --base-model "
+                               "runs have their own presets (cbtool/train.py)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     out_dir: Path | None = typer.Option(None, "--out", help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
@@ -58,7 +60,7 @@ def _with_config_options(command: Callable[..., None]) -> Callable[..., None]:
     for f in cli_fields():
         kind = next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name]) | None
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        default = typer.Option(None, *flag.split(" "), help=f.metadata["help"])
+        default = typer.Option(None, *flag.split(" "), help=cli_help(f))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind))
         annotations[f.name] = kind
     command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
