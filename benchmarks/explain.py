@@ -6,7 +6,7 @@ text (a Zipfian vocabulary of `--vocab` words, capitalised words, numbers, punct
 the token (most firings), the previous token or the position in the document, with noise, so the best
 hypotheses are spread over the families and over many distinct tokens, as in a trained dictionary.
 
-Timed: `cbtool.explain.explain` (every family, the census, each row rendered as a find-codes query).
+Timed: `cbtool.explain` (cbtool/explanations.py) (every family, the census, each row rendered as a find-codes query).
 Baseline in the same run: one bincount over every stored id of every site (the least a pass over the codes
 costs). Floor: explain <= 30 s.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cbtool.corpus import Document
-from cbtool.explain import explain
+from cbtool.explanations import explain
 from cbtool.sites import CodebookSpec, Site
 from cbtool.store import documents_to_arrays, write_store
 

@@ -24,7 +24,7 @@ _EXPORTS = {
     "find_codes": "cbtool.search",
     "dead_codes": "cbtool.usage",
     "code_contexts": "cbtool.contexts",
-    "explain": "cbtool.explain",
+    "explain": "cbtool.explanations",
     "recover_automaton": "cbtool.automaton",
     "steer": "cbtool.steer_jobs",
     "Task": "cbtool.task",
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from cbtool.contexts import code_contexts
     from cbtool.corpus import Document
     from cbtool.errors import CheckFailed, UserError
-    from cbtool.explain import explain
+    from cbtool.explanations import explain
     from cbtool.search import find_codes
     from cbtool.steer_jobs import steer
     from cbtool.store import Store, open_store

@@ -1,4 +1,4 @@
-"""The hypothesis families `cbtool explain` searches, and their vectorised counting (cbtool/explain.py).
+"""The hypothesis families `cbtool explain` searches, and their vectorised counting (cbtool/explanations.py).
 
 A family is either
 - *keyed*: every token position gets at most one key (its token id, its previous token, the n-gram ending
@@ -23,7 +23,8 @@ import numpy as np
 from cbtool.features import compile_regex, match_ranges, tokens_overlapping
 from cbtool.store import Store
 
-KEYED = ("token", "prev-token", "bigram", "trigram", "label")
+PARITY = "+parity"  # a keyed family conjoined with the parity of the token's distance to its document's end
+KEYED = ("token", "prev-token", "bigram", "trigram", "label", *(f + PARITY for f in ("token", "bigram", "trigram")))
 MASKED = ("char-class", "position")
 FAMILIES = KEYED + MASKED
 CHAR_CLASSES = {  # name -> the regex find-codes is given (tokens overlapping a match)
@@ -160,6 +161,8 @@ class TokenView:
                                    for s, o in enumerate(offsets)]) if n else np.zeros(0, np.int64)
         sp = np.concatenate(self.spans) if n else np.zeros((0, 2), np.int64)
         self.start, self.end = sp[:, 0], sp[:, 1]
+        doc_end = np.concatenate([dc[1:] for dc in self.doc_chars]) if n else np.zeros(0, np.int64)
+        self.to_end = doc_end[self.doc] - self.end  # characters after the token in its document
         self.nonempty = self.end > self.start
         self.prev = self._previous()
         self.prev2 = np.where(self.prev >= 0, self.prev[np.maximum(self.prev, 0)], -1)
@@ -178,7 +181,11 @@ class TokenView:
 
     # -- per-position keys of the keyed families -----------------------------------------------------
     def keys(self, family: str, label: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n,) keys (-1: none) and, for n-grams, the (keys, n) token ids each key stands for."""
+        """(n,) keys (-1: none) and, for n-grams, the (keys, n) token ids each key stands for. A `+parity`
+        family's key is the base key * 2 + the parity of the characters after the token in its document."""
+        if family.endswith(PARITY):
+            base, grams = self.keys(family[: -len(PARITY)])
+            return np.where(base >= 0, base * 2 + self.to_end % 2, -1), grams
         tok = np.where(self.nonempty, self.tokens, -1)
         if family == "token":
             return tok, None
@@ -188,7 +195,8 @@ class TokenView:
             from cbtool.features import label_feature
 
             return np.concatenate(label_feature(self.store, label).index), None  # type: ignore[arg-type]
-        cols = [self.prev2, self.prev, np.arange(len(tok))] if family == "trigram" else [self.prev, np.arange(len(tok))]
+        here = np.arange(len(tok))
+        cols = [self.prev2, self.prev, here] if family == "trigram" else [self.prev, here]
         ok = self.nonempty & np.all([c >= 0 for c in cols], axis=0)
         grams = np.stack([self.tokens[np.maximum(c, 0)] for c in cols], axis=1)[ok]
         uniq, inv = np.unique(grams, axis=0, return_inverse=True) if ok.any() else (grams, np.zeros(0, np.int64))
@@ -207,7 +215,7 @@ class TokenView:
 
     def faithful(self, token: int) -> bool:
         """Whether the token's string occurs in the text exactly where the token is: then a regex built from
-        such literals selects exactly the positions the search counted (see cbtool/explain.py)."""
+        such literals selects exactly the positions the search counted (see cbtool/explanations.py)."""
         if token not in self._faithful:
             s = self.string(token)
             where = self.nonempty & (self.tokens == token)

@@ -1,5 +1,5 @@
 """`cbtool explain`: every hypothesis family against a brute-force reference on a random store, and every
-explanation reproduced by `find-codes` (cbtool/explain.py, cbtool/hypotheses.py, cbtool/automaton.py)."""
+explanation reproduced by `find-codes` (cbtool/explanations.py, cbtool/hypotheses.py, cbtool/automaton.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import cbtool
 from cbtool.automaton import recover_automaton
 from cbtool.corpus import Document
-from cbtool.explain import explain
+from cbtool.explanations import explain
 from cbtool.hypotheses import (
     CHAR_CLASSES,
     TokenView,
@@ -69,7 +69,12 @@ def _positions(store: Store):
 
 
 def _reference_keys(store: Store, family: str) -> list:
-    """Per position: the family's key (a hashable) or None."""
+    """Per position: the family's key (a hashable) or None; `+parity`: (key, characters to the end % 2)."""
+    if family.endswith("+parity"):
+        doc_end = np.asarray(store.doc_chars(0)).tolist()[1:]
+        _, spans, doc = _positions(store)
+        return [None if k is None else (k, (doc_end[doc[i]] - spans[i][1]) % 2)
+                for i, k in enumerate(_reference_keys(store, family[: -len("+parity")]))]
     tokens, spans, doc = _positions(store)
     out = []
     for i, t in enumerate(tokens):
@@ -126,7 +131,8 @@ def rstore(tmp_path_factory) -> Store:
     return random_store(tmp_path_factory.mktemp("explain") / "codes")
 
 
-@pytest.mark.parametrize("family", ["token", "prev-token", "bigram", "trigram", "label"])
+@pytest.mark.parametrize("family", ["token", "prev-token", "bigram", "trigram", "label", "token+parity",
+                                    "bigram+parity", "trigram+parity"])
 @pytest.mark.parametrize("site", ["0.mlp", "1.mlp"])
 def test_keyed_family_matches_brute_force(rstore, family, site):
     view = TokenView(rstore)
@@ -136,12 +142,13 @@ def test_keyed_family_matches_brute_force(rstore, family, site):
     got = best_key_sets(codes, keys, rstore.counts(site), max_set)
     ref = _reference_best(codes, _reference_keys(rstore, family), rstore.sites[site].num_codes, max_set)
     if family == "label":
-        values = cbtool.features.label_feature(rstore, "state").values
-        decode = values.__getitem__
+        decode = cbtool.features.label_feature(rstore, "state").values.__getitem__
     elif grams is not None:
         decode = lambda m: tuple(int(t) for t in grams[m])  # noqa: E731
     else:
         decode = int
+    if family.endswith("+parity"):
+        decode = lambda m, base=decode: (base(m // 2), m % 2)  # noqa: E731
     for c, (f1, h, s, members) in ref.items():
         assert got.f1[c] == pytest.approx(f1, abs=1e-12), (family, site, c)
         assert (got.hits[c], got.size[c]) == (h, s)
@@ -210,7 +217,7 @@ def test_find_codes_reproduces_every_explanation(rstore):
 
 
 def test_each_family_alone_is_reproduced(rstore):
-    for family in ("token", "prev-token", "bigram", "trigram", "label", "char-class", "position"):
+    for family in cbtool.explanations.FAMILIES:
         doc = explain(rstore, min_count=2, families=family)
         assert {r["family"] for r in doc["rows"]} <= {family, None}
         _same_as_find_codes(rstore, doc["rows"])
@@ -276,3 +283,42 @@ def test_automaton_recovered_from_state_codes(tmp_path):
     assert noisy["edge_precision"] < 0.9 and noisy["majority_purity"] < 1.0
     res = run_cli("explain", tmp_path / "clean", "--fsm", "--json")
     assert json.loads(res.stdout)["automaton"][0]["edge_recall"] == 1.0
+
+
+def test_similar_codes_by_jaccard_and_cosine(rstore):
+    from cbtool.similar import similar_codes
+
+    codes = {s: np.asarray(rstore.codes(0, s)) for s in rstore.sites}
+    fire_sets = {(s, c): {i for i, row in enumerate(codes[s].tolist()) if c in row}
+                 for s in rstore.sites for c in range(rstore.sites[s].num_codes)}
+    a = fire_sets[("0.mlp", 4)]
+    ref = sorted(((-len(a & b) / len(a | b), list(rstore.sites).index(s), c) for (s, c), b in fire_sets.items()
+                  if (s, c) != ("0.mlp", 4) and a & b))[:5]
+    sim = similar_codes(rstore, "0.mlp:4", 5)
+    assert [(r["site"], r["code_id"]) for r in sim["jaccard"]] == [(list(rstore.sites)[r], c) for _, r, c in ref]
+    assert [r["jaccard"] for r in sim["jaccard"]] == pytest.approx([-j for j, _, _ in ref])
+    assert sim["cosine"] is None and "checkpoint" in sim["cosine_unavailable"]
+    res = run_cli("show-code", FIXTURE_STORE, "0.mlp:12", "--similar", "3", "--json")
+    doc = json.loads(res.stdout)["similar"]
+    assert len(doc["cosine"]) == 3 and doc["cosine"][0]["cosine"] >= doc["cosine"][-1]["cosine"]
+    assert all(r["code"] != "0.mlp:12" for r in doc["cosine"] + doc["jaccard"])
+    assert run_cli("show-code", FIXTURE_STORE, "0.mlp:12", "--similar", "-1").exit_code == 2
+
+
+def test_find_codes_at_document_level(rstore):
+    doc = cbtool.find_codes(rstore, regex="42,", level="document", top=0, sites="1.mlp")
+    offs = np.asarray(rstore.doc_offsets(0)).tolist()
+    dc = np.asarray(rstore.doc_chars(0)).tolist()
+    text = rstore.text(0)
+    codes = np.asarray(rstore.codes(0, "1.mlp"))
+    match = [re.search("42,", text[a:b]) is not None for a, b in zip(dc[:-1], dc[1:], strict=True)]
+    assert doc["feature_documents"] == sum(match) > 0
+    for row in doc["rows"]:
+        appears = [bool((codes[offs[d]:offs[d + 1]] == row["code_id"]).any()) for d in range(len(match))]
+        hits = sum(a and m for a, m in zip(appears, match, strict=True))
+        assert (row["fires"], row["hits"]) == (sum(appears), hits)
+        assert row["precision"] == hits / sum(appears) and row["recall"] == hits / sum(match)
+    res = run_cli("find-codes", rstore.path, "--regex", "42,", "--level", "document", "--top", "3")
+    assert res.exit_code == 0 and "documents matching" in res.stdout
+    for bad in (["--labels", "state", "--level", "document"], ["--regex", "a", "--level", "line"]):
+        assert run_cli("find-codes", rstore.path, *bad).exit_code == 2

@@ -1,4 +1,4 @@
-"""`cbtool explain`: the best symbolic hypothesis of every live code and the census (cbtool/explain.py), and
+"""`cbtool explain`: the best symbolic hypothesis of every live code and the census (cbtool/explanations.py), and
 with `--fsm` the TokFSM automaton recovered from each site's codes (cbtool/automaton.py)."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from rich.table import Table
 from cbtool.automaton import DEFAULT_MIN_EDGE_COUNT, recover_automaton
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
-from cbtool.explain import (
+from cbtool.explanations import (
     DEFAULT_MAX_SET,
     DEFAULT_MIN_COUNT,
     DEFAULT_MIN_PRECISION,
     FAMILIES,
     check_explained,
 )
-from cbtool.explain import explain as explain_store
+from cbtool.explanations import explain as explain_store
 
 
 def explain(

@@ -35,6 +35,7 @@ from cbtool.hypotheses import (
     CHAR_CLASSES,
     FAMILIES,
     KEYED,
+    PARITY,
     KeyedBest,
     MaskedBest,
     TokenView,
@@ -49,6 +50,8 @@ from cbtool.store import Store
 DEFAULT_MIN_COUNT = 10
 DEFAULT_MIN_PRECISION = 0.8
 DEFAULT_MAX_SET = 4
+# the characters after a match, to the end of its document, are even / odd in number
+PARITY_LOOKAHEAD = (r"(?=(?:[\s\S]{2})*\Z)", r"(?=[\s\S](?:[\s\S]{2})*\Z)")
 
 
 def parse_families(text: str | None) -> list[str]:
@@ -81,25 +84,33 @@ class _Renderer:
     def render(self, members: list[int]) -> tuple[str, dict[str, Any], bool]:
         """(description, find-codes query, exact) of a key set."""
         v = self.view
-        esc = re.escape
         if self.family == "label":
             value = self.values[members[0]]
             return f"{self.label} = {value}", {"labels": self.label, "label": str(value)}, True
-        if self.family == "token":
-            toks = sorted(members, key=lambda t: (-len(v.string(t)), v.string(t)))
-            desc = "token " + " | ".join(repr(v.string(t)) for t in toks)
-            return desc, _regex(_alternation([esc(v.string(t)) for t in toks])), all(v.faithful(t) for t in toks)
-        if self.family == "prev-token":
-            toks = sorted(members, key=lambda t: v.string(t))
-            desc = "after " + " | ".join(repr(v.string(t)) for t in toks)
-            look = "(?:" + "|".join(f"(?<={esc(v.string(t))})" for t in toks) + ")" if len(toks) > 1 else \
-                f"(?<={esc(v.string(toks[0]))})"
-            return desc, _regex(look + r"[\s\S]"), v.tiled and all(v.faithful(t) for t in toks)
-        grams = [[int(t) for t in self.grams[m]] for m in members]  # type: ignore[index]
-        parts = [f"(?<={''.join(esc(v.string(t)) for t in g[:-1])}){esc(v.string(g[-1]))}" for g in grams]
-        desc = " | ".join(repr(v.string(g[-1])) + " after " + repr("".join(v.string(t) for t in g[:-1]))
-                          for g in grams)
-        return desc, _regex(_alternation(parts)), v.tiled and all(v.faithful(t) for g in grams for t in g)
+        parity = self.family.endswith(PARITY)
+        family = self.family[: -len(PARITY)] if parity else self.family
+        alts: list[tuple[str, str]] = []
+        tokens: set[int] = set()
+        for m in members:
+            key = m // 2 if parity else m
+            gram = [key] if self.grams is None else [int(t) for t in self.grams[key]]
+            tokens.update(gram)
+            strings = [v.string(t) for t in gram]
+            if family == "prev-token":
+                alt, desc = f"(?<={re.escape(strings[0])})[\\s\\S]", f"after {strings[0]!r}"
+            elif family == "token":
+                alt, desc = re.escape(strings[0]), repr(strings[0])
+            else:
+                alt = f"(?<={''.join(re.escape(x) for x in strings[:-1])}){re.escape(strings[-1])}"
+                desc = f"{strings[-1]!r} after {''.join(strings[:-1])!r}"
+            if parity:
+                alt += PARITY_LOOKAHEAD[m % 2]
+                desc += f" at {('even', 'odd')[m % 2]} distance to the end"
+            alts.append((alt, desc))
+        alts.sort(key=lambda a: (-len(a[0]), a[0]))
+        desc = ("token " if family == "token" else "") + " | ".join(d for _, d in alts)
+        exact = all(v.faithful(t) for t in tokens) and (family == "token" or v.tiled)
+        return desc, _regex(_alternation([a for a, _ in alts])), exact
 
 
 def _regex(pattern: str) -> dict[str, Any]:
