@@ -24,6 +24,8 @@ _EXPORTS = {
     "find_codes": "cbtool.search",
     "dead_codes": "cbtool.usage",
     "code_contexts": "cbtool.contexts",
+    "explain": "cbtool.explanations",
+    "recover_automaton": "cbtool.automaton",
     "steer": "cbtool.steer_jobs",
     "Task": "cbtool.task",
     "TokFSM": "cbtool.tokfsm",
@@ -34,16 +36,19 @@ _EXPORTS = {
 }
 __all__ = [
     "__version__", "load_checkpoint", "Checkpoint", "train_model", "TrainConfig", "PRESETS", "embed", "open_store",
-    "Store", "find_codes", "dead_codes", "code_contexts", "steer", "Task", "TokFSM", "TextTask", "Document",
+    "Store", "find_codes", "dead_codes", "code_contexts", "explain", "recover_automaton",
+    "steer", "Task", "TokFSM", "TextTask", "Document",
     "UserError", "CheckFailed",
 ]
 
 if TYPE_CHECKING:
     from cbtool.api import embed, train_model
+    from cbtool.automaton import recover_automaton
     from cbtool.checkpoint import Checkpoint, load_checkpoint
     from cbtool.contexts import code_contexts
     from cbtool.corpus import Document
     from cbtool.errors import CheckFailed, UserError
+    from cbtool.explanations import explain
     from cbtool.search import find_codes
     from cbtool.steer_jobs import steer
     from cbtool.store import Store, open_store

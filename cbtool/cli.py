@@ -150,10 +150,10 @@ def _root(
 
 
 def _register() -> None:
-    from cbtool.commands import dead_codes, embed, find_codes, info, intervene, report, show_code, train
+    from cbtool.commands import dead_codes, embed, explain, find_codes, info, intervene, report, show_code, train
     from cbtool.commands import eval as eval_cmd
 
-    for module in (train, eval_cmd, info, embed, find_codes, dead_codes, show_code, intervene, report):
+    for module in (train, eval_cmd, info, embed, find_codes, dead_codes, show_code, explain, intervene, report):
         module.register(app)
 
 

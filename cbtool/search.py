@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cbtool.doc_level import LEVELS, document_scores, matching_documents
 from cbtool.errors import UserError
 from cbtool.features import MATCH_ON, LabelFeature, label_feature, regex_feature
 from cbtool.scoring import SiteScores, score_labels, score_mask
@@ -77,12 +78,13 @@ def example_tokens(
 
 def feature_rows(
     store: Store, sites: list[str], masks: list[np.ndarray], sort: str = "f1", min_precision: float = 0.0,
-    min_recall: float = 0.0, min_count: int = 1,
+    min_recall: float = 0.0, min_count: int = 1, scorer: Callable[[str], SiteScores] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every code of `sites` that passes the thresholds for a feature (per-shard masks), best first."""
+    """Every code of `sites` that passes the thresholds for a feature (per-shard masks, or `scorer(site)`),
+    best first."""
     parts = []
     for rank, site in enumerate(sites):
-        sc = score_mask(store, site, masks)
+        sc = scorer(site) if scorer is not None else score_mask(store, site, masks)
         keep = np.flatnonzero(candidates(sc, min_precision, min_recall, min_count))
         parts.append((rank, site, sc, keep))
     site_rank = np.concatenate([np.full(len(k), r) for r, _, _, k in parts]) if parts else np.zeros(0)
@@ -159,9 +161,13 @@ def label_table(
 def check_query(
     *, regex: str | None = None, labels: str | None = None, label: str | None = None, match_on: str = "all",
     sort: str = "f1", min_precision: float = 0.0, min_recall: float = 0.0, min_count: int = 1,
-    top: int | None = None, examples: int = 3, baseline: str | None = None,
+    top: int | None = None, examples: int = 3, baseline: str | None = None, level: str = "token",
 ) -> None:
     """Refuse a malformed query (one UserError line) before any store is read."""
+    if level not in LEVELS:
+        raise UserError(f"--level must be {' or '.join(LEVELS)}, got {level!r}")
+    if level == "document" and (regex is None or baseline):
+        raise UserError("--level document takes --regex (documents that match it), without --baseline")
     if baseline not in (None, *BASELINES):
         raise UserError(f"unknown --baseline {baseline!r}: use {', '.join(BASELINES)}")
     if (regex is None) == (labels is None):
@@ -187,6 +193,7 @@ def find_codes(
     min_recall: float = 0.0, min_count: int = 1, top: int | None = None, examples: int = 3,
     baseline: str | None = None,
     checkpoint: Path | None = None, device: Any = "cpu", log: Callable[[str], None] | None = None,
+    level: str = "token",
 ) -> dict[str, Any]:
     """Score every code of the chosen sites (globs, None = all) against one feature: `regex`, or `labels`
     (a stored label name or a file) with one `label` value. `labels` without `label` gives the label
@@ -196,14 +203,24 @@ def find_codes(
 
     `baseline="neurons"`: each row also gets its best neuron (`neuron`, `neuron_precision`, ...) from
     `checkpoint` (default: the store's own) on `device`, and the document a `baseline` summary; in the
-    label table every site's best code per value is compared, summarised per site."""
+    label table every site's best code per value is compared, summarised per site.
+
+    `level="document"` scores the documents that match `regex` instead of tokens (cbtool/doc_level.py): `fires`,
+    `hits` and `feature_documents` count documents."""
     check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort,
                 min_precision=min_precision, min_recall=min_recall, min_count=min_count, top=top, examples=examples,
-                baseline=baseline)
+                baseline=baseline, level=level)
     chosen = store.select_sites(sites)
     thresholds = {"min_precision": min_precision, "min_recall": min_recall, "min_count": min_count}
     base = {"store": str(store.path), "tokens": store.num_tokens, "sites": chosen, "sort": sort,
             "thresholds": thresholds}
+    if level == "document":
+        matching = matching_documents(store, regex)  # type: ignore[arg-type]
+        rows = feature_rows(store, chosen, [], sort, min_precision, min_recall, min_count,
+                            scorer=lambda site: document_scores(store, site, matching))
+        return {**base, "mode": "regex", "level": "document", "regex": regex, "documents": store.num_docs,
+                "feature_documents": int(sum(int(m.sum()) for m in matching)), "matching_codes": len(rows),
+                "rows": rows if top == 0 else rows[:DEFAULT_TOP if top is None else top]}
     if labels is not None and label is None:
         feat = label_feature(store, labels)
         site_rows: list[dict[str, Any]] = []
@@ -266,6 +283,8 @@ def _label_baseline(store: Store, doc: dict[str, Any], feat: LabelFeature, site_
 
 def feature_title(doc: dict[str, Any]) -> str:
     """How a find-codes document names its feature: `/RE/ (match-on all)` or `NAME = VALUE`."""
+    if doc.get("level") == "document":
+        return f"documents matching /{doc['regex']}/"
     if doc["mode"] == "regex":
         return f"/{doc['regex']}/ (match-on {doc['match_on']})"
     return f"{doc['labels']} = {doc['label']}"

@@ -52,6 +52,8 @@ def find_codes(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="--baseline: the store's checkpoint "  # noqa: B008
                                            "(default: the one it was embedded from)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    level: str = typer.Option("token", "--level", help="token, or document: codes appearing in the documents "
+                              "that match --regex (fires and hits count documents)."),
     plot: Path | None = typer.Option(  # noqa: B008
         None, "--plot", help="Also draw precision vs recall of the candidate codes to FILE.png or FILE.svg."
     ),
@@ -65,10 +67,12 @@ def find_codes(
       cbtool find-codes --labels my_labels.npy --require --min-precision 0.8   # CI check (exit 1)
       cbtool find-codes --labels state --baseline neurons   # codes vs the best single neuron
       cbtool find-codes --regex "42" --plot pr.png
+      cbtool find-codes --regex "(?i)king" --level document   # topic codes: documents that match
     """
     plot = check_plot_path(plot)
     check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort, min_precision=min_precision,
-                min_recall=min_recall, min_count=min_count, top=top, examples=examples, baseline=baseline)
+                min_recall=min_recall, min_count=min_count, top=top, examples=examples, baseline=baseline,
+                level=level)
     if as_json and as_jsonl:
         raise UserError("choose one of --json and --jsonl")
     dev: Any = "cpu"
@@ -80,7 +84,7 @@ def find_codes(
     doc = search(store, regex=regex, labels=labels, label=label, sites=sites, match_on=match_on, sort=sort,
                  min_precision=min_precision, min_recall=min_recall, min_count=min_count, top=top,
                  examples=examples, baseline=baseline, checkpoint=checkpoint, device=dev,
-                 log=lambda m: err.print(f"[dim]{m}[/dim]"))
+                 log=lambda m: err.print(f"[dim]{m}[/dim]"), level=level)
     wanted = f"precision >= {min_precision}, recall >= {min_recall} and >= {min_count} fires"
     if doc["mode"] == "label-table":
         if as_json:
@@ -94,19 +98,23 @@ def find_codes(
             raise CheckFailed(f"no code has {wanted} for any value of {doc['labels']!r}")
         return
     title = feature_title(doc)
-    if doc["feature_tokens"] == 0:
-        err.print(f"warning: the feature {title} selects no token of the store", soft_wrap=True)
+    by_doc = doc.get("level") == "document"
+    size, total, unit = ((doc["feature_documents"], doc["documents"], "documents") if by_doc
+                         else (doc["feature_tokens"], store.num_tokens, "tokens"))
+    if size == 0:
+        err.print(f"warning: the feature {title} selects no {unit[:-1]} of the store", soft_wrap=True)
     if as_json:
         emit_json("find-codes", doc)
     elif as_jsonl:
         emit_jsonl(doc["rows"])
     else:
         table = Table(
-            title=f"codes for {title}: {doc['feature_tokens']:,} of {store.num_tokens:,} tokens; "
+            title=f"codes for {title}: {size:,} of {total:,} {unit}; "
             f"{doc['matching_codes']} code(s) pass the thresholds"
         )
         neurons = "baseline" in doc
-        cols = ["code", "precision", "recall", "F1", "fires", "hits", "examples"]
+        cols = ["code", "precision", "recall", "F1", *(("documents", "matching") if by_doc else ("fires", "hits")),
+                "examples"]
         cols += ["best neuron", "its precision"] if neurons else []
         for col in cols:
             table.add_column(col, justify="left" if col in ("code", "examples", "best neuron") else "right")

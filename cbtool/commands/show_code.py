@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -12,6 +13,7 @@ from cbtool.commands.common import RUN_OPTION_HELP, emit_json, open_run_store, o
 from cbtool.contexts import code_contexts
 from cbtool.errors import UserError
 from cbtool.fsm_text import group_context
+from cbtool.similar import similar_codes
 
 
 def show_code(
@@ -23,6 +25,8 @@ def show_code(
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),  # noqa: B008
     examples: int = typer.Option(10, "--examples", help="Contexts to show."),
     context: int = typer.Option(8, "--context", help="Tokens of context on each side."),
+    similar: int = typer.Option(0, "--similar", help="Also the N nearest codes by vector cosine (same site, from "
+                                "the checkpoint) and by firing-set Jaccard (every site)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """The contexts a code fires on (firing token highlighted), its firing count, share of tokens,
@@ -31,14 +35,17 @@ def show_code(
     Examples:
       cbtool show-code 1.mlp:412
       cbtool show-code runs/a/codes 0.attn.h2:7 --examples 20 --context 12 --json
+      cbtool show-code 0.mlp:412 --similar 5      # nearest codes by cosine and by Jaccard
     """
     if len(args) > 2:
         raise UserError(f"expected [STORE] SITE:CODE, got {len(args)} arguments")
-    if examples < 0 or context < 0:
-        raise UserError("--examples and --context must be >= 0")
+    if examples < 0 or context < 0 or similar < 0:
+        raise UserError("--examples, --context and --similar must be >= 0")
     store = open_run_store(Path(args[0]) if len(args) == 2 else None, run)
     res = code_contexts(store, args[-1], examples, context)
     ref = res["code"]
+    if similar:
+        res["similar"] = similar_codes(store, ref, similar)
     if as_json:
         emit_json("show-code", res)
         return
@@ -64,6 +71,23 @@ def show_code(
             mark = escape("[" + one_line(token) + "]")
             ctx = f"{escape(one_line(left))}[bold reverse]{mark}[/]{escape(one_line(right))}"
             table.add_row(str(ex["doc"]), ctx, *[str(ex[f"label_{n}"]) for n in store.label_names])
+        out.print(table)
+    if similar:
+        _print_similar(ref, res["similar"])
+
+
+def _print_similar(ref: str, sim: dict[str, Any]) -> None:
+    for key, title in (("cosine", "by code-vector cosine (same site)"), ("jaccard", "by firing-set Jaccard")):
+        rows = sim[key]
+        if rows is None:
+            out.print(f"nearest codes {title}: not available ({sim['cosine_unavailable']})")
+            continue
+        table = Table(title=f"codes nearest {ref} {title}")
+        for col in ("code", key, "fires", *(("both",) if key == "jaccard" else ())):
+            table.add_column(col, justify="left" if col == "code" else "right")
+        for r in rows:
+            table.add_row(r["code"], f"{r[key]:.3f}", f"{r['fires']:,}",
+                          *((f"{r['both']:,}",) if key == "jaccard" else ()))
         out.print(table)
 
 

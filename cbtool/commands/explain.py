@@ -1,0 +1,122 @@
+"""`cbtool explain`: the best symbolic hypothesis of every live code and the census (cbtool/explanations.py), and
+with `--fsm` the TokFSM automaton recovered from each site's codes (cbtool/automaton.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cbtool.automaton import DEFAULT_MIN_EDGE_COUNT, recover_automaton
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, open_run_store, out
+from cbtool.errors import CheckFailed, UserError
+from cbtool.explanations import (
+    DEFAULT_MAX_SET,
+    DEFAULT_MIN_COUNT,
+    DEFAULT_MIN_PRECISION,
+    FAMILIES,
+    check_explained,
+)
+from cbtool.explanations import explain as explain_store
+
+
+def explain(
+    store_path: Path | None = typer.Argument(None, metavar="[STORE]", help="Code store (default RUN/codes)."),  # noqa: B008
+    run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),  # noqa: B008
+    sites: str | None = typer.Option(None, "--sites", help="Site globs, e.g. '*.mlp'."),
+    min_count: int = typer.Option(DEFAULT_MIN_COUNT, "--min-count", help="Live codes: firing on >= this many "
+                                  "tokens (the ones explained)."),
+    min_precision: float = typer.Option(DEFAULT_MIN_PRECISION, "--min-precision",
+                                        help="A code is explained when its best hypothesis has this precision."),
+    max_set: int = typer.Option(DEFAULT_MAX_SET, "--max-set", help="At most this many tokens / n-grams per "
+                                "hypothesis."),
+    families: str | None = typer.Option(None, "--families", help=f"Comma-separated subset of {', '.join(FAMILIES)} "
+                                        "(default all)."),
+    top: int = typer.Option(20, "--top", help="Codes to list in the table, most firing first (0 = all)."),
+    require_explained: float | None = typer.Option(
+        None, "--require-explained", help="Exit 1 when a site explains a smaller share of its live codes (CI)."),
+    fsm: bool = typer.Option(False, "--fsm", help="TokFSM: also recover the automaton from each site's codes "
+                             "and score its edges against the true FSM."),
+    fsm_min_edge_count: int = typer.Option(DEFAULT_MIN_EDGE_COUNT, "--fsm-min-edge-count",
+                                           help="--fsm: keep code-to-code edges seen at least this often."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON row per code on stdout."),
+) -> None:
+    """The best hypothesis of every live code (token, previous token, n-gram, character class, position,
+    label), as a find-codes query that reproduces its precision, recall and F1; and the census per site.
+
+    Examples:
+      cbtool explain --sites '*.mlp'
+      cbtool explain --require-explained 0.95 --sites 0.mlp      # CI: exit 1 below 95% explained
+      cbtool explain --fsm --sites '*.mlp'                       # TokFSM: recover the automaton
+      cbtool explain runs/a/codes --jsonl | jq -c 'select(.precision < 0.8)'
+    """
+    if as_json and as_jsonl:
+        raise UserError("choose one of --json and --jsonl")
+    if require_explained is not None and not 0.0 <= require_explained <= 1.0:
+        raise UserError("--require-explained must be in [0, 1]")
+    if top < 0:
+        raise UserError("--top must be >= 0")
+    store = open_run_store(store_path, run)
+    doc = explain_store(store, sites=sites, min_count=min_count, min_precision=min_precision, max_set=max_set,
+                        families=families)
+    if fsm:
+        doc["automaton"] = [recover_automaton(store, s, fsm_min_edge_count) for s in doc["sites"]]
+    if as_json:
+        emit_json("explain", doc)
+    elif as_jsonl:
+        emit_jsonl(doc["rows"])
+    else:
+        _print(doc, top)
+    if require_explained is not None:
+        low = check_explained(doc, require_explained)
+        if low:
+            raise CheckFailed(f"{len(low)} site(s) explain less than {require_explained:.1%} of their live codes "
+                              f"at precision >= {min_precision}: {', '.join(low[:8])}{' ...' if len(low) > 8 else ''}")
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _print(doc: dict[str, Any], top: int) -> None:
+    rows = sorted(doc["rows"], key=lambda r: (-r["fires"], r["code"]))
+    if top:
+        rows = rows[:top]
+    table = Table(title=f"best hypothesis per code (live: >= {doc['min_count']} fires), most firing first")
+    for col in ("code", "fires", "family", "hypothesis", "find-codes query", "precision", "recall", "F1"):
+        table.add_column(col, justify="right" if col in ("fires", "precision", "recall", "F1") else "left")
+    for r in rows:
+        q = r["query"] or {}
+        query = f"--labels {q['labels']} --label {q['label']}" if "labels" in q else \
+            (f"--regex {q['regex']!r}" if q else "-")
+        table.add_row(r["code"], f"{r['fires']:,}", r["family"] or "-", escape(r["hypothesis"] or "-"), escape(query),
+                      f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}")
+    out.print(table)
+    census = Table(title=f"census: live codes explained at precision >= {doc['min_precision']} "
+                         f"({doc['seconds']:.1f} s)")
+    for col in ("site", "live codes", "explained", "share", "firing mass", "mean F1", "by family"):
+        census.add_column(col, justify="left" if col in ("site", "by family") else "right")
+    for site in [*doc["sites"], "all"]:
+        c = doc["census"][site]
+        fams = ", ".join(f"{f} {n}" for f, n in c["by_family"].items())
+        census.add_row(site, f"{c['live_codes']:,}", f"{c['explained']:,}", _share(c["explained_share"]),
+                       _share(c["firing_mass_share"]), "-" if c["mean_f1"] is None else f"{c['mean_f1']:.3f}", fams)
+    out.print(census)
+    if "automaton" in doc:
+        at = Table(title="automaton recovered from codes (edges seen >= "
+                         f"{doc['automaton'][0]['min_edge_count'] if doc['automaton'] else '-'} times)")
+        for col in ("site", "codes", "kept code edges", "states mapped", "predicted edges", "edge precision",
+                    "edge recall"):
+            at.add_column(col, justify="left" if col == "site" else "right")
+        for a in doc["automaton"]:
+            at.add_row(a["site"], f"{a['codes']:,}", f"{a['kept_code_edges']:,}", str(a["states_mapped"]),
+                       f"{a['predicted_edges']:,}", f"{a['edge_precision']:.3f}", f"{a['edge_recall']:.3f}")
+        out.print(at)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("explain")(explain)

@@ -1,0 +1,247 @@
+"""Explaining every code without a language model (`cbtool explain`), and the census of a dictionary.
+
+For every live code (>= `min_count` firings) of the chosen sites, the hypothesis families of
+cbtool/hypotheses.py are searched by vectorised counting and the hypothesis with the best F1 is kept, written
+as a `find-codes` query (a regex, match-on all, or a stored label value) that gives the same numbers:
+
+- token:       the firing token is one of a small set            `(?:the|a)`
+- prev-token:  the previous token is one of a small set          `(?<=the)[\\s\\S]`
+- bigram / trigram: the n-gram ending at the position             `(?<=Mr)\\.`
+- char-class:  digits, capitalised word, punctuation, whitespace, line start (cbtool/hypotheses.py)
+- position:    character-offset bucket in the document [0,1), [1,2), [2,4), ...
+- label:       a value of each label the store holds (TokFSM: `--labels state --label 42`)
+
+The search counts token ids. A regex built from token strings selects exactly those positions when every token
+in it is *faithful* (its string occurs in the text only where the token is) and, for the context families, the
+token spans tile each document; the numbers are then the search's. Otherwise the regex's own feature is
+computed (as `find-codes --regex` does) and its numbers are reported, so what is printed is always what
+`find-codes` reproduces. The families are tried best search-F1 first, stopping once no remaining family's
+search F1 can beat the best reported F1 so far.
+
+Census per site: the share of live codes whose best hypothesis has precision >= `min_precision` (explained),
+and the share of the live codes' firings that belong to explained codes (firing mass).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from cbtool.errors import UserError
+from cbtool.hypotheses import (
+    CHAR_CLASSES,
+    FAMILIES,
+    KEYED,
+    PARITY,
+    KeyedBest,
+    MaskedBest,
+    TokenView,
+    best_key_sets,
+    best_masks,
+    position_buckets,
+    position_regex,
+)
+from cbtool.scoring import SiteScores
+from cbtool.store import Store
+
+DEFAULT_MIN_COUNT = 10
+DEFAULT_MIN_PRECISION = 0.8
+DEFAULT_MAX_SET = 4
+# the characters after a match, to the end of its document, are even / odd in number
+PARITY_LOOKAHEAD = (r"(?=(?:[\s\S]{2})*\Z)", r"(?=[\s\S](?:[\s\S]{2})*\Z)")
+
+
+def parse_families(text: str | None) -> list[str]:
+    """`--families token,label` (None or empty: all), in the canonical order."""
+    if text is None or not text.strip():
+        return list(FAMILIES)
+    asked = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in asked if f not in FAMILIES]
+    if bad:
+        raise UserError(f"unknown hypothesis famil{'ies' if len(bad) > 1 else 'y'} {', '.join(bad)}: "
+                        f"use {', '.join(FAMILIES)}")
+    return [f for f in FAMILIES if f in asked]
+
+
+def _alternation(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
+
+
+class _Renderer:
+    """Hypotheses of one family as find-codes queries, with whether the search's numbers are exact."""
+
+    def __init__(self, view: TokenView, family: str, label: str | None = None) -> None:
+        self.view, self.family, self.label = view, family, label
+        self.keys, self.grams = view.keys(family, label)
+        if family == "label":
+            from cbtool.features import label_feature
+
+            self.values = label_feature(view.store, label).values  # type: ignore[arg-type]
+
+    def render(self, members: list[int]) -> tuple[str, dict[str, Any], bool]:
+        """(description, find-codes query, exact) of a key set."""
+        v = self.view
+        if self.family == "label":
+            value = self.values[members[0]]
+            return f"{self.label} = {value}", {"labels": self.label, "label": str(value)}, True
+        parity = self.family.endswith(PARITY)
+        family = self.family[: -len(PARITY)] if parity else self.family
+        alts: list[tuple[str, str]] = []
+        tokens: set[int] = set()
+        for m in members:
+            key = m // 2 if parity else m
+            gram = [key] if self.grams is None else [int(t) for t in self.grams[key]]
+            tokens.update(gram)
+            strings = [v.string(t) for t in gram]
+            if family == "prev-token":
+                alt, desc = f"(?<={re.escape(strings[0])})[\\s\\S]", f"after {strings[0]!r}"
+            elif family == "token":
+                alt, desc = re.escape(strings[0]), repr(strings[0])
+            else:
+                alt = f"(?<={''.join(re.escape(x) for x in strings[:-1])}){re.escape(strings[-1])}"
+                desc = f"{strings[-1]!r} after {''.join(strings[:-1])!r}"
+            if parity:
+                alt += PARITY_LOOKAHEAD[m % 2]
+                desc += f" at {('even', 'odd')[m % 2]} distance to the end"
+            alts.append((alt, desc))
+        alts.sort(key=lambda a: (-len(a[0]), a[0]))
+        desc = ("token " if family == "token" else "") + " | ".join(d for _, d in alts)
+        exact = all(v.faithful(t) for t in tokens) and (family == "token" or v.tiled)
+        return desc, _regex(_alternation([a for a, _ in alts])), exact
+
+
+def _regex(pattern: str) -> dict[str, Any]:
+    return {"regex": pattern, "match_on": "all"}
+
+
+def masked_features(view: TokenView, family: str) -> list[tuple[str, str]]:
+    """(description, regex) of the masks of a masked family."""
+    if family == "char-class":
+        return list(CHAR_CLASSES.items())
+    return [(f"characters [{a},{b}) of the document", position_regex(a, b))
+            for a, b in position_buckets(view.max_doc_chars())]
+
+
+def explain(
+    store: Store, *, sites: str | None = None, min_count: int = DEFAULT_MIN_COUNT,
+    min_precision: float = DEFAULT_MIN_PRECISION, max_set: int = DEFAULT_MAX_SET, families: str | None = None,
+) -> dict[str, Any]:
+    """The best hypothesis of every live code of the chosen sites (globs, None = all) and the census.
+    Returns what `cbtool explain --json` prints (without its schema_version/kind)."""
+    if min_count < 1:
+        raise UserError("--min-count must be >= 1")
+    if not 0.0 <= min_precision <= 1.0:
+        raise UserError("--min-precision must be in [0, 1]")
+    if not 1 <= max_set <= 64:
+        raise UserError("--max-set must be in 1..64")
+    fams = parse_families(families)
+    chosen = store.select_sites(sites)
+    t0 = time.perf_counter()
+    view = TokenView(store)
+    renderers = [_Renderer(view, f, lab) for f in fams if f in KEYED
+                 for lab in (store.label_names if f == "label" else [None])]
+    masked = {f: masked_features(view, f) for f in fams if f not in KEYED}
+    masks = {f: [view.regex_mask(rx) for _, rx in feats] for f, feats in masked.items()}
+    rows: list[dict[str, Any]] = []
+    census: dict[str, dict[str, Any]] = {}
+    for site in chosen:
+        codes = np.concatenate([np.asarray(store.codes(s, site)) for s in range(store.num_shards)])
+        fires = store.counts(site)
+        keyed = [(r, best_key_sets(codes, r.keys, fires, 1 if r.family == "label" else max_set)) for r in renderers]
+        mbest = [(f, best_masks(codes, masks[f], fires)) for f in masked]
+        exact = _ExactScores(view, codes, len(fires))
+        live = np.flatnonzero(fires >= min_count)
+        site_rows = [_explain_code(site, int(c), int(fires[c]), keyed, mbest, masked, exact) for c in live]
+        rows += site_rows
+        census[site] = _census(site_rows, min_precision)
+    doc = {
+        "store": str(store.path), "tokens": store.num_tokens, "sites": chosen, "families": fams,
+        "min_count": min_count, "min_precision": min_precision, "max_set": max_set,
+        "census": {**census, "all": _census(rows, min_precision)}, "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return doc
+
+
+class _ExactScores:
+    """Hits of a site's codes on a regex feature, computed as find-codes computes them (cached per regex)."""
+
+    def __init__(self, view: TokenView, codes: np.ndarray, num_codes: int) -> None:
+        self.view, self.codes, self.num_codes = view, codes, num_codes
+        self._hits: dict[str, tuple[np.ndarray, int]] = {}
+
+    def __call__(self, pattern: str, code: int) -> tuple[int, int]:
+        if pattern not in self._hits:
+            mask = self.view.regex_mask(pattern)
+            hits = np.bincount(np.asarray(self.codes[mask], dtype=np.int64).reshape(-1), minlength=self.num_codes)
+            self._hits[pattern] = (hits, int(mask.sum()))
+        hits, size = self._hits[pattern]
+        return int(hits[code]), size
+
+
+def _explain_code(site: str, code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],
+                  mbest: list[tuple[str, MaskedBest]], masked: dict[str, list[tuple[str, str]]],
+                  exact: _ExactScores) -> dict[str, Any]:
+    """The best reported hypothesis of one code among its families' best (see the module docstring)."""
+    cands: list[tuple[float, int, Any]] = []
+    for i, (r, kb) in enumerate(keyed):
+        if kb.f1[code] > 0:
+            cands.append((float(kb.f1[code]), i, ("keyed", r, kb)))
+    for j, (f, mb) in enumerate(mbest):
+        if mb.f1[code] > 0:
+            cands.append((float(mb.f1[code]), len(keyed) + j, ("masked", f, mb)))
+    cands.sort(key=lambda c: (-c[0], c[1]))
+    best: dict[str, Any] | None = None
+    for search_f1, _, (kind, who, res) in cands:
+        if best is not None and search_f1 <= best["f1"]:
+            break
+        hits, size = int(res.hits[code]), int(res.size[code])
+        if kind == "keyed":
+            members = [int(m) for m in res.members[code] if m >= 0]
+            desc, query, is_exact = who.render(members)
+            family = who.family
+            if not is_exact:
+                hits, size = exact(query["regex"], code)
+        else:
+            family = who
+            desc, pattern = masked[who][int(res.mask[code])]
+            query = _regex(pattern)
+        row = _scored(hits, fires, size)
+        if best is None or row["f1"] > best["f1"]:
+            best = {"family": family, "hypothesis": desc, "query": query, **row}
+    base = {"code": f"{site}:{code}", "site": site, "code_id": code, "fires": fires}
+    if best is None:
+        return {**base, "family": None, "hypothesis": None, "query": None, "precision": 0.0, "recall": 0.0,
+                "f1": 0.0, "hits": 0, "feature_tokens": 0}
+    return {**base, **best}
+
+
+def _scored(hits: int, fires: int, size: int) -> dict[str, Any]:
+    """Precision, recall and F1 exactly as find-codes computes them (cbtool/scoring.py)."""
+    sc = SiteScores("", np.array([hits]), np.array([fires]), size)
+    return {"precision": float(sc.precision[0]), "recall": float(sc.recall[0]), "f1": float(sc.f1[0]),
+            "hits": hits, "feature_tokens": size}
+
+
+def _census(rows: list[dict[str, Any]], min_precision: float) -> dict[str, Any]:
+    explained = [r for r in rows if r["family"] is not None and r["precision"] >= min_precision]
+    mass = sum(r["fires"] for r in rows)
+    by_family: dict[str, int] = {}
+    for r in explained:
+        by_family[r["family"]] = by_family.get(r["family"], 0) + 1
+    return {
+        "live_codes": len(rows), "explained": len(explained),
+        "explained_share": len(explained) / len(rows) if rows else None,
+        "firing_mass_share": sum(r["fires"] for r in explained) / mass if mass else None,
+        "mean_f1": float(np.mean([r["f1"] for r in rows])) if rows else None,
+        "by_family": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def check_explained(doc: dict[str, Any], frac: float) -> list[str]:
+    """The sites (with live codes) whose explained share is below `frac` (`--require-explained`)."""
+    return [s for s in doc["sites"] if doc["census"][s]["live_codes"]
+            and doc["census"][s]["explained_share"] < frac]

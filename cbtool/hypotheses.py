@@ -1,0 +1,241 @@
+"""The hypothesis families `cbtool explain` searches, and their vectorised counting (cbtool/explanations.py).
+
+A family is either
+- *keyed*: every token position gets at most one key (its token id, its previous token, the n-gram ending
+  there, its label value); a hypothesis is a small set of keys, i.e. the positions whose key is in the set;
+- *masked*: a few fixed regex features (character classes, position-in-document buckets), each a hypothesis.
+
+Counting never loops over codes: hits of every (code, key) pair of a site come from one `np.bincount` (or
+`np.unique` when C x keys is large) over `code * K + key`; masked families use one bincount per mask.
+For one code with `fires` firings, a key set with hits H and size S scores precision H / fires, recall H / S
+and F1 2H / (fires + S). The best F1 over *all* key sets takes the keys in order of h / s (Dinkelbach), so the
+search takes, per code, the keys in that order (ties: more hits, then lower key) and keeps the best prefix of
+at most `max_set` keys (ties: the shorter).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbtool.features import compile_regex, match_ranges, tokens_overlapping
+from cbtool.store import Store
+
+PARITY = "+parity"  # a keyed family conjoined with the parity of the token's distance to its document's end
+KEYED = ("token", "prev-token", "bigram", "trigram", "label", *(f + PARITY for f in ("token", "bigram", "trigram")))
+MASKED = ("char-class", "position")
+FAMILIES = KEYED + MASKED
+CHAR_CLASSES = {  # name -> the regex find-codes is given (tokens overlapping a match)
+    "digits": r"\d+",
+    "capitalised word": r"\b[A-Z][a-z]+",
+    "punctuation": r"[^\w\s]+",
+    "whitespace": r"\s+",
+    "line start": r"(?m)^[\s\S]",
+}
+DENSE_BINS = 1 << 24  # count (code, key) pairs with a dense bincount up to this many bins, else np.unique
+
+
+@dataclass
+class KeyedBest:
+    """Per code of one site: the best key set of a keyed family (members padded with -1)."""
+
+    f1: np.ndarray  # (C,) float
+    hits: np.ndarray  # (C,) int64: firings inside the set
+    size: np.ndarray  # (C,) int64: positions of the set
+    members: np.ndarray  # (C, max_set) int64
+
+
+@dataclass
+class MaskedBest:
+    """Per code of one site: the best mask of a masked family (-1: none)."""
+
+    f1: np.ndarray
+    hits: np.ndarray
+    size: np.ndarray
+    mask: np.ndarray  # (C,) int64 index into the family's masks
+
+
+def f1_counts(hits: np.ndarray, fires: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """F1 of precision hits / fires and recall hits / size, written 2H / (fires + size); 0 when hits is 0."""
+    hits = np.asarray(hits, dtype=np.float64)
+    den = np.asarray(fires, dtype=np.float64) + size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(hits > 0, 2 * hits / np.where(den > 0, den, 1), 0.0)
+
+
+def pair_counts(codes: np.ndarray, keys: np.ndarray, num_codes: int, num_keys: int) -> tuple[np.ndarray, ...]:
+    """(code, key, hits) of every pair with hits > 0 over positions with key >= 0 (a code counted once per
+    token: top-k ids of a token are distinct)."""
+    ok = keys >= 0
+    comb = (np.asarray(codes[ok], dtype=np.int64) * num_keys + keys[ok][:, None]).reshape(-1)
+    if num_codes * num_keys <= DENSE_BINS:
+        counts = np.bincount(comb, minlength=num_codes * num_keys)
+        nz = np.flatnonzero(counts)
+        hits = counts[nz]
+    else:
+        nz, hits = np.unique(comb, return_counts=True)
+    return nz // num_keys, nz % num_keys, hits.astype(np.int64)
+
+
+def best_key_sets(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray, max_set: int) -> KeyedBest:
+    """The best key set (at most `max_set` keys) of every code; codes: (n, k) ids, keys: (n,) int64 (-1 none)."""
+    c = len(fires)
+    out = KeyedBest(np.zeros(c), np.zeros(c, np.int64), np.zeros(c, np.int64), np.full((c, max_set), -1, np.int64))
+    if not (keys >= 0).any():
+        return out
+    num_keys = int(keys.max()) + 1
+    size = np.bincount(keys[keys >= 0], minlength=num_keys)
+    code, key, h = pair_counts(codes, keys, c, num_keys)
+    s = size[key]
+    order = np.lexsort((key, -h, -(h / s), code))
+    code, key, h, s = code[order], key[order], h[order], s[order]
+    first = np.r_[True, code[1:] != code[:-1]]
+    start = np.flatnonzero(first)
+    seg = np.cumsum(first) - 1
+    rank = np.arange(len(code)) - start[seg]
+    cum_h, cum_s = np.cumsum(h), np.cumsum(s)
+    cum_h = cum_h - (cum_h - h)[start][seg]
+    cum_s = cum_s - (cum_s - s)[start][seg]
+    f1 = f1_counts(cum_h, fires[code], cum_s)
+    cand = np.flatnonzero(rank < max_set)
+    cand = cand[np.lexsort((rank[cand], -f1[cand], code[cand]))]
+    best = cand[np.r_[True, code[cand][1:] != code[cand][:-1]]]
+    who = code[best]
+    out.f1[who], out.hits[who], out.size[who] = f1[best], cum_h[best], cum_s[best]
+    for j in range(max_set):
+        has = rank[best] >= j
+        out.members[who[has], j] = key[start[seg[best[has]]] + j]
+    return out
+
+
+def best_masks(codes: np.ndarray, masks: list[np.ndarray], fires: np.ndarray) -> MaskedBest:
+    """The best of a few boolean features for every code (ties: the first mask)."""
+    c = len(fires)
+    if not masks:
+        return MaskedBest(np.zeros(c), np.zeros(c, np.int64), np.zeros(c, np.int64), np.full(c, -1, np.int64))
+    hits = np.stack([np.bincount(np.asarray(codes[m], dtype=np.int64).reshape(-1), minlength=c) for m in masks])
+    size = np.array([int(m.sum()) for m in masks], dtype=np.int64)
+    f1 = f1_counts(hits, fires[None, :], size[:, None])
+    best = np.argmax(f1, axis=0)
+    cols = np.arange(c)
+    got = f1[best, cols] > 0
+    return MaskedBest(f1[best, cols], hits[best, cols], size[best], np.where(got, best, -1))
+
+
+def position_buckets(max_chars: int) -> list[tuple[int, int]]:
+    """Character-offset buckets within a document: [0,1), [1,2), [2,4), [4,8), ... covering `max_chars`."""
+    out, a, b = [], 0, 1
+    while a < max(max_chars, 1):
+        out.append((a, b))
+        a, b = b, 2 * b
+    return out
+
+
+def position_regex(a: int, b: int) -> str:
+    """A regex whose one match per document covers its characters [a, b) (or up to its end)."""
+    return rf"\A[\s\S]{{1,{b}}}" if a == 0 else rf"(?<=\A[\s\S]{{{a}}})[\s\S]{{1,{b - a}}}"
+
+
+def has_border(s: str) -> bool:
+    """Whether a proper prefix of `s` is also its suffix (occurrences of `s` can overlap)."""
+    return any(s[:i] == s[-i:] for i in range(1, len(s)))
+
+
+class TokenView:
+    """A store's positions in memory, with what the families need: token ids, the previous non-empty token of
+    the same document, document ids, and regex features computed exactly as `find-codes` computes them."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        shards = range(store.num_shards)
+        self.texts = [store.text(s) for s in shards]
+        self.doc_chars = [np.asarray(store.doc_chars(s), dtype=np.int64) for s in shards]
+        self.spans = [np.asarray(store.spans(s), dtype=np.int64) for s in shards]
+        self.tokens = np.concatenate([np.asarray(store.tokens(s), dtype=np.int64) for s in shards])
+        n = len(self.tokens)
+        base = np.concatenate([[0], np.cumsum(store.shard_docs)]).astype(np.int64)
+        offsets = [np.asarray(store.doc_offsets(s), dtype=np.int64) for s in shards]
+        self.doc = np.concatenate([np.repeat(np.arange(len(o) - 1) + base[s], np.diff(o))
+                                   for s, o in enumerate(offsets)]) if n else np.zeros(0, np.int64)
+        sp = np.concatenate(self.spans) if n else np.zeros((0, 2), np.int64)
+        self.start, self.end = sp[:, 0], sp[:, 1]
+        doc_end = np.concatenate([dc[1:] for dc in self.doc_chars]) if n else np.zeros(0, np.int64)
+        self.to_end = doc_end[self.doc] - self.end  # characters after the token in its document
+        self.nonempty = self.end > self.start
+        self.prev = self._previous()
+        self.prev2 = np.where(self.prev >= 0, self.prev[np.maximum(self.prev, 0)], -1)
+        after = np.flatnonzero(self.nonempty & (self.prev >= 0))
+        # spans tile each document: the character after a token belongs to the next non-empty token
+        self.tiled = bool(np.all(self.start[after] == self.end[self.prev[after]]))
+        self._masks: dict[str, np.ndarray] = {}
+        self._strings: dict[int, str] = {}
+        self._faithful: dict[int, bool] = {}
+
+    def _previous(self) -> np.ndarray:
+        """Per position: the index of the previous non-empty token in the same document (-1: none)."""
+        idx = np.where(self.nonempty, np.arange(len(self.tokens)), -1)
+        prev = np.r_[-1, np.maximum.accumulate(idx)[:-1]] if len(idx) else idx
+        return np.where((prev >= 0) & (self.doc[np.maximum(prev, 0)] == self.doc), prev, -1)
+
+    # -- per-position keys of the keyed families -----------------------------------------------------
+    def keys(self, family: str, label: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n,) keys (-1: none) and, for n-grams, the (keys, n) token ids each key stands for. A `+parity`
+        family's key is the base key * 2 + the parity of the characters after the token in its document."""
+        if family.endswith(PARITY):
+            base, grams = self.keys(family[: -len(PARITY)])
+            return np.where(base >= 0, base * 2 + self.to_end % 2, -1), grams
+        tok = np.where(self.nonempty, self.tokens, -1)
+        if family == "token":
+            return tok, None
+        if family == "prev-token":
+            return np.where(self.nonempty & (self.prev >= 0), self.tokens[np.maximum(self.prev, 0)], -1), None
+        if family == "label":
+            from cbtool.features import label_feature
+
+            return np.concatenate(label_feature(self.store, label).index), None  # type: ignore[arg-type]
+        here = np.arange(len(tok))
+        cols = [self.prev2, self.prev, here] if family == "trigram" else [self.prev, here]
+        ok = self.nonempty & np.all([c >= 0 for c in cols], axis=0)
+        grams = np.stack([self.tokens[np.maximum(c, 0)] for c in cols], axis=1)[ok]
+        uniq, inv = np.unique(grams, axis=0, return_inverse=True) if ok.any() else (grams, np.zeros(0, np.int64))
+        keys = np.full(len(tok), -1, dtype=np.int64)
+        keys[ok] = inv.reshape(-1)
+        return keys, uniq
+
+    # -- rendering as find-codes features --------------------------------------------------------
+    def string(self, token: int) -> str:
+        """The characters of a token (its first non-empty occurrence)."""
+        if token not in self._strings:
+            p = int(np.flatnonzero(self.nonempty & (self.tokens == token))[0])
+            s = int(np.searchsorted(self.store.token_offsets, p, side="right") - 1)
+            self._strings[token] = self.texts[s][int(self.start[p]) : int(self.end[p])]
+        return self._strings[token]
+
+    def faithful(self, token: int) -> bool:
+        """Whether the token's string occurs in the text exactly where the token is: then a regex built from
+        such literals selects exactly the positions the search counted (see cbtool/explanations.py)."""
+        if token not in self._faithful:
+            s = self.string(token)
+            where = self.nonempty & (self.tokens == token)
+            lengths = self.end[where] - self.start[where]
+            if lengths.min() != len(s) or lengths.max() != len(s):
+                self._faithful[token] = False
+            else:
+                pat = re.compile(f"(?={re.escape(s)})")
+                occ = sum(len(pat.findall(t)) if has_border(s) else t.count(s) for t in self.texts)
+                self._faithful[token] = occ == int(where.sum())
+        return self._faithful[token]
+
+    def regex_mask(self, pattern: str) -> np.ndarray:
+        """(n,) tokens overlapping a match of `pattern` in their document: `find-codes --regex` (match-on all)."""
+        if pattern not in self._masks:
+            regex = compile_regex(pattern)
+            parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), len(text), "all")
+                     for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
+            self._masks[pattern] = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+        return self._masks[pattern]
+
+    def max_doc_chars(self) -> int:
+        return max((int(np.diff(dc).max()) for dc in self.doc_chars if len(dc) > 1), default=0)
