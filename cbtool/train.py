@@ -181,7 +181,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
     # the built-in text model on Shakespeare: <= 10 min on a 2-core CPU
     "default": {"task": "text", "base_steps": 1200, "steps": 300, "batch_size": 16, "lr": 2e-3,
-                "num_codes": 1024, "k": 1, "kmeans_seqs": 128, "seq_len": 128, "vocab_size": 2048,
+                "num_codes": 4096, "k": 8, "kmeans": "torch", "kmeans_seqs": 128, "seq_len": 128, "vocab_size": 2048,
                 "eval_samples": 0, "model": {"vocab_size": 2048, "block_size": 129, "n_layer": 4, "n_head": 4,
                                              "d_model": 128, "d_mlp": 512}},
     "tiny": {"task": "text", "base_steps": 20, "steps": 10, "batch_size": 4, "num_codes": 32,
