@@ -22,10 +22,26 @@ import cbtool
 from cbtool.errors import CheckFailed, UserError
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
+# commands that run as one job over the ranks of `torchrun` (cbtool/distributed.py); others are refused there
+DISTRIBUTED = ("train", "embed", "find-codes", "dead-codes", "show-code")
 
 
 class _Group(TyperGroup):
     """Maps every failure to the documented exit code and one line on stderr."""
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+            return name, cmd, rest
+        from cbtool import distributed
+
+        if distributed.requested_size() > 1:  # launched by torchrun: join the other ranks first
+            if name not in DISTRIBUTED:
+                raise UserError(f"`cbtool {name}` does not run under torchrun (WORLD_SIZE > 1); run it in one "
+                                f"process. Commands that do: {', '.join(DISTRIBUTED)}")
+            if not distributed.init().is_main:  # rank 0 prints the results; every rank prints its errors
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        return name, cmd, rest
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or bool(os.environ.get("CBTOOL_DEBUG"))
@@ -60,7 +76,9 @@ class _Group(TyperGroup):
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"cbtool: error: {' '.join(message.split())}\n")
+    dist = sys.modules.get("cbtool.distributed")  # under torchrun: which rank speaks
+    rank = dist.tag() if dist is not None else ""
+    sys.stderr.write(f"cbtool: error: {rank}{' '.join(message.split())}\n")
     sys.stderr.flush()
     sys.exit(code)
 
