@@ -3,10 +3,10 @@ the results equal one process (docs/scaling.md); bad launches stop every rank wi
 
 Training at the same global batch is compared within a tolerance, not bit for bit: the two ranks average two
 half-batch gradients where one process takes the mean over the whole batch, so the same float numbers are
-added in another order (relative differences ~1e-7 per step, measured ~2e-6 absolute after 20 steps).
-Everything discrete (data slices, k-means, the firing counts that decide revival, the revival sample) is the
-same, so the weights stay within TOLERANCE while no near-tie flips a selection. Resuming after a rank is
-killed is compared bit for bit with the uninterrupted two-rank run.
+added in another order (measured: 8e-6 on the weights after the 12 steps below). Everything discrete (data
+slices, k-means, the firing counts that decide revival, the revival sample) is the same, so the weights stay
+within TOLERANCE while no near-tie flips a selection. Resuming after a rank is killed is compared bit for bit
+with the uninterrupted two-rank run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from cbtool import distributed
 from cbtool.train import start_training
 distributed.init()
 t = start_training(sys.argv[1], "tiny", resume=sys.argv[2] == "resume", overwrite=True, device="cpu",
-                   checkpoint_every=int(sys.argv[3]), dead_window=int(sys.argv[4]), base_steps=8, steps=12,
+                   checkpoint_every=int(sys.argv[3]), dead_window=int(sys.argv[4]), base_steps=0, steps=12,
                    log_every=3, seed=3)
 t.run()
 """
@@ -93,35 +93,25 @@ def metrics(ck: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """1 process and 2 ranks, without dead-code revival (1000 > steps) and with it every 3 steps."""
+    """1 process and 2 ranks: codebooks and model trained together from k-means at step 0, dead codes revived
+    every 3 steps. (With a plain phase first, k-means clusters activations that differ by rounding and may
+    cluster them differently: a discrete change, not a rounding error.)"""
     root = tmp_path_factory.mktemp("ddp")
     for ranks in (1, 2):
-        for window in (1000, 3):
-            train(root / f"r{ranks}-w{window}", ranks, window)
+        train(root / f"ranks{ranks}", ranks, 3)
     return root
 
 
 def test_two_ranks_train_like_one_process(runs):
-    one, two = weights(runs / "r1-w1000"), weights(runs / "r2-w1000")
+    one, two = weights(runs / "ranks1"), weights(runs / "ranks2")
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < TOLERANCE, worst
-    for a, b in zip(metrics(runs / "r1-w1000"), metrics(runs / "r2-w1000"), strict=True):
-        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-4
-        if a["phase"] == "codebook":  # the same codes fired on the whole batch
-            assert {s: v["live"] for s, v in a["sites"].items()} == {s: v["live"] for s, v in b["sites"].items()}
-
-
-def test_dead_code_revival_decides_the_same_on_two_ranks(runs):
-    """Revival replaces the same codes: the counts of all ranks are summed. (Afterwards the runs may drift
-    apart by more than rounding: revived codes sit 1e-3 from each other's source tokens, near-ties that a
-    rounding difference can flip; so the comparison stops at the first revival.)"""
-    one, two = metrics(runs / "r1-w3"), metrics(runs / "r2-w3")
-    first = next(i for i, r in enumerate(one) if r["revived"])
-    assert one[first]["revived"] == two[first]["revived"] > 0
-    for a, b in zip(one[:first], two[:first], strict=True):
-        if a["phase"] == "codebook":
-            assert {s: v["live"] for s, v in a["sites"].items()} == {s: v["live"] for s, v in b["sites"].items()}
+    rows1, rows2 = metrics(runs / "ranks1"), metrics(runs / "ranks2")
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] and any(r["revived"] for r in rows1)
+    for a, b in zip(rows1, rows2, strict=True):  # the same codes fired on the whole batch, the same revived
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and a["revived"] == b["revived"]
+        assert {s: v["live"] for s, v in a["sites"].items()} == {s: v["live"] for s, v in b["sites"].items()}
 
 
 def test_resume_after_a_rank_is_killed(runs):
@@ -138,7 +128,7 @@ def test_resume_after_a_rank_is_killed(runs):
         meta = json.loads((out / "cbtool.json").read_text())
         assert not meta["training"]["finished"]
         train(out, 2, 3, checkpoint_every=3, resume=True)
-    ref, got = weights(runs / "r2-w3"), weights(out)
+    ref, got = weights(runs / "ranks2"), weights(out)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
@@ -164,7 +154,7 @@ def test_bad_launches_stop_every_rank_with_one_line(tmp_path):
 
 
 def test_embed_and_search_on_two_ranks_equal_one_process(runs, tmp_path):
-    ck = runs / "r1-w3"
+    ck = runs / "ranks1"
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--num-seqs", "40", "--shard-tokens", "1000", "--device", "cpu"]
     res = run_cli("embed", ck, "--out", one, *common)
