@@ -6,8 +6,8 @@ half-batch gradients where one process takes the mean over the whole batch, so t
 added in another order. Measured after the 12 steps below: 8e-6 on any weight without revival, 1.2e-4 with a
 revival every 3 steps (revived codes are copies of token activations, which differ by rounding, and move fast
 in their first steps). Everything discrete (data slices, k-means, the firing counts that decide revival, the
-revival sample) is the same, so the weights stay within TOLERANCE while no near-tie flips a selection. Resuming after a rank is killed is compared bit for bit
-with the uninterrupted two-rank run.
+revival sample) is the same, so the weights stay within TOLERANCE while no near-tie flips a selection.
+Resuming after a rank is killed is compared bit for bit with the uninterrupted two-rank run.
 """
 
 from __future__ import annotations
