@@ -70,7 +70,8 @@ def launch(args: list[str], ranks: int = 2, per_rank: dict[int, list[str]] | Non
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 1200) -> list[tuple[int, str, str]]:
-    return [(p.returncode, *p.communicate(timeout=timeout)) for p in procs]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, *o) for p, o in zip(procs, outs, strict=True)]
 
 
 def train(out: Path, ranks: int, dead_window: int, checkpoint_every: int = 0, resume: bool = False) -> None:
