@@ -26,6 +26,8 @@ from cbtool.errors import CheckFailed, UserError
 from cbtool.numbers import check_option
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
+# commands that run as one job over the ranks of `torchrun` (cbtool/distributed.py); others are refused there
+DISTRIBUTED = ("train", "embed", "find-codes", "dead-codes", "show-code")
 
 
 class _Group(TyperGroup):
@@ -36,6 +38,20 @@ class _Group(TyperGroup):
         if command is not None:
             _plain_flags(command)
         return command
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+            return name, cmd, rest
+        from cbtool import distributed
+
+        if distributed.requested_size() > 1:  # launched by torchrun: join the other ranks first
+            if name not in DISTRIBUTED:
+                raise UserError(f"`cbtool {name}` does not run under torchrun (WORLD_SIZE > 1); run it in one "
+                                f"process. Commands that do: {', '.join(DISTRIBUTED)}")
+            if not distributed.init().is_main:  # rank 0 prints the results; every rank prints its errors
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        return name, cmd, rest
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         progress.enable(err)  # commands show progress; library callers in the same process stay quiet after
@@ -118,7 +134,9 @@ def _plain_flags(command) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"cbtool: error: {' '.join(message.split())}\n")
+    dist = sys.modules.get("cbtool.distributed")  # under torchrun: which rank speaks
+    rank = dist.tag() if dist is not None else ""
+    sys.stderr.write(f"cbtool: error: {rank}{' '.join(message.split())}\n")
     sys.stderr.flush()
     sys.exit(code)
 

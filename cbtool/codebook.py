@@ -242,6 +242,9 @@ class Codebook(nn.Module):
         self.last: Selection | None = None
         self.aux_loss: torch.Tensor | None = None  # MSE (+ commitment) of the last training forward
         self.recent_inputs: torch.Tensor | None = None  # (n, G, d) sample kept for dead-code revival
+        # (rank, ranks): inputs are that slice of a batch split evenly over ranks (cbtool/ddp.py); the
+        # sample kept is then this slice's part of the whole batch's sample
+        self.batch_slice: tuple[int, int] = (0, 1)
         self.capture: list[torch.Tensor] | None = None  # a list: inputs are appended (k-means init)
         self.register_buffer("usage", torch.zeros(groups, num_codes), persistent=False)
 
@@ -292,8 +295,15 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def _keep_recent(self, x: torch.Tensor, keep: int = 4096) -> None:
-        stride = max(1, x.shape[0] // keep)  # deterministic subsample: resumable runs stay exact
-        self.recent_inputs = x[::stride][:keep].clone()
+        """Rows 0, s, 2s, ... (at most `keep`) of the whole batch: deterministic, so resumed runs stay
+        exact, and the ranks' parts of it concatenate to the one-process sample."""
+        rank, ranks = self.batch_slice
+        n = x.shape[0]
+        stride = max(1, n * ranks // keep)
+        offset = rank * n
+        lo = -(-offset // stride)  # the first sampled row at or after this slice's start
+        hi = min(keep, -(-(offset + n) // stride))
+        self.recent_inputs = x[lo * stride - offset:: stride][: max(0, hi - lo)].clone()
 
     @torch.no_grad()
     def revive_dead(self, generator: torch.Generator | None = None) -> int:

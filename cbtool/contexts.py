@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from cbtool import distributed
 from cbtool.errors import UserError
 from cbtool.refs import parse_code_ref
 from cbtool.store import Store
@@ -55,17 +56,29 @@ def code_contexts(store: Store, ref: str, examples: int = 10, context: int = 8) 
 
 
 def _contexts(store: Store, site: str, code: int, n_examples: int, context: int) -> dict[str, Any]:
-    positions = []  # (shard, local positions)
-    fires = 0
+    """Under torchrun each rank reads its own shards; firing counts are summed and the examples, which are
+    chosen from the global firing order, are gathered (cbtool/distributed.py)."""
+    world = distributed.world()
+    positions = []  # (shard, local positions) of this rank's shards
+    shard_fires = np.zeros(store.num_shards, dtype=np.int64)
     token_counts: dict[int, int] = {}
-    for s in range(store.num_shards):
+    for s in world.shards(store.num_shards):
         pos = np.flatnonzero((np.asarray(store.codes(s, site)) == code).any(axis=1))
-        fires += len(pos)
+        shard_fires[s] = len(pos)
         if len(pos):
             positions.append((s, pos))
             tok = np.asarray(store.tokens(s))[pos].astype(np.int64)
             for t, c in zip(*np.unique(tok, return_counts=True), strict=True):
                 token_counts[int(t)] = token_counts.get(int(t), 0) + int(c)
+    shard_fires = distributed.all_reduce_np(shard_fires)
+    if world.active:
+        summed: dict[int, int] = {}
+        for part in distributed.gather_json(list(token_counts.items())):
+            for t, c in part:
+                summed[t] = summed.get(t, 0) + c
+        token_counts = summed
+    fires = int(shard_fires.sum())
+    first_fire = np.concatenate([[0], np.cumsum(shard_fires)])
     # examples spread evenly over all firings (deterministic)
     picks = (
         np.unique(np.linspace(0, fires - 1, num=min(n_examples, fires)).round().astype(np.int64))
@@ -73,10 +86,11 @@ def _contexts(store: Store, site: str, code: int, n_examples: int, context: int)
         else []
     )
     examples = []
-    cum = 0
     doc_base = np.concatenate([[0], np.cumsum([int(x["docs"]) for x in store.manifest["shards"]])])
     token_repr: dict[int, str] = {}
+    repr_shard: dict[int, int] = {}  # the shard a token's text was taken from: the first it fires in
     for s, pos in positions:
+        cum = int(first_fire[s])
         mine = [int(p) - cum for p in picks if cum <= p < cum + len(pos)]
         text = store.text(s) if mine or any(t not in token_repr for t in token_counts) else ""
         tokens = np.asarray(store.tokens(s))
@@ -86,6 +100,7 @@ def _contexts(store: Store, site: str, code: int, n_examples: int, context: int)
                 hit = pos[tokens[pos] == t]
                 if len(hit):
                     token_repr[t] = store.token_string(t, text, spans[hit[0]])
+                    repr_shard[t] = s
         if mine:
             offs = np.asarray(store.doc_offsets(s))
             labels = {n: store.labels(s, n) for n in store.label_names}
@@ -104,7 +119,10 @@ def _contexts(store: Store, site: str, code: int, n_examples: int, context: int)
                         **{f"label_{n}": int(lab[p]) for n, lab in labels.items()},
                     }
                 )
-        cum += len(pos)
+    if world.active:  # rank order is shard order within each rank: sort by position; first shard's repr wins
+        examples = sorted((e for part in distributed.gather_json(examples) for e in part), key=lambda e: e["position"])
+        reprs = distributed.gather_json([[t, repr_shard[t], r] for t, r in token_repr.items()])
+        token_repr = {t: r for t, _, r in sorted((x for part in reprs for x in part), key=lambda x: -x[1])}
     top = sorted(token_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
     return {
         "fires": fires,

@@ -8,7 +8,8 @@
   one label per line) with exactly one label per stored token. Label values are mapped to indices
   0..V-1 (-1: no label), so scoring handles all values at once.
 
-Everything is returned per shard, so features over a store larger than memory stay shard-sized.
+Everything is returned per shard, so features over a store larger than memory stay shard-sized. Under
+torchrun each rank computes its own shards (`World.shards`); the others' entries are empty arrays.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cbtool import distributed
 from cbtool.errors import UserError
 from cbtool.files import read_text
 from cbtool.regexes import UserRegex
@@ -80,6 +82,9 @@ def regex_feature(store: Store, pattern: str, match_on: str = "all") -> list[np.
         raise UserError(f"--match-on must be first or all, got {match_on!r}")
     masks = []
     for s in range(store.num_shards):
+        if not distributed.world().owns(s):
+            masks.append(np.zeros(0, dtype=bool))
+            continue
         text = store.text(s)
         starts, ends = match_ranges(regex, text, np.asarray(store.doc_chars(s)))
         masks.append(tokens_overlapping(np.asarray(store.spans(s)), starts, ends, len(text), match_on))
@@ -108,6 +113,9 @@ class LabelFeature:
 
 def _index_int_labels(name: str, parts: list[np.ndarray]) -> LabelFeature:
     uniq = np.unique(np.concatenate([np.unique(p) for p in parts])) if parts else np.array([], np.int64)
+    if distributed.world().active:  # the values of every rank's shards
+        every = distributed.gather_json(uniq.tolist())
+        uniq = np.unique(np.concatenate([np.asarray(u, dtype=np.int64) for u in every]))
     values = uniq[uniq >= 0]
     index = []
     for p in parts:
@@ -118,15 +126,16 @@ def _index_int_labels(name: str, parts: list[np.ndarray]) -> LabelFeature:
 
 
 def _split(store: Store, flat: np.ndarray) -> list[np.ndarray]:
-    offs = store.token_offsets
-    return [np.asarray(flat[offs[s] : offs[s + 1]]) for s in range(store.num_shards)]
+    offs, world = store.token_offsets, distributed.world()
+    return [np.asarray(flat[offs[s] : offs[s + 1]]) if world.owns(s) else flat[:0] for s in range(store.num_shards)]
 
 
 def label_feature(store: Store, source: str) -> LabelFeature:
     """`--labels NAME` (a label stored with the store) or `--labels FILE` (.npy or one label per line)."""
     if source in store.label_names:
         return _index_int_labels(
-            source, [np.asarray(store.labels(s, source), dtype=np.int64) for s in range(store.num_shards)]
+            source, [np.asarray(store.labels(s, source), dtype=np.int64) if distributed.world().owns(s)
+                     else np.zeros(0, dtype=np.int64) for s in range(store.num_shards)]
         )
     path = Path(source)
     if not path.exists():

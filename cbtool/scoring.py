@@ -4,7 +4,8 @@ fires[c] = tokens whose stored top-k contains c (stored per shard at embed time)
 hits[c]  = bincount of the stored ids of the feature's tokens;
 precision = hits / fires, recall = hits / |F|, F1 = their harmonic mean. Top-k ids of a token are
 distinct (selection is a top-k), so a bincount counts each code once per token. Label mode counts
-all label values at once: bincount over (label index * C + id).
+all label values at once: bincount over (label index * C + id). Under torchrun a feature holds only the
+rank's own shards (the others are empty: cbtool/features.py) and the counts are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbtool import distributed
 from cbtool.store import Store
 
 
@@ -59,6 +61,7 @@ def score_mask(store: Store, site: str, masks: list[np.ndarray]) -> SiteScores:
         ids = store.codes(s, site)
         hits += np.bincount(np.asarray(ids[mask]).reshape(-1), minlength=c)
         size += int(mask.sum())
+    hits, size = distributed.all_reduce_np(hits), int(distributed.all_reduce_np(np.array([size]))[0])
     return SiteScores(site, hits, store.counts(site), size)
 
 
@@ -76,6 +79,7 @@ def score_labels(store: Store, site: str, index: list[np.ndarray], num_values: i
         keys = lab[:, None] * c + ids
         hits += np.bincount(keys.reshape(-1), minlength=num_values * c)
         sizes += np.bincount(lab, minlength=num_values)
+    hits, sizes = distributed.all_reduce_np(hits), distributed.all_reduce_np(sizes)
     return SiteScores(site, hits.reshape(num_values, c), store.counts(site), sizes)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cbtool import distributed
 from cbtool.doc_level import LEVELS, document_scores, matching_documents
 from cbtool.errors import UserError
 from cbtool.features import MATCH_ON, LabelFeature, label_feature, regex_feature
@@ -71,6 +72,13 @@ def example_tokens(
             for r in rows[:2000]:
                 t = store.token_string(int(toks[r]), text, spans[r])
                 counts[c][t] = counts[c].get(t, 0) + 1
+    if distributed.world().active:  # every rank's counts of its shards, added
+        merged: dict[int, dict[str, int]] = {c: {} for c in codes}
+        for part in distributed.gather_json([[c, d] for c, d in counts.items()]):
+            for c, d in part:
+                for t, k in d.items():
+                    merged[c][t] = merged[c].get(t, 0) + k
+        counts = merged
     return {
         c: [t for t, _ in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:n]] for c, d in counts.items()
     }
@@ -210,6 +218,8 @@ def find_codes(
     check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort,
                 min_precision=min_precision, min_recall=min_recall, min_count=min_count, top=top, examples=examples,
                 baseline=baseline, level=level)
+    if baseline and distributed.world().active:
+        raise UserError("--baseline re-runs the model on the whole store: run it in one process, not under torchrun")
     chosen = store.select_sites(sites)
     thresholds = {"min_precision": min_precision, "min_recall": min_recall, "min_count": min_count}
     base = {"store": str(store.path), "tokens": store.num_tokens, "sites": chosen, "sort": sort,
@@ -247,7 +257,7 @@ def find_codes(
             for r in shown:
                 if r["site"] == site:
                     r["examples"] = ex[r["code_id"]]
-    size = int(sum(int(m.sum()) for m in masks))
+    size = int(distributed.all_reduce_np(np.array([sum(int(m.sum()) for m in masks)]))[0])
     doc = {**base, **query, "feature_tokens": size, "matching_codes": len(rows), "rows": shown}
     if baseline:
         from cbtool.neurons import neuron_baseline

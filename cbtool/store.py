@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from cbtool import schema, strict_json
+from cbtool import distributed, schema, strict_json
 from cbtool.checkpoint import META
 from cbtool.corpus import Document
 from cbtool.errors import UserError
@@ -445,16 +445,17 @@ class Store:
         return self._checked(shard, f"labels.{name}.npy")
 
     def counts(self, site: str) -> np.ndarray:
-        """(C,) firing counts of a site over the whole store."""
+        """(C,) firing counts of a site over the whole store (under torchrun each rank reads its shards and
+        the sums are added: cbtool/distributed.py)."""
         total = np.zeros(self.sites[site].num_codes, dtype=np.int64)
-        for s in range(self.num_shards):
+        for s in distributed.world().shards(self.num_shards):
             c = self._load(s, f"counts.{site}.npy")
             if c.shape != total.shape:
                 raise UserError(
                     f"store {self.path}: counts of {site} in {shard_name(s)} have shape {c.shape}"
                 )
             total += c
-        return total
+        return distributed.all_reduce_np(total)
 
     def select_sites(self, pattern: str | None) -> list[str]:
         return match_sites(list(self.sites), pattern, f"store {self.path}")

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from torch.nn import functional as F
 
-from cbtool import metrics_log, progress
+from cbtool import ddp, distributed, metrics_log, progress
 from cbtool import text as textmod
 from cbtool.checkpoint import Checkpoint, load_checkpoint, real_target, recover_interrupted_swap, save_checkpoint
 from cbtool.errors import UserError
@@ -234,6 +234,8 @@ class Trainer:
         """`task`: the checkpoint's own task when resuming (its tokenizer, never a retrained one);
         else `make_task(cfg)`."""
         cfg.validate()
+        self.world = distributed.world()
+        distributed.check_divides(cfg.batch_size, "--batch-size")
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
         self.lock: Lock | None = None  # start_training's claim on `out`
         if cfg.corpus is not None and not (cfg.corpus in textmod.NAMED_CORPORA and not Path(cfg.corpus).exists()):
@@ -281,6 +283,7 @@ class Trainer:
         self.phase_seconds = dict.fromkeys(PHASE_TIMERS, 0.0)  # wall time per phase of the run
         self.metrics = metrics_log.MetricsLog(cfg.log_every)
         self.metrics.attach(self.model)
+        ddp.attach(self.world, self.model)
         self._make_optimizer(self.phase(0))
 
     def _site_codes(self, chosen: list[tuple[int, str]], locator: Locator) -> dict[tuple[int, str], int]:
@@ -340,9 +343,15 @@ class Trainer:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, n - warm)))
 
     def _switch_to_codebooks(self) -> None:
+        """k-means on rank 0 only; the other ranks receive its codebooks."""
         cfg = self.cfg
         t0 = time.perf_counter()
         cbs = [cb for _, cb in self.model.items()]
+        if not self.world.is_main:
+            for cb in cbs:
+                distributed.broadcast(cb.codes.data)
+            self.phase_seconds["kmeans"] += time.perf_counter() - t0
+            return
         self.model.set_enabled(False)
         self.model.eval()
 
@@ -355,6 +364,7 @@ class Trainer:
             acts = capture_inputs(cbs, run)
             for i, (cb, a) in enumerate(zip(cbs, acts, strict=True)):
                 init_codebook(cb, a[:: max(1, a.shape[0] // 65536)], cfg.seed * 1000 + i * 97, cfg.kmeans)
+                distributed.broadcast(cb.codes.data)
                 bar.advance(1)
         self.model.train()
         self.phase_seconds["kmeans"] += time.perf_counter() - t0
@@ -369,7 +379,7 @@ class Trainer:
             self._make_optimizer("codebook")
         phase = self.phase(step)
         self.model.train()
-        tokens = self.task.train_batch(cfg.batch_size, cfg.seed, step)
+        tokens = self.task.train_batch(cfg.batch_size, cfg.seed, step)[self.world.rows(cfg.batch_size)]
         tokens = tokens.to(self.device)
         logits, _ = self.model(tokens[:, :-1])
         task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
@@ -377,26 +387,43 @@ class Trainer:
         aux = self.model.aux_loss() if phase == "codebook" else None
         if aux is not None:
             loss = loss + cfg.mse_coef * aux
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {float(loss)} at step {step}; try a lower --lr")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        acc = float((logits.argmax(-1) == tokens[:, 1:]).float().mean())
+        values = [task.item(), aux.item() if aux is not None else 0.0, acc]
+        if self.world.active:  # the whole batch's gradient, loss and accuracy on every rank
+            values = ddp.average_gradients(params, values)
+        if not math.isfinite(values[0] + values[1]):
+            raise RuntimeError(f"loss became {values[0] + cfg.mse_coef * values[1]} at step {step}; try a lower --lr")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         scale = self._schedule(step)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * scale
         self.opt.step()
-        acc = float((logits.argmax(-1) == tokens[:, 1:]).float().mean())
         extra = {}
         if isinstance(self.task, TokFSM) and self.metrics.due(step + 1, self.total_steps):  # TokFSM task accuracy
             extra["fsm_valid"] = metrics_log.fsm_valid_rate(self.task, tokens, logits.argmax(-1))
+            if self.world.active:
+                extra["fsm_valid"] = ddp.mean(extra["fsm_valid"])
         self.step += 1
         revived = 0
-        if phase == "codebook" and cfg.dead_window and (self.step - cfg.base_steps) % cfg.dead_window == 0:
+        revive = phase == "codebook" and cfg.dead_window and (self.step - cfg.base_steps) % cfg.dead_window == 0
+        if self.world.active and phase == "codebook" and (revive or self._saves_now()
+                                                          or self.metrics.due(self.step, self.total_steps)):
+            ddp.combine_stats(self.model, self.metrics)  # what revival, the metrics row and a save read
+            if revive:
+                ddp.global_usage(self.model)
+        if revive:
             gen = torch.Generator().manual_seed(cfg.seed * 7 + self.step)
             revived = sum(cb.revive_dead(gen) for cb in self.model.codebooks.values())
-        return {"step": self.step, "loss": task.item(), "mse": aux.item() if aux is not None else 0.0,
-                "acc": acc, "revived": revived, **extra}
+        return {"step": self.step, "loss": values[0], "mse": values[1], "acc": values[2], "revived": revived,
+                **extra}
+
+    def _saves_now(self) -> bool:
+        """A checkpoint is written after the current step (periodic, or the final one)."""
+        every = self.cfg.checkpoint_every
+        return self.step >= self.total_steps or bool(every and self.step % every == 0)
 
     def _set_usage_tracking(self) -> None:
         on = self.phase(self.step) == "codebook" and self.cfg.dead_window > 0
@@ -443,6 +470,9 @@ class Trainer:
                     self.save(results=None)
                     if on_checkpoint:
                         on_checkpoint(self.step)
+        if not self.world.is_main:  # rank 0 evaluates and writes the checkpoint
+            distributed.barrier()
+            return {}
         self.log.print("evaluating (codebooks on and bypassed)...", markup=False, highlight=False)
         t_eval = time.perf_counter()
         results = self.task.evaluate(self.model, self.device, samples=cfg.eval_samples, seed=cfg.seed,
@@ -452,6 +482,7 @@ class Trainer:
         results["phase_seconds"] = {k: round(v, 1) for k, v in self.phase_seconds.items()}
         results["final_train_loss"] = self.history[-1]["loss"] if self.history else None
         self.save(results=results)
+        distributed.barrier()
         return results
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -491,6 +522,9 @@ class Trainer:
         return state
 
     def save(self, results: dict[str, Any] | None) -> None:
+        """Write the checkpoint atomically (rank 0 only: every rank holds the same weights)."""
+        if not self.world.is_main:
+            return
         # a frozen pretrained base is referenced by path + hash, its weights saved only when trained
         save_base = not self.pretrained or self.cfg.train_base
         state = self.train_state()
@@ -551,6 +585,7 @@ class Trainer:
                 cb.recent_inputs = state[f"recent.{cb_key}"].to(device)
         for p in self.model.parameters():
             p.data = p.data.to(device)
+        ddp.split_counts(self.model)
         return self
 
 
@@ -620,15 +655,21 @@ def start_training(out: Path, preset: str = "default", *, resume: bool = False, 
     target = Path(out)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     log = log if log is not None else Console(stderr=True, quiet=True)
+    world = distributed.world()
+    distributed.agree({"out": str(target.resolve()), "preset": preset, "resume": resume, "overwrite": overwrite,
+                       "device": str(dev), "options": options}, "the training options")
+    if not world.is_main:  # one log: rank 0's
+        log = Console(stderr=True, quiet=True)
     check_target(target, overwrite or resume)
     cfg = None if resume else make_config(preset, **options)
     if cfg is not None:
         cfg.validate()  # bad options are refused before anything is created
-    lock = acquire_out(target)
+    lock = acquire_out(target) if world.is_main else None  # rank 0 holds the claim for all ranks
     try:
         trainer = _start(target, cfg, overwrite, dev, log)
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
     trainer.lock = lock
     return trainer
@@ -647,7 +688,7 @@ def acquire_out(target: Path) -> Lock:
 def _start(target: Path, cfg: TrainConfig | None, overwrite: bool, dev: torch.device, log: Console) -> Trainer:
     """A new run of `cfg`, or (`cfg` None) the unfinished run at `target` resumed."""
     if cfg is None:
-        recover_interrupted_swap(target)
+        distributed.main_first(lambda: recover_interrupted_swap(target))
         if not target.exists():
             raise UserError(f"nothing to resume: {target} does not exist")
         trainer = Trainer.resume(load_checkpoint(target, with_train_state=True), target, dev, log)
@@ -655,9 +696,12 @@ def _start(target: Path, cfg: TrainConfig | None, overwrite: bool, dev: torch.de
             raise UserError(f"{target} is already finished ({trainer.step} steps); nothing to resume")
         log.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
         return trainer
+    world = distributed.world()
     check_target(target, overwrite)  # again: another run may have finished while this one waited
+    distributed.barrier()  # no rank may see rank 0's first checkpoint here
     trainer = Trainer(cfg, target, dev, log)
     sizes = f"C={cfg.num_codes}" + (f" ({cfg.site_codes})" if cfg.site_codes else "")
-    log.print(f"training {cfg.task} on {dev}: {len(trainer.model.sites)} sites, {sizes}, k={cfg.k}, "
+    ranks = f" x {world.size} ranks" if world.active else ""
+    log.print(f"training {cfg.task} on {dev}{ranks}: {len(trainer.model.sites)} sites, {sizes}, k={cfg.k}, "
               f"{cfg.base_steps} base + {cfg.steps} codebook steps -> {target}")
     return trainer

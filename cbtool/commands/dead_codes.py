@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cbtool import plots
+from cbtool import distributed, plots
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, err, open_run_store, out
 from cbtool.errors import CheckFailed
 from cbtool.plots import check_plot_path
@@ -70,9 +70,10 @@ def dead_codes(
                 most = ", ".join(f"{m['code']} ({m['share_of_tokens']:.1%})" for m in r["most_used"])
                 out.print(f"most used at {r['site']}: {most or 'none'}")
     if plot is not None:
-        counts = {r["site"]: store.counts(r["site"]) for r in rows}
-        plots.usage_curves(counts, plot, f"code usage over {store.num_tokens:,} tokens of {store.path}")
-        err.print(f"plot written to {plot}")
+        counts = {r["site"]: store.counts(r["site"]) for r in rows}  # under torchrun: on every rank
+        if distributed.world().is_main:
+            plots.usage_curves(counts, plot, f"code usage over {store.num_tokens:,} tokens of {store.path}")
+            err.print(f"plot written to {plot}")
     if failing:
         raise CheckFailed(
             f"{len(failing)} site(s) have more than {max_dead_frac:.1%} dead codes: "

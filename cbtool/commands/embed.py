@@ -6,10 +6,12 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cbtool import distributed
 from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import (
     DEVICE_HELP,
@@ -20,9 +22,9 @@ from cbtool.commands.common import (
     err,
     out,
 )
-from cbtool.embedding import DEFAULT_SHARD_TOKENS, plan_embed
+from cbtool.embedding import DEFAULT_SHARD_TOKENS, EmbedJob, plan_embed
 from cbtool.errors import UserError
-from cbtool.store import code_dtype
+from cbtool.store import code_dtype, read_manifest
 from cbtool.train import resolve_device
 
 
@@ -79,13 +81,25 @@ def embed(
       cbtool embed --num-seqs 4000 --sites '*.mlp' --out runs/a/codes-mlp
       cbtool embed runs/smol/checkpoint --split heldout   # text: the held-out documents of its corpus
       cbtool embed --worker 0/2 & cbtool embed --worker 1/2   # two processes, one store
+      torchrun --nproc-per-node 2 -m cbtool embed    # the same, the worker index from the rank
     """
+    world = distributed.world()
+    parts = _parse_worker(worker)
+    if world.active:  # under torchrun: rank R of N is worker R/N
+        if worker is not None:
+            raise UserError("--worker and torchrun both split the shards: give one of them")
+        parts = (world.rank, world.size)
     dev = resolve_device(device)
-    ckpt = load_checkpoint(default_checkpoint(checkpoint, run), device=dev)
-    target = default_store(out_dir, run)
-    job = plan_embed(ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split,
-                     sites=sites, batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens,
-                     worker=_parse_worker(worker), device=dev, overwrite=overwrite)
+    ckpt_dir, target = default_checkpoint(checkpoint, run), default_store(out_dir, run)
+    distributed.agree([str(Path(ckpt_dir).resolve()), str(Path(target).resolve()), str(corpus), text_field, num_seqs,
+                       seed, split, sites, batch_size, max_tokens, shard_tokens, str(dev), overwrite],
+                      "the embed arguments")
+    ckpt = load_checkpoint(ckpt_dir, device=dev)
+    # rank 0 creates (or replaces) the store, then the other ranks reopen it
+    job = distributed.main_first(lambda: plan_embed(
+        ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split, sites=sites,
+        batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens, worker=parts, device=dev,
+        overwrite=overwrite and world.is_main))
     if job.complete:
         err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
         doc = job.run()
@@ -109,6 +123,8 @@ def embed(
                 bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
 
             doc = job.run(tick)
+        if world.active:
+            doc = _all_ranks(job, doc)
         err.print(
             f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in {doc['seconds']:.1f} s "
             f"({doc['tokens_per_s']:,.0f} tokens/s); skipped {doc['skipped']} shard(s) already written or not ours",
@@ -139,6 +155,18 @@ def embed(
         f"{e['k']} / {e['num_codes']} / {code_dtype(e['num_codes']).name}",
     )
     out.print(table)
+
+
+def _all_ranks(job: EmbedJob, doc: dict) -> dict:
+    """Once every rank has written its shards: the store finalised and the summary of all ranks."""
+    written, tokens = (int(x) for x in distributed.all_reduce_np(np.array([doc["written"], doc["tokens_written"]])))
+    if distributed.world().is_main:
+        job.writer.finalize(doc["shards"])
+    distributed.barrier()
+    man = job.writer.manifest if distributed.world().is_main else read_manifest(job.writer.path)
+    return {**doc, "written": written, "skipped": doc["shards"] - written, "tokens_written": tokens,
+            "complete": bool(man.get("complete")), "tokens": man.get("tokens"), "docs": man.get("docs"),
+            "tokens_per_s": round(tokens / max(doc["seconds"], 1e-9), 1)}
 
 
 def register(app: typer.Typer) -> None:

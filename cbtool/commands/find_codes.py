@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from cbtool import plots
+from cbtool import distributed, plots
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, emit_json, emit_jsonl, err, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
 from cbtool.plots import check_plot_path
@@ -131,7 +131,7 @@ def find_codes(
 
 
 def _plot(rows: list[dict[str, Any]], plot: Path | None, title: str) -> None:
-    if plot is not None:
+    if plot is not None and distributed.world().is_main:  # under torchrun rank 0 writes files
         plots.precision_recall(rows, plot, title)
         err.print(f"plot written to {plot}")
 

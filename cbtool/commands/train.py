@@ -36,10 +36,13 @@ def train(
       cbtool train --resume                 # after an interruption
       cbtool train --task text              # built-in text model on Shakespeare, <= 10 min on a CPU
       cbtool train --base-model ./pythia-70m --corpus notes.jsonl --text-field body --sites 3.mlp
+      torchrun --nproc-per-node 2 -m cbtool train   # data-parallel over 2 processes (docs/scaling.md)
     """
     target = default_checkpoint(out_dir, run)
     trainer = start_training(target, preset, resume=resume, overwrite=overwrite, device=device, log=err, **options)
     results = trainer.run()
+    if not trainer.world.is_main:  # under torchrun rank 0 reports
+        return
     if as_json:
         emit_json("train", {"checkpoint": str(target), "results": results})
         return
