@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbtool.features import compile_regex, match_ranges
+from cbtool.features import match_ranges
+from cbtool.regexes import UserRegex
 from cbtool.scoring import SiteScores
 from cbtool.store import Store
 
@@ -19,7 +20,7 @@ LEVELS = ("token", "document")
 
 def matching_documents(store: Store, pattern: str) -> list[np.ndarray]:
     """Per shard: (docs,) bool, whether each document has a non-empty match of `pattern`."""
-    regex = compile_regex(pattern)
+    regex = UserRegex(pattern)
     out = []
     for s in range(store.num_shards):
         doc_chars = np.asarray(store.doc_chars(s), dtype=np.int64)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbtool.features import compile_regex, match_ranges, tokens_overlapping
+from cbtool.features import match_ranges, tokens_overlapping
+from cbtool.regexes import UserRegex
 from cbtool.store import Store
 
 PARITY = "+parity"  # a keyed family conjoined with the parity of the token's distance to its document's end
@@ -231,7 +232,7 @@ class TokenView:
     def regex_mask(self, pattern: str) -> np.ndarray:
         """(n,) tokens overlapping a match of `pattern` in their document: `find-codes --regex` (match-on all)."""
         if pattern not in self._masks:
-            regex = compile_regex(pattern)
+            regex = UserRegex(pattern)
             parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), len(text), "all")
                      for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
             self._masks[pattern] = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
