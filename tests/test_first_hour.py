@@ -37,7 +37,7 @@ def test_progress_prints_a_plain_line_at_least_every_interval(monkeypatch):
         progress.enable(None)
     lines = [line for line in buf.getvalue().splitlines() if line]
     assert len(lines) >= 2, lines
-    assert re.match(r"k-means insertion: 1/4 codebooks, [\d.]+ codebooks/s, elapsed \d+s, ETA \d+s", lines[0])
+    assert re.match(r"k-means insertion: 1/4 codebooks, [\d.,]+ codebooks/s, elapsed \d+s, ETA \d+s", lines[0])
 
 
 def test_progress_is_silent_unless_enabled(capsys, monkeypatch):
