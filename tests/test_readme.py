@@ -108,6 +108,16 @@ RUN_AS: dict[str, object] = {
         "cbtool intervene --code 3.mlp:528 --prompt 45157023 -n 8 --regex '^[27]' --json > steer.json",
     "cbtool report runs/a/checkpoint runs/a/codes --out a.html": "cbtool report cbtool-run/checkpoint runs/a/codes "
                                                                  "--out a.html",
+    "torchrun --standalone --nproc-per-node 2 -m cbtool train --preset tiny --out runs/ddp":
+        (SKIP, "2-rank gloo jobs: tests/test_distributed.py runs them with bounded sizes"),
+    "torchrun --standalone --nproc-per-node 2 -m cbtool train --out runs/ddp --resume":
+        (SKIP, "2-rank gloo jobs: tests/test_distributed.py"),
+    "torchrun --standalone --nproc-per-node 2 -m cbtool embed runs/ddp --out runs/ddp-codes":
+        (SKIP, "2-rank gloo jobs: tests/test_distributed.py"),
+    "torchrun --standalone --nproc-per-node 2 -m cbtool find-codes runs/ddp-codes --labels state":
+        (SKIP, "2-rank gloo jobs: tests/test_distributed.py"),
+    ".venv/bin/python -m benchmarks search_scale --tokens 100000000":
+        (SKIP, "a benchmark that builds a 100M-token store (minutes)"),
     ".venv/bin/python -m benchmarks codebook": ".venv/bin/python -m benchmarks codebook --quick --repeats 1 "
                                                "--budget 0.2 --no-memory --d 32 --C 64 --k 1 --tokens 256",
 }
