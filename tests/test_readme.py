@@ -41,6 +41,7 @@ RUN_AS: dict[str, object] = {
                         "(demo_commands)"),
     "make test": (SKIP, "the test suite itself"),
     "cbtool train": f"cbtool train {TINY_TRAIN}",
+    "cbtool train --overwrite": f"cbtool train {TINY_TRAIN}",  # make demo OVERWRITE=1
     "cbtool embed": "cbtool embed --num-seqs 24 --overwrite",
     "cbtool embed --overwrite": "cbtool embed --num-seqs 24 --overwrite",  # make demo's
     "cbtool train --sites mlp --num-codes 2000 --out runs/mlp/checkpoint":
@@ -108,6 +109,8 @@ RUN_AS: dict[str, object] = {
         "cbtool intervene --code 3.mlp:528 --prompt 45157023 -n 8 --regex '^[27]' --json > steer.json",
     "cbtool report runs/a/checkpoint runs/a/codes --out a.html": "cbtool report cbtool-run/checkpoint runs/a/codes "
                                                                  "--out a.html",
+    "cbtool explain --require-explained 0.95 --sites 1.mlp":  # a few-step checkpoint explains less: exit 1
+        ("cbtool explain --require-explained 0.95 --sites 1.mlp", (0, 1)),
     "torchrun --standalone --nproc-per-node 2 -m cbtool train --preset tiny --out runs/ddp":
         (SKIP, "2-rank gloo jobs: tests/test_distributed.py runs them with bounded sizes"),
     "torchrun --standalone --nproc-per-node 2 -m cbtool train --out runs/ddp --resume":
