@@ -138,6 +138,9 @@ def _fail(message: str, code: int) -> None:
     rank = dist.tag() if dist is not None else ""
     sys.stderr.write(f"cbtool: error: {rank}{' '.join(message.split())}\n")
     sys.stderr.flush()
+    if rank:  # under torchrun: leave now, before the process group's threads are torn down (gloo may abort)
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 
