@@ -44,7 +44,7 @@ from cbtool.checkpoint import META
 from cbtool.corpus import Document
 from cbtool.errors import UserError
 from cbtool.files import atomic_write_text, current_umask, read_text, read_versioned_json, save_npy, sha256_file
-from cbtool.locks import acquire
+from cbtool.locks import acquire, lock_is_stale, read_lock
 from cbtool.sites import CodebookSpec, Site
 from cbtool.version import __version__
 
@@ -259,6 +259,10 @@ class StoreWriter:
         """When shards 0..num_shards-1 are all complete, record the totals. Returns completeness."""
         if not all(self.is_complete(i) for i in range(num_shards)):
             return False
+        for i in range(num_shards):  # a claim left by a writer killed after its shard was whole
+            stale = self.path / f"{shard_name(i)}.lock"
+            if stale.exists() and lock_is_stale(read_lock(stale)):
+                stale.unlink(missing_ok=True)
         metas = [_read_shard_meta(self.path, i) for i in range(num_shards)]
         self.manifest.update(
             complete=True,
