@@ -22,10 +22,9 @@ from dataclasses import fields
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-import torch
 from rich.console import Console
 
-from cbtool.train import TrainConfig, Trainer, apply_preset
+from cbtool.train import TrainConfig, Trainer, apply_preset, resolve_device
 
 _FIELDS = {f.name: f.type for f in fields(TrainConfig)}
 
@@ -70,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-blocks", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default: the figures in the README), cuda or auto")
     args = ap.parse_args(argv)
     log = Console(stderr=True)
-    dev = torch.device("cpu")
+    dev = resolve_device(args.device)
     rows = []
     with TemporaryDirectory() as tmp:
         base_state, task = None, None
