@@ -181,7 +181,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
     # the built-in text model on Shakespeare: <= 10 min on a 2-core CPU
     "default": {"task": "text", "base_steps": 1200, "steps": 300, "batch_size": 16, "lr": 2e-3,
-                "num_codes": 4096, "k": 8, "kmeans": "torch", "kmeans_seqs": 128, "seq_len": 128, "vocab_size": 2048,
+                "num_codes": 4096, "site_codes": "mlp=16384", "k": 8, "kmeans": "torch", "kmeans_seqs": 128,
+                "seq_len": 128, "vocab_size": 2048,
                 "eval_samples": 0, "model": {"vocab_size": 2048, "block_size": 129, "n_layer": 4, "n_head": 4,
                                              "d_model": 128, "d_mlp": 512}},
     "tiny": {"task": "text", "base_steps": 20, "steps": 10, "batch_size": 4, "num_codes": 32,
@@ -197,7 +198,7 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
 # a pretrained base: no plain phase, codebook-only training on its frozen weights
 HF_PRESETS: dict[str, dict[str, Any]] = {
     # measured on SmolLM2-135M (README "A recipe for pretrained bases"): 5 middle/late sites, C=4096, k=8
-    "default": {"task": "text", "base_steps": 0, "steps": 300, "batch_size": 8, "num_codes": 4096, "k": 8,
+    "default": {"task": "text", "base_steps": 0, "steps": 200, "batch_size": 8, "num_codes": 4096, "k": 8,
                 "sites": "middle", "kmeans_seqs": 256, "kmeans": "torch", "seq_len": 128, "eval_samples": 0},
     "tiny": {"task": "text", "base_steps": 0, "steps": 5, "batch_size": 2, "num_codes": 16, "kmeans_seqs": 4,
              "kmeans": "torch", "seq_len": 32, "checkpoint_every": 0, "eval_blocks": 4, "eval_samples": 0},
