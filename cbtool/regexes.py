@@ -71,8 +71,10 @@ class UserRegex:
         (a system call) at every match, which more than doubles the time of a frequent pattern."""
         found: list[tuple[int, int]] = []
         firsts: list[int] = []
-        timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+        timed = (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+                 and signal.getsignal(signal.SIGPROF) is not None)  # None: a handler set outside Python, kept
         old = signal.signal(signal.SIGPROF, _out_of_time) if timed else None
+        old_timer = signal.getitimer(signal.ITIMER_PROF) if timed else (0.0, 0.0)  # restored after (a profiler's)
         try:
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 if a == b:
@@ -89,7 +91,7 @@ class UserRegex:
             raise self._too_slow() from None
         finally:
             if timed:
-                signal.setitimer(signal.ITIMER_PROF, 0)
+                signal.setitimer(signal.ITIMER_PROF, *old_timer)
                 signal.signal(signal.SIGPROF, old)
         return found, firsts
 
