@@ -30,40 +30,41 @@ MATCH_ON = ("first", "all")
 
 
 def match_ranges(regex: UserRegex | re.Pattern[str], text: str, doc_chars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Non-empty match [start, end) character ranges, document by document, in text coordinates."""
-    starts: list[int] = []
-    ends: list[int] = []
+    """Non-empty match [start, end) character ranges, document by document, in text coordinates (sorted and
+    disjoint: matches of one document do not overlap, and documents follow each other)."""
     bounds = doc_chars.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if a == b:
-            continue
-        for m in regex.finditer(text[a:b]):
-            if m.end() > m.start():
-                starts.append(a + m.start())
-                ends.append(a + m.end())
-    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    if isinstance(regex, UserRegex):
+        found, firsts = regex.document_spans(text, bounds)
+    else:
+        found, firsts = [], []  # each match's document start
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            got = [m.span() for m in regex.finditer(text[a:b])]
+            found += got
+            firsts += [a] * len(got)
+    if not found:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    se = np.asarray(found, dtype=np.int64) + np.asarray(firsts, dtype=np.int64)[:, None]
+    se = se[se[:, 1] > se[:, 0]]
+    return np.ascontiguousarray(se[:, 0]), np.ascontiguousarray(se[:, 1])
 
 
 def tokens_overlapping(
     spans: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_chars: int, match_on: str = "all"
 ) -> np.ndarray:
-    """Boolean mask over tokens for match ranges (vectorised; no loop over tokens)."""
+    """Boolean mask over tokens for sorted, disjoint match ranges (as `match_ranges` gives; vectorised, no loop
+    over tokens or characters). `n_chars` (the text's length) is not needed: the spans lie within it."""
     if match_on not in MATCH_ON:
         raise UserError(f"--match-on must be first or all, got {match_on!r}")
     n = spans.shape[0]
     mask = np.zeros(n, dtype=bool)
     if len(starts) == 0 or n == 0:
         return mask
-    ts = spans[:, 0].astype(np.int64)
-    te = spans[:, 1].astype(np.int64)
+    ts = np.ascontiguousarray(spans[:, 0])
+    te = np.ascontiguousarray(spans[:, 1])
+    if not (_nondecreasing(ts) and _nondecreasing(te)):
+        return _overlapping_any_order(ts, te, starts, ends, match_on, mask)
     if match_on == "all":
-        covered = np.zeros(n_chars + 1, dtype=np.int64)
-        np.add.at(covered, starts, 1)
-        np.add.at(covered, ends, -1)
-        in_match = np.cumsum(covered)[:n_chars] > 0
-        prefix = np.concatenate([[0], np.cumsum(in_match)])
-        mask = (prefix[te] - prefix[ts]) > 0
-        return mask
+        return _overlapping_sorted(ts, te, starts, ends, mask)
     # first: for each match, the first non-empty token whose end lies past the match start
     nonempty = np.flatnonzero(te > ts)
     ne_end = te[nonempty]
@@ -72,6 +73,48 @@ def tokens_overlapping(
     j = j[ok]
     hit = ts[nonempty[j]] < ends[ok]
     mask[nonempty[j[hit]]] = True
+    return mask
+
+
+def _nondecreasing(a: np.ndarray) -> bool:
+    return bool(np.all(a[1:] >= a[:-1]))
+
+
+def _overlapping_any_order(
+    ts: np.ndarray, te: np.ndarray, starts: np.ndarray, ends: np.ndarray, match_on: str, mask: np.ndarray
+) -> np.ndarray:
+    """Tokens in any order (one may start inside the one before): the matches a non-empty token overlaps are
+    a run of match indices, from the first ending after its start to the last starting before its end."""
+    lo = np.searchsorted(ends, ts, side="right")
+    hi = np.searchsorted(starts, te, side="left")
+    hit = np.flatnonzero((te > ts) & (hi > lo))
+    if match_on == "all":
+        mask[hit] = True
+        return mask
+    runs = (hi - lo)[hit]
+    match = np.repeat(lo[hit] - (np.cumsum(runs) - runs), runs) + np.arange(int(runs.sum()))
+    first = np.full(len(starts), len(mask), dtype=np.int64)  # each match's first overlapping token
+    np.minimum.at(first, match, np.repeat(hit, runs))
+    mask[first[first < len(mask)]] = True
+    return mask
+
+
+def _overlapping_sorted(
+    ts: np.ndarray, te: np.ndarray, starts: np.ndarray, ends: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
+    """`match_on="all"` when token starts and ends are both in text order (what every tokenizer gives): the
+    tokens overlapping match [s, e) are a run, from the first token ending after s to the last starting
+    before e, less the empty ones. Work in the number of matches and selected tokens, not of characters."""
+    if int(ends[-1]) <= np.iinfo(te.dtype).max:  # search in the spans' own dtype: no copy of them
+        starts, ends = starts.astype(te.dtype), ends.astype(te.dtype)
+    lo = np.searchsorted(te, starts, side="right").astype(np.int64)
+    hi = np.searchsorted(ts, ends, side="left").astype(np.int64)
+    runs = np.maximum(hi - lo, 0)
+    total = int(runs.sum())
+    if total == 0:
+        return mask
+    pos = np.repeat(lo - (np.cumsum(runs) - runs), runs) + np.arange(total)
+    mask[pos[te[pos] > ts[pos]]] = True
     return mask
 
 

@@ -191,9 +191,11 @@ _LOADED: dict[tuple[str, str | None, str], nn.Module] = {}  # one entry: the las
 _TOKENIZERS: dict[tuple[str, str | None, str], str] = {}
 
 
-def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool = True
-                  ) -> tuple[HFAdapter, HFLocator, dict[str, Any]]:
-    """Load a local HF causal LM (or GGUF) in fp32; returns adapter, locator and the model spec."""
+def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool = True,
+                  device_map: str | None = None) -> tuple[HFAdapter, HFLocator, dict[str, Any]]:
+    """Load a local HF causal LM (or GGUF) in fp32; returns adapter, locator and the model spec.
+    `device_map="auto"`: accelerate spreads the layers over the visible devices (cbtool/placement.py); such a
+    model is loaded afresh, not from this process's cache of the last base."""
     p = check_base_dir(path, gguf_file)
     transformers = _transformers()
     kw: dict[str, Any] = {"local_files_only": True}
@@ -201,7 +203,7 @@ def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool =
         kw["gguf_file"] = gguf_file
     digest = content_hash(p, gguf_file)
     key = (str(p), gguf_file, digest)
-    cached = _LOADED.get(key)
+    cached = _LOADED.get(key) if device_map is None else None
     if cached is None:
         try:
             config = transformers.AutoConfig.from_pretrained(str(p), **kw)
@@ -213,15 +215,23 @@ def load_hf_model(path: str | Path, gguf_file: str | None = None, frozen: bool =
         try:
             # weights only from safetensors (or the GGUF file): never a pickled pytorch_model.bin
             weights = {} if gguf_file is not None else {"use_safetensors": True}
+            if device_map is not None:
+                weights["device_map"] = device_map
             with progress.track(f"loading {gguf_file or p.name}", None, "models"):
                 cached = transformers.AutoModelForCausalLM.from_pretrained(str(p), config=config,
                                                                            dtype=torch.float32, **kw, **weights)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--base-model {p}: cannot load the model ({_first_line(e)})") from None
         cached.eval()
+        if device_map is not None:  # placed on its devices: used as it is, never copied or cached
+            return _wrap(cached, frozen, p, gguf_file, digest)
         _LOADED.clear()
         _LOADED[key] = cached
-    hf_model = copy.deepcopy(cached)  # callers hook (and may train) their copy; the cached one stays pristine
+    return _wrap(copy.deepcopy(cached), frozen, p, gguf_file, digest)  # callers hook (and may train) their copy
+
+
+def _wrap(hf_model: nn.Module, frozen: bool, p: Path, gguf_file: str | None, digest: str
+          ) -> tuple[HFAdapter, HFLocator, dict[str, Any]]:
     hf_model.eval()
     adapter = HFAdapter(hf_model, frozen=frozen)
     locator = HFLocator(hf_model)

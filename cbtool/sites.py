@@ -211,7 +211,7 @@ class CodebookModel(nn.Module):
         losses = [cb.aux_loss for cb in self.codebooks.values() if cb.aux_loss is not None]
         for cb in self.codebooks.values():
             cb.aux_loss = None
-        return torch.stack(losses).sum() if losses else None
+        return torch.stack([x.to(losses[0].device) for x in losses]).sum() if losses else None  # any devices
 
     def _hook(self, spec: CodebookSpec):
         cb = self.codebook(spec)

@@ -46,6 +46,7 @@ from cbtool.errors import UserError
 from cbtool.files import atomic_write_text, current_umask, read_text, read_versioned_json, save_npy, sha256_file
 from cbtool.locks import acquire, lock_is_stale, read_lock
 from cbtool.sites import CodebookSpec, Site
+from cbtool.verified import VerifiedFiles, identity
 from cbtool.version import __version__
 
 FORMAT = "cbtool-codes"
@@ -343,6 +344,8 @@ class Store:
         self.token_offsets = np.concatenate([[0], np.cumsum(self.shard_tokens)]).astype(np.int64)
         self._verified: set[tuple[int, str]] = set()
         self._shard_files: dict[int, Any] = {}
+        self._records: dict[int, VerifiedFiles] = {}
+        self._in_range: set[tuple[int, str]] = set()
         self.label_names: list[str] = list(man.get("labels") or [])
         self.token_strings: list[str] | None = man.get("token_strings")
 
@@ -375,7 +378,8 @@ class Store:
 
     # -- arrays --------------------------------------------------------------------------------
     def _verify(self, shard: int, name: str) -> None:
-        """Check a shard file against the sha256 in its shard.json (once per file and Store)."""
+        """Check a shard file against the sha256 in its shard.json (once per file and Store, and not again while
+        the file is unchanged since a reader recorded the check: cbtool/verified.py)."""
         if (shard, name) in self._verified:
             return
         if shard not in self._shard_files:
@@ -385,10 +389,16 @@ class Store:
             f = self.path / shard_name(shard) / name
             if name not in files or not f.is_file():
                 raise UserError(f"store {self.path}: {shard_name(shard)}/{name} is missing (corrupt store)")
-            if sha256_file(f) != files[name]:
-                raise UserError(
-                    f"store {self.path}: {shard_name(shard)}/{name} does not match its sha256 (corrupt or changed)"
-                )
+            if shard not in self._records:
+                self._records[shard] = VerifiedFiles(f.parent)
+            record, ident = self._records[shard], identity(f)
+            if not record.known(name, files[name], ident):  # checked once, by any reader (cbtool/verified.py)
+                if sha256_file(f) != files[name]:
+                    raise UserError(
+                        f"store {self.path}: {shard_name(shard)}/{name} does not match its sha256 (corrupt or changed)"
+                    )
+                if identity(f) == ident:
+                    record.add(name, files[name], ident)
         self._verified.add((shard, name))
 
     def _load(self, shard: int, name: str) -> np.ndarray:
@@ -413,11 +423,14 @@ class Store:
         a = self._checked(shard, f"codes.{site}.npy")
         if a.ndim != 2 or a.shape[1] != self.sites[site].spec.k:
             raise UserError(f"store {self.path}: codes of {site} in {shard_name(shard)} have shape {a.shape}")
+        if (shard, site) in self._in_range:
+            return a
         if a.dtype.kind != "u" or (a.size and int(a.max()) >= self.sites[site].num_codes):
             raise UserError(
                 f"store {self.path}: codes of {site} in {shard_name(shard)} are out of range for "
                 f"C={self.sites[site].num_codes} (corrupt store)"
             )
+        self._in_range.add((shard, site))  # a whole pass over the ids: once per Store
         return a
 
     def tokens(self, shard: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from torch.nn import functional as F
 
-from cbtool import ddp, distributed, metrics_log, progress
+from cbtool import ddp, distributed, metrics_log, placement, progress
 from cbtool import text as textmod
 from cbtool.checkpoint import Checkpoint, load_checkpoint, real_target, recover_interrupted_swap, save_checkpoint
 from cbtool.errors import UserError
@@ -231,10 +231,12 @@ def make_task(cfg: TrainConfig, tokenizer: TextTokenizer | None = None) -> Task:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, log: Console,
-                 task: Task | None = None) -> None:
+                 task: Task | None = None, device_map: str | None = None) -> None:
         """`task`: the checkpoint's own task when resuming (its tokenizer, never a retrained one);
-        else `make_task(cfg)`."""
+        else `make_task(cfg)`. `device_map="auto"`: a pretrained base spread over the devices, each codebook
+        on its layer's (cbtool/placement.py); `device` is then where the input ids go."""
         cfg.validate()
+        placement.check_device_map(device_map, cfg.base_model is not None)
         self.world = distributed.world()
         distributed.check_divides(cfg.batch_size, "--batch-size")
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
@@ -250,7 +252,7 @@ class Trainer:
                            + (f" / {cfg.gguf_file} (de-quantising the GGUF file: ~15-60 s)" if cfg.gguf_file else ""),
                            highlight=False, soft_wrap=True)
             base, locator, self.model_spec = hf.load_hf_model(cfg.base_model, cfg.gguf_file,
-                                                              frozen=not cfg.train_base)
+                                                              frozen=not cfg.train_base, device_map=device_map)
             cfg.base_model = self.model_spec["path"]
             if task is None:
                 task = make_task(cfg, hf.load_hf_tokenizer(cfg.base_model, cfg.gguf_file))
@@ -275,7 +277,13 @@ class Trainer:
         chosen = parse_sites_option(cfg.sites, locator.n_layer)
         locator.check_sites(chosen)
         site_codes = self._site_codes(chosen, locator)
-        self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k, site_codes).to(device)
+        self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k, site_codes)
+        self.device_map = device_map
+        if device_map is None:
+            self.model.to(device)
+        else:
+            placement.place_codebooks(self.model)
+            self.device = placement.input_device(self.model)
         for cb in self.model.codebooks.values():
             cb.commit_coef = cfg.commit_coef
         self.step = 0
@@ -387,7 +395,7 @@ class Trainer:
         loss = task
         aux = self.model.aux_loss() if phase == "codebook" else None
         if aux is not None:
-            loss = loss + cfg.mse_coef * aux
+            loss = loss + cfg.mse_coef * aux.to(loss.device)  # codebooks may sit on other devices
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.opt.param_groups for p in g["params"]]
@@ -535,7 +543,8 @@ class Trainer:
                         extra_files={**self.task.files(), metrics_log.FILE: self.metrics.to_bytes()})
 
     @classmethod
-    def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console) -> Trainer:
+    def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console,
+               device_map: str | None = None) -> Trainer:
         training = ckpt.meta.get("training") or {}
         if not isinstance(training, dict) or "config" not in training or ckpt.train_state is None:
             raise UserError(f"{ckpt.path} has no resumable training state")
@@ -552,7 +561,7 @@ class Trainer:
         for key in ("trainer.step", "trainer.elapsed"):
             if key not in state or state[key].numel() != 1:
                 raise UserError(f"{bad} ({key} missing)")
-        self = cls(cfg, out, device, log, task=ckpt.task)
+        self = cls(cfg, out, device, log, task=ckpt.task, device_map=device_map)
         self.step = int(state["trainer.step"])
         self.elapsed = float(state["trainer.elapsed"])
         for k in PHASE_TIMERS:  # absent in checkpoints of older versions: those phases count from 0
@@ -575,7 +584,7 @@ class Trainer:
                     raise UserError(f"{bad} ({k} has shape {tuple(state[k].shape)}, its parameter "
                                     f"{tuple(p.shape)})")
             if keys:
-                self.opt.state[p] = {k.split(".", 2)[2]: state[k].to(device) if state[k].dim() else state[k]
+                self.opt.state[p] = {k.split(".", 2)[2]: state[k].to(p.device) if state[k].dim() else state[k]
                                      for k in keys}
         for cb_key, cb in self.model.codebooks.items():
             if f"usage.{cb_key}" in state:
@@ -583,9 +592,7 @@ class Trainer:
                     raise UserError(f"{bad} (usage.{cb_key} has the wrong shape)")
                 cb.usage.copy_(state[f"usage.{cb_key}"])
             if f"recent.{cb_key}" in state:
-                cb.recent_inputs = state[f"recent.{cb_key}"].to(device)
-        for p in self.model.parameters():
-            p.data = p.data.to(device)
+                cb.recent_inputs = state[f"recent.{cb_key}"].to(cb.usage.device)
         ddp.split_counts(self.model)
         return self
 
@@ -649,10 +656,12 @@ def check_target(target: Path, overwrite: bool) -> None:
 
 
 def start_training(out: Path, preset: str = "default", *, resume: bool = False, overwrite: bool = False,
-                   device: str | torch.device = "auto", log: Console | None = None, **options: Any) -> Trainer:
+                   device: str | torch.device = "auto", log: Console | None = None, device_map: str | None = None,
+                   **options: Any) -> Trainer:
     """A Trainer ready to `run()`: a new run of a preset with options (TrainConfig fields) over it, writing
     its checkpoint to `out` (refused if one is there, unless `overwrite`), or with `resume` the unfinished
-    run at `out`, continued exactly (options are then ignored)."""
+    run at `out`, continued exactly (options are then ignored). `device_map="auto"` spreads a pretrained base
+    over the devices (cbtool/placement.py)."""
     target = Path(out)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     log = log if log is not None else Console(stderr=True, quiet=True)
@@ -665,9 +674,10 @@ def start_training(out: Path, preset: str = "default", *, resume: bool = False, 
     cfg = None if resume else make_config(preset, **options)
     if cfg is not None:
         cfg.validate()  # bad options are refused before anything is created
+        placement.check_device_map(device_map, cfg.base_model is not None)
     lock = acquire_out(target) if world.is_main else None  # rank 0 holds the claim for all ranks
     try:
-        trainer = _start(target, cfg, overwrite, dev, log)
+        trainer = _start(target, cfg, overwrite, dev, log, device_map)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -686,13 +696,14 @@ def acquire_out(target: Path) -> Lock:
     return acquire(real.parent / f".{real.name}.lock", f"checkpoint {target}")
 
 
-def _start(target: Path, cfg: TrainConfig | None, overwrite: bool, dev: torch.device, log: Console) -> Trainer:
+def _start(target: Path, cfg: TrainConfig | None, overwrite: bool, dev: torch.device, log: Console,
+           device_map: str | None = None) -> Trainer:
     """A new run of `cfg`, or (`cfg` None) the unfinished run at `target` resumed."""
     if cfg is None:
         distributed.main_first(lambda: recover_interrupted_swap(target))
         if not target.exists():
             raise UserError(f"nothing to resume: {target} does not exist")
-        trainer = Trainer.resume(load_checkpoint(target, with_train_state=True), target, dev, log)
+        trainer = Trainer.resume(load_checkpoint(target, with_train_state=True), target, dev, log, device_map)
         if trainer.step >= trainer.total_steps:
             raise UserError(f"{target} is already finished ({trainer.step} steps); nothing to resume")
         log.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
@@ -700,7 +711,7 @@ def _start(target: Path, cfg: TrainConfig | None, overwrite: bool, dev: torch.de
     world = distributed.world()
     check_target(target, overwrite)  # again: another run may have finished while this one waited
     distributed.barrier()  # no rank may see rank 0's first checkpoint here
-    trainer = Trainer(cfg, target, dev, log)
+    trainer = Trainer(cfg, target, dev, log, device_map=device_map)
     sizes = f"C={cfg.num_codes}" + (f" ({cfg.site_codes})" if cfg.site_codes else "")
     ranks = f" x {world.size} ranks" if world.active else ""
     log.print(f"training {cfg.task} on {dev}{ranks}: {len(trainer.model.sites)} sites, {sizes}, k={cfg.k}, "

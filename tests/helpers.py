@@ -11,6 +11,14 @@ from typer.testing import CliRunner
 
 from cbtool.cli import app
 from cbtool.metrics_log import read_metrics
+from cbtool.verified import RECORD
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, less the records of sha256 checks that passed (a cache a store reader keeps:
+    cbtool/verified.py), so "nothing was written" means nothing but that."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != RECORD}
 
 
 def run_cli(*args: object):

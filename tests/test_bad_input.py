@@ -23,7 +23,7 @@ from cbtool.files import sha256_file
 from cbtool.sites import CodebookSpec, Site
 from cbtool.store import Store, documents_to_arrays, write_store
 from cbtool.tokfsm import fsm_document
-from tests.helpers import run_cli
+from tests.helpers import run_cli, snapshot
 
 # -- artefacts, built once per module ----------------------------------------------------------------
 
@@ -527,13 +527,9 @@ def _expand(args: tuple[str, ...], w: dict[str, Path]) -> list[str]:
     return out
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def _snapshot_all(w: dict[str, Path]) -> dict[str, bytes]:
-    snap = {f"w/{k}": v for k, v in _snapshot(w["w"]).items()}
-    snap.update({f"master/{k}": v for k, v in _snapshot(w["master"]).items()})
+    snap = {f"w/{k}": v for k, v in snapshot(w["w"]).items()}
+    snap.update({f"master/{k}": v for k, v in snapshot(w["master"]).items()})
     return snap
 
 

@@ -26,14 +26,10 @@ from hypothesis import strategies as st
 
 from cbtool.cli import app
 from cbtool.train import start_training
-from tests.helpers import run_cli
+from tests.helpers import run_cli, snapshot
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TINY = ("--preset", "tiny", "--base-steps", "2", "--steps", "2", "--kmeans-seqs", "4", "--device", "cpu")
-
-
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_refused(res, needle: str = "") -> None:
@@ -105,14 +101,14 @@ def _check_mutations(root: Path, meta: Path, commands: list[list[str]], data) ->
     raw = data.draw(RAW, label="value")
     meta.write_text(_mutated(doc, path, raw))
     try:
-        before = _snapshot(root)
+        before = snapshot(root)
         for args in commands:
             res = run_cli(*args)
             assert res.exit_code in (0, 2), (path, raw[:50], res.exit_code, res.stderr[-2000:])
             assert "Traceback" not in res.output and "internal error" not in res.stderr, (path, raw[:50])
             if res.exit_code == 2:
                 assert_refused(res)
-        assert _snapshot(root) == before
+        assert snapshot(root) == before
     finally:
         meta.write_text(original)
 
@@ -205,10 +201,10 @@ def test_lone_surrogate_and_deep_json_in_a_jsonl_corpus(tmp_path):
     deep = tmp_path / "deep.jsonl"
     deep.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     for corpus, needle in ((bad, "surrogate"), (deep, "nested too deeply")):
-        before = _snapshot(tmp_path)
+        before = snapshot(tmp_path)
         assert_refused(run_cli("train", "--task", "text", "--corpus", corpus, "--out", tmp_path / "ck", *TINY), needle)
         assert_refused(run_cli("embed", FIXTURES / "text", "--corpus", corpus, "--out", tmp_path / "codes"), needle)
-        assert _snapshot(tmp_path) == before
+        assert snapshot(tmp_path) == before
 
 
 @pytest.fixture
@@ -284,9 +280,9 @@ def test_train_keeps_the_users_files_and_follows_a_symlinked_out(tmp_path):
 def test_two_trains_on_one_out_cannot_both_succeed(tmp_path):
     out = tmp_path / "ck"
     first = start_training(out, "tiny", device="cpu", base_steps=2, steps=2, kmeans_seqs=4)  # holds the lock
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     assert_refused(run_cli("train", "--out", out, "--overwrite", *TINY), "being written by")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     first.run()
     assert not list(tmp_path.glob(".*.lock"))
     assert run_cli("train", "--out", out, "--overwrite", *TINY).exit_code == 0  # released when it finished

@@ -292,3 +292,36 @@ def test_smollm2_gguf_end_to_end(smol, tmp_path, capsys):
         print(f"SmolLM2 find-codes January|February: best {ref} precision {rows[0]['precision']:.3f} "
               f"recall {rows[0]['recall']:.3f}; steered {[e['steered'] for e in steer['examples']]} "
               f"baseline {[e['baseline'] for e in steer['examples']]}")
+
+
+def test_device_map_auto_trains_like_one_device(model_dirs, corpus, tmp_path):
+    """`--device-map auto` loads the base through accelerate's placement (on a machine without GPUs every layer
+    lands on the CPU, so no dispatch hooks are added): the codebooks sit on their layers' devices and the run
+    equals the one without a device map."""
+    pytest.importorskip("accelerate", reason="the `hf` extra (accelerate) is not installed")
+    from cbtool import placement
+    from cbtool.train import start_training
+
+    common = {"base_model": str(model_dirs["llama"]), "corpus": str(corpus), "sites": "0.attn-heads,0.attn,1.mlp",
+              "steps": 3, "device": "cpu"}
+    trainer = start_training(tmp_path / "mapped", "tiny", device_map="auto", **common)
+    loc = trainer.model.locator
+    hooked = {"attn_heads": loc.head_projection, "attn": loc.attention, "mlp": loc.mlp}
+    for spec, cb in trainer.model.items():
+        assert cb.codes.device == placement.module_device(hooked[spec.component](spec.layer))
+    trainer.run()
+    assert run_cli("train", "--preset", "tiny", "--out", tmp_path / "plain", *[
+        a for k, v in common.items() for a in (f"--{k.replace('_', '-')}", v)]).exit_code == 0
+    mapped, plain = load_checkpoint(tmp_path / "mapped"), load_checkpoint(tmp_path / "plain")
+    a, b = mapped.model.codebooks.state_dict(), plain.model.codebooks.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--device-map", "balanced"], "unknown --device-map 'balanced'"),
+    (["--device-map", "auto", "--task", "text"], "needs --base-model"),
+])
+def test_bad_device_map_exit_2(tmp_path, corpus, args, needle):
+    res = run_cli("train", "--preset", "tiny", "--corpus", corpus, "--out", tmp_path / "ck", *args)
+    assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "ck").exists()

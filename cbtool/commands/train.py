@@ -19,6 +19,9 @@ def train(
                                "defaults shown below are the TokFSM default preset's; --task text and --base-model "
                                "runs have their own presets (cbtool/train.py)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device_map: str | None = typer.Option(None, "--device-map",
+                                          help="auto: spread a --base-model too large for one device over the "
+                                          "visible devices (accelerate); each codebook sits on its layer's device."),
     out_dir: Path | None = typer.Option(None, "--out", help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run at --out exactly."),
@@ -36,10 +39,12 @@ def train(
       cbtool train --resume                 # after an interruption
       cbtool train --task text              # built-in text model on Shakespeare, <= 10 min on a CPU
       cbtool train --base-model ./pythia-70m --corpus notes.jsonl --text-field body --sites 3.mlp
+      cbtool train --base-model ./big-model --device-map auto --sites 20.mlp   # layers over several GPUs
       torchrun --nproc-per-node 2 -m cbtool train   # data-parallel over 2 processes (docs/scaling.md)
     """
     target = default_checkpoint(out_dir, run)
-    trainer = start_training(target, preset, resume=resume, overwrite=overwrite, device=device, log=err, **options)
+    trainer = start_training(target, preset, resume=resume, overwrite=overwrite, device=device, log=err,
+                             device_map=device_map, **options)
     results = trainer.run()
     if not trainer.world.is_main:  # under torchrun rank 0 reports
         return
