@@ -26,7 +26,6 @@ refused while the first is alive).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import shutil
 import tempfile
@@ -185,7 +184,7 @@ class StoreWriter:
         }
         try:
             path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(man_path, json.dumps(manifest, indent=2))
+            atomic_write_text(man_path, strict_json.dumps(manifest, indent=2))
         except OSError as e:
             raise UserError(f"cannot create store {path}: {e.strerror or e}") from None
         return cls(path, manifest)
@@ -245,7 +244,7 @@ class StoreWriter:
                 # a sha256 per file: readers refuse a truncated or bit-flipped array (exit 2)
                 "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             }
-            atomic_write_text(tmp / SHARD_META, json.dumps(meta))
+            atomic_write_text(tmp / SHARD_META, strict_json.dumps(meta))
             os.rename(tmp, final)
         except OSError as e:  # disk full, read-only, ...: one line, exit 2, the store stays resumable
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,7 +271,7 @@ class StoreWriter:
             shards=[{"index": m["index"], "tokens": m["tokens"], "docs": m["docs"]} for m in metas],
         )
         try:
-            atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+            atomic_write_text(self.path / MANIFEST, strict_json.dumps(self.manifest, indent=2))
         except OSError as e:
             raise UserError(f"cannot write {self.path / MANIFEST}: {e.strerror or e}") from None
         return True
