@@ -100,6 +100,12 @@ def test_embed_interrupted_names_its_complete_shards(tiny_checkpoint_master, tmp
     assert _leftovers(tmp_path) == []
 
 
+def test_other_commands_interrupted_say_so_in_one_line(tiny_checkpoint_master, tmp_path):
+    rc, lines = _interrupt(["eval", tiny_checkpoint_master, "--samples", 200000], signal.SIGTERM,
+                           lambda line: line.startswith("eval ("), tmp_path)
+    assert rc == 143 and _one_line(lines, "cbtool: interrupted") == "cbtool: interrupted by SIGTERM"
+
+
 def _interrupt_embed(args: list[object], first: Path, cwd: Path) -> tuple[int, list[str]]:
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, env=ENV, text=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
