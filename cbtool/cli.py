@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 from typer.core import TyperGroup
@@ -22,7 +23,7 @@ import cbtool
 from cbtool import progress, signals
 from cbtool.commands.common import err
 from cbtool.error_classes import environment_error
-from cbtool.errors import CheckFailed, UserError
+from cbtool.errors import CbtoolWarning, CheckFailed, UserError
 from cbtool.numbers import check_option
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
@@ -67,7 +68,10 @@ class _Group(TyperGroup):
         _plain_flags(self)
         restore = signals.install()  # SIGTERM ends a command as Ctrl-C does (cbtool/signals.py)
         try:
-            self._main(args, prog_name, complete_var, **extra)
+            with warnings.catch_warnings():  # the library's CbtoolWarnings: one line each, every time
+                warnings.simplefilter("always", CbtoolWarning)
+                warnings.showwarning = _show_warning
+                self._main(args, prog_name, complete_var, **extra)
         finally:
             restore()
             progress.enable(None)
@@ -145,6 +149,16 @@ def _plain_flags(command) -> None:
         return option
 
     command.get_help_option = plain_help_option
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if not issubclass(category, CbtoolWarning):
+        return _python_showwarning(message, category, filename, lineno, file, line)
+    sys.stderr.write(f"cbtool: warning: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
+_python_showwarning = warnings.showwarning
 
 
 def _fail(message: str, code: int, kind: str = "error: ") -> None:

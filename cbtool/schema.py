@@ -126,7 +126,7 @@ CHECKPOINT = Obj({
     "tokenizer": Opt(Obj({"kind": STR, "file": STR, "vocab_size": INT, "eot_id": Opt(INT)}, required=("kind",))),
     "task": Obj({"name": STR, "num_states": INT, "out_degree": INT, "seq_len": INT, "seed": INT,
                  "corpus": Opt(STR), "text_field": STR, "tokens": INT, "train_blocks": INT, "heldout_blocks": INT,
-                 "holdout_every": INT}, required=("name",)),
+                 "holdout_every": INT, "corpus_sha256": STR}, required=("name",)),
     "codebooks": ListOf(Obj({"layer": INT, "component": STR, "groups": INT, "dim": INT, "num_codes": INT, "k": INT,
                              "key": STR, "sites": ListOf(STR), "tensor": STR, "similarity": STR},
                             required=("layer", "component", "groups", "dim", "num_codes", "k"))),

@@ -45,6 +45,7 @@ from cbtool.errors import UserError
 from cbtool.files import atomic_write_text, current_umask, read_text, read_versioned_json, save_npy, sha256_file
 from cbtool.locks import acquire, lock_is_stale, read_lock
 from cbtool.sites import CodebookSpec, Site
+from cbtool.store_links import refuse_links_out
 from cbtool.version import __version__
 
 FORMAT = "cbtool-codes"
@@ -284,6 +285,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     man_path = path / MANIFEST
     if not path.is_dir() or not man_path.is_file():
         raise UserError(f"{path} is not a code store: no {MANIFEST}")
+    refuse_links_out(path, MANIFEST)
     man = read_versioned_json(man_path, FORMAT, FORMAT_VERSION, "code store", schema.MANIFEST)
     if man.get("complete") and any(man.get(k) is None for k in ("num_shards", "tokens", "docs", "shards")):
         raise UserError(f"{man_path}: malformed: a complete store needs num_shards, tokens, docs and shards")

@@ -226,7 +226,8 @@ def make_task(cfg: TrainConfig, tokenizer: TextTokenizer | None = None) -> Task:
     sources = textmod.load_sources(cfg.corpus, cfg.text_field)
     tok = tokenizer if tokenizer is not None else textmod.train_bpe(sources, cfg.vocab_size)
     return textmod.TextTask(tok, cfg.corpus, cfg.text_field, cfg.seq_len,
-                            "hf" if cfg.base_model is not None else "bpe", sources=sources)
+                            "hf" if cfg.base_model is not None else "bpe", sources=sources,
+                            corpus_sha256=textmod.corpus_sha256(cfg.corpus))
 
 
 class Trainer:
