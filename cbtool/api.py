@@ -24,13 +24,15 @@ def _checkpoint(checkpoint: Checkpoint | str | Path, device: str | torch.device 
     return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), device=device)
 
 
-def train_model(out: str | Path, preset: str = "default", *, device: str = "cpu", overwrite: bool = False,
+def train_model(out: str | Path, preset: str | None = None, *, device: str = "cpu", overwrite: bool = False,
           resume: bool = False, verbose: bool = False, **options: Any) -> Checkpoint:
     """Train a model with codebooks and return its checkpoint (written to `out`).
 
-    `preset`: "default", "paper" or "tiny" (seconds on a CPU); `options`: any TrainConfig field
-    (cbtool/train.py), e.g. `num_codes=64, sites="mlp", task="text", corpus="notes.txt"`. The held-out
-    results are in `checkpoint.meta["training"]["results"]`. `verbose`: the training log on stderr."""
+    `preset`: "default" (None: "default", or with `resume` the stored run's), "paper" or "tiny" (seconds on
+    a CPU); `options`: any TrainConfig field (cbtool/train.py), e.g. `num_codes=64, sites="mlp", task="text",
+    corpus="notes.txt"`; with `resume` they must agree with the stored run but for those cbtool/resume.py
+    lets change. The held-out results are in `checkpoint.meta["training"]["results"]`. `verbose`: the
+    training log on stderr."""
     log = Console(stderr=True, quiet=not verbose, highlight=False)
     trainer = start_training(Path(out), preset, resume=resume, overwrite=overwrite, device=device, log=log,
                              **options)

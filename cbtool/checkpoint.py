@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cbtool import schema
+from cbtool import schema, signals, strict_json
 from cbtool.errors import UserError
 from cbtool.files import atomic_write_bytes, atomic_write_text, current_umask, read_versioned_json, sha256_file
 from cbtool.limits import MAX_CODES, MAX_ELEMENTS
@@ -98,8 +98,9 @@ def save_checkpoint(
             "codebooks": [s.to_dict() for s in model.specs],
             "files": {name: sha256_file(tmp / name) for name in files},
         }
-        atomic_write_text(tmp / META, json.dumps(full, indent=2))
-        _swap_in(tmp, out)
+        atomic_write_text(tmp / META, strict_json.dumps(full, indent=2))
+        with signals.deferred():  # Ctrl-C waits for the renames: the old checkpoint or the new, never neither
+            _swap_in(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint to {out}: {e.strerror or e}") from None

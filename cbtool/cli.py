@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 from typer.core import TyperGroup
@@ -19,10 +20,10 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as cx
 
 import cbtool
-from cbtool import progress
+from cbtool import progress, signals
 from cbtool.commands.common import err
 from cbtool.error_classes import environment_error
-from cbtool.errors import CheckFailed, UserError
+from cbtool.errors import CbtoolWarning, CheckFailed, UserError
 from cbtool.numbers import check_option
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
@@ -53,12 +54,26 @@ class _Group(TyperGroup):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         return name, cmd, rest
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (KeyboardInterrupt, signals.Terminated) as e:  # typer would exit 130 without a word
+            raise signals.interrupted(e) from None
+        except BrokenPipeError:  # click would exit 1: a closed `| head` is not a failed check
+            signals.closed_stdout()
+            raise typer.Exit(0) from None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         progress.enable(err)  # commands show progress; library callers in the same process stay quiet after
         _plain_flags(self)
+        restore = signals.install()  # SIGTERM ends a command as Ctrl-C does (cbtool/signals.py)
         try:
-            self._main(args, prog_name, complete_var, **extra)
+            with warnings.catch_warnings():  # the library's CbtoolWarnings: one line each, every time
+                warnings.simplefilter("always", CbtoolWarning)
+                warnings.showwarning = _show_warning
+                self._main(args, prog_name, complete_var, **extra)
         finally:
+            restore()
             progress.enable(None)
 
     def _main(self, args, prog_name, complete_var, **extra):
@@ -81,9 +96,11 @@ class _Group(TyperGroup):
             _fail(str(e), EXIT_USAGE)
         except CheckFailed as e:
             _fail(str(e), EXIT_CHECK)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+        except (signals.Interrupted, KeyboardInterrupt, signals.Terminated) as e:  # one line: what was saved
+            stop = e if isinstance(e, signals.Interrupted) else signals.interrupted(e)
+            _fail(str(stop), stop.code, kind="")
         except BrokenPipeError:
+            signals.closed_stdout()
             sys.exit(0)
         except Exception as e:  # noqa: BLE001 - the documented last resort
             if debug:
@@ -94,6 +111,7 @@ class _Group(TyperGroup):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
                   EXIT_INTERNAL)
+        signals.flush_stdout()
         sys.exit(rc if isinstance(rc, int) else 0)
 
 
@@ -133,10 +151,20 @@ def _plain_flags(command) -> None:
     command.get_help_option = plain_help_option
 
 
-def _fail(message: str, code: int) -> None:
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if not issubclass(category, CbtoolWarning):
+        return _python_showwarning(message, category, filename, lineno, file, line)
+    sys.stderr.write(f"cbtool: warning: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _fail(message: str, code: int, kind: str = "error: ") -> None:
     dist = sys.modules.get("cbtool.distributed")  # under torchrun: which rank speaks
     rank = dist.tag() if dist is not None else ""
-    sys.stderr.write(f"cbtool: error: {rank}{' '.join(message.split())}\n")
+    sys.stderr.write(f"cbtool: {kind}{rank}{' '.join(message.split())}\n")
     sys.stderr.flush()
     if rank:  # under torchrun: leave now, before the process group's threads are torn down (gloo may abort)
         sys.stdout.flush()

@@ -32,6 +32,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def content_hash(files: list[tuple[str, Path]]) -> str:
+    """sha256 over (name, bytes) of files in the given order: one hash for a set of files (a pretrained base's,
+    cbtool/hf.py; a text corpus's, cbtool/text.py), so renaming a file changes it as editing one does."""
+    h = hashlib.sha256()
+    for name, f in files:
+        h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        hash_file_into(h, f)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

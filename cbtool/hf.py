@@ -13,7 +13,6 @@ Nothing here touches the network: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are set 
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from cbtool import progress
 from cbtool.errors import UserError
-from cbtool.files import hash_file_into
+from cbtool.files import content_hash as files_hash
 
 SUPPORTED = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX (Pythia)", "llama": "Llama (SmolLM2)"}
 _HASHED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".gguf")
@@ -80,12 +79,7 @@ def hashed_files(path: Path, gguf_file: str | None = None) -> list[Path]:
 
 def content_hash(path: Path, gguf_file: str | None = None) -> str:
     """sha256 over (name, bytes) of the model's files: config, weights, tokenizer (or the GGUF file)."""
-    h = hashlib.sha256()
-    for f in hashed_files(path, gguf_file):
-        h.update(f.name.encode() + b"\0")
-        hash_file_into(h, f)
-        h.update(b"\0")
-    return h.hexdigest()
+    return files_hash([(f.name, f) for f in hashed_files(path, gguf_file)])
 
 
 # -- family locators --------------------------------------------------------------------------------

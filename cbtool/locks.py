@@ -6,7 +6,6 @@ A lock is a file created with O_EXCL holding {"host", "pid", "time"}; a second w
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -48,7 +47,7 @@ def acquire(lock: Path, what: str) -> Lock:
             raise UserError(f"cannot lock {what}: {e.strerror or e}") from None
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                f.write(strict_json.dumps(me))
         except OSError as e:
             lock.unlink(missing_ok=True)
             raise UserError(f"cannot lock {what}: {e.strerror or e}") from None

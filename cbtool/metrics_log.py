@@ -18,8 +18,6 @@ hashed in cbtool.json like the other files and `--resume` continues it. A row ho
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +142,7 @@ class MetricsLog:
         return entry
 
     def to_bytes(self) -> bytes:
-        return "".join(json.dumps(_finite(r), separators=(",", ":")) + "\n" for r in self.rows).encode("utf-8")
+        return "".join(strict_json.dumps(r, separators=(",", ":")) + "\n" for r in self.rows).encode("utf-8")
 
     # the window's accumulators travel in train_state.safetensors, so --resume continues the row exactly
     def state(self) -> dict[str, torch.Tensor]:
@@ -158,14 +156,6 @@ class MetricsLog:
         self.seen = {k[len(prefix):]: v.bool() for k, v in state.items() if k.startswith(prefix)}
         self.revived = int(state["metrics.revived"]) if "metrics.revived" in state else 0
         self.tokens = int(state["metrics.tokens"]) if "metrics.tokens" in state else 0
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    return x
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

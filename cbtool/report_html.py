@@ -15,6 +15,8 @@ import math
 from html import escape
 from typing import Any
 
+from cbtool import strict_json
+
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; "
        "base-uri 'none'; form-action 'none'")
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -283,7 +285,7 @@ def _include(inc: dict[str, Any]) -> str:
         if ex:
             out += _table(["seed", "prompt", "steered", "baseline (twin)"], ex, "mono")
         return out
-    text = json.dumps(doc, indent=1, ensure_ascii=False)
+    text = strict_json.dumps(doc, indent=1, ensure_ascii=False)
     clipped = text[:20000] + ("\n…" if len(text) > 20000 else "")
     return head + f"<pre>{_e(clipped)}</pre>"
 
@@ -527,7 +529,7 @@ JS = r"""
 
 
 def _json_for_script(data: Any) -> str:
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = strict_json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 

@@ -108,7 +108,7 @@ INT = Int()
 ANY_INT = Int(lo=None)
 
 _MODEL_CONFIG = MapOf(INT)
-_METRICS = MapOf(NUM)
+_METRICS = MapOf(Opt(NUM))  # a metric that is not a finite number is written as null
 _TRAIN_CONFIG = Obj({
     "task": STR, "sites": STR, "num_codes": INT, "site_codes": STR, "k": INT, "base_steps": INT, "steps": INT,
     "batch_size": INT, "lr": NUM, "codebook_lr": NUM, "mse_coef": NUM, "commit_coef": NUM, "train_base": BOOL,
@@ -126,11 +126,11 @@ CHECKPOINT = Obj({
     "tokenizer": Opt(Obj({"kind": STR, "file": STR, "vocab_size": INT, "eot_id": Opt(INT)}, required=("kind",))),
     "task": Obj({"name": STR, "num_states": INT, "out_degree": INT, "seq_len": INT, "seed": INT,
                  "corpus": Opt(STR), "text_field": STR, "tokens": INT, "train_blocks": INT, "heldout_blocks": INT,
-                 "holdout_every": INT}, required=("name",)),
+                 "holdout_every": INT, "corpus_sha256": STR}, required=("name",)),
     "codebooks": ListOf(Obj({"layer": INT, "component": STR, "groups": INT, "dim": INT, "num_codes": INT, "k": INT,
                              "key": STR, "sites": ListOf(STR), "tensor": STR, "similarity": STR},
                             required=("layer", "component", "groups", "dim", "num_codes", "k"))),
-    "training": Opt(Obj({"config": _TRAIN_CONFIG, "step": INT, "total_steps": INT, "finished": BOOL,
+    "training": Opt(Obj({"config": _TRAIN_CONFIG, "preset": Opt(STR), "step": INT, "total_steps": INT, "finished": BOOL,
                          "phase": STR, "seconds": NUM, "device": STR,
                          "results": Opt(Obj({"on": _METRICS, "bypassed": _METRICS, "code_usage": _METRICS,
                                              "samples": INT, "temperature": NUM, "train_seconds": NUM,

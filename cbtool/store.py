@@ -26,7 +26,6 @@ refused while the first is alive).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import shutil
 import tempfile
@@ -46,6 +45,7 @@ from cbtool.errors import UserError
 from cbtool.files import atomic_write_text, current_umask, read_text, read_versioned_json, save_npy, sha256_file
 from cbtool.locks import acquire, lock_is_stale, read_lock
 from cbtool.sites import CodebookSpec, Site
+from cbtool.store_links import refuse_links_out
 from cbtool.verified import VerifiedFiles, identity
 from cbtool.version import __version__
 
@@ -186,7 +186,7 @@ class StoreWriter:
         }
         try:
             path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(man_path, json.dumps(manifest, indent=2))
+            atomic_write_text(man_path, strict_json.dumps(manifest, indent=2))
         except OSError as e:
             raise UserError(f"cannot create store {path}: {e.strerror or e}") from None
         return cls(path, manifest)
@@ -246,7 +246,7 @@ class StoreWriter:
                 # a sha256 per file: readers refuse a truncated or bit-flipped array (exit 2)
                 "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             }
-            atomic_write_text(tmp / SHARD_META, json.dumps(meta))
+            atomic_write_text(tmp / SHARD_META, strict_json.dumps(meta))
             os.rename(tmp, final)
         except OSError as e:  # disk full, read-only, ...: one line, exit 2, the store stays resumable
             shutil.rmtree(tmp, ignore_errors=True)
@@ -273,7 +273,7 @@ class StoreWriter:
             shards=[{"index": m["index"], "tokens": m["tokens"], "docs": m["docs"]} for m in metas],
         )
         try:
-            atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+            atomic_write_text(self.path / MANIFEST, strict_json.dumps(self.manifest, indent=2))
         except OSError as e:
             raise UserError(f"cannot write {self.path / MANIFEST}: {e.strerror or e}") from None
         return True
@@ -286,6 +286,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     man_path = path / MANIFEST
     if not path.is_dir() or not man_path.is_file():
         raise UserError(f"{path} is not a code store: no {MANIFEST}")
+    refuse_links_out(path, MANIFEST)
     man = read_versioned_json(man_path, FORMAT, FORMAT_VERSION, "code store", schema.MANIFEST)
     if man.get("complete") and any(man.get(k) is None for k in ("num_shards", "tokens", "docs", "shards")):
         raise UserError(f"{man_path}: malformed: a complete store needs num_shards, tokens, docs and shards")

@@ -77,3 +77,21 @@ def _check_text(text: str, where: str) -> None:
     except UnicodeEncodeError as e:
         raise UserError(f"{where}: text that is not valid Unicode ({text[e.start]!r} at character {e.start}: "
                         f"a lone surrogate)") from None
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in any dict, list or tuple) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **options: Any) -> str:
+    """The one JSON writer for cbtool's files and `--json` output: what `loads` reads back. Python's json
+    would write NaN and Infinity literals that no strict parser accepts; a non-finite number is written as
+    null instead (docs/formats.md: a metric that is not a finite number is null)."""
+    return json.dumps(finite(value), allow_nan=False, **options)

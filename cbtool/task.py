@@ -86,4 +86,5 @@ class Task(Protocol):
 
 def format_metrics(task: Task, row: dict[str, Any]) -> str:
     """'loss 0.1234  transition accuracy 0.950': the metrics of one result row that it holds."""
-    return "  ".join(f"{head} {row[key]:{fmt}}" for key, (head, fmt) in task.metrics.items() if key in row)
+    return "  ".join(f"{head} {'n/a' if row[key] is None else format(row[key], fmt)}"
+                     for key, (head, fmt) in task.metrics.items() if key in row)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,9 +29,9 @@ import torch
 
 from cbtool import strict_json
 from cbtool.corpus import Corpus, Document
-from cbtool.errors import UserError
+from cbtool.errors import CbtoolWarning, UserError
 from cbtool.evaluate import mean_loss, on_vs_bypassed
-from cbtool.files import read_text
+from cbtool.files import content_hash, read_text
 from cbtool.sites import CodebookModel
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -77,8 +78,8 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Source]:
         yield Source(f"{path.name}:{i}", value)
 
 
-def read_corpus(path: str | Path, text_field: str = "text") -> list[Source]:
-    """All texts of a .txt/.jsonl file or a folder of them; refuses a corpus with no text."""
+def corpus_files(path: str | Path) -> list[Path]:
+    """The files a .txt/.jsonl file or a folder of them is read from, in reading order."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"corpus {p} does not exist")
@@ -87,10 +88,16 @@ def read_corpus(path: str | Path, text_field: str = "text") -> list[Source]:
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
             raise UserError(f"corpus folder {p} holds no .txt or .jsonl files")
-    elif p.suffix.lower() in TEXT_SUFFIXES:
-        files = [p]
-    else:
-        raise UserError(f"corpus {p}: use a .txt or .jsonl file or a folder of them")
+        return files
+    if p.suffix.lower() in TEXT_SUFFIXES:
+        return [p]
+    raise UserError(f"corpus {p}: use a .txt or .jsonl file or a folder of them")
+
+
+def read_corpus(path: str | Path, text_field: str = "text") -> list[Source]:
+    """All texts of a .txt/.jsonl file or a folder of them; refuses a corpus with no text."""
+    p = Path(path)
+    files = corpus_files(p)
     sources: list[Source] = []
     for f in files:
         if f.suffix.lower() == ".jsonl":
@@ -143,13 +150,18 @@ def named_corpus_dir(name: str) -> Path:
     return d
 
 
-def named_corpus(name: str) -> list[Source]:
-    """The texts of a named corpus, in sorted file order."""
+def named_corpus_files(name: str) -> list[Path]:
+    """The installed files of a named corpus, in sorted (reading) order."""
     d = named_corpus_dir(name)
     files = sorted(d.glob(NAMED_CORPORA[name].pattern))
     if not files:
         raise UserError(f"the {name} corpus at {d} has no texts: {NAMED_CORPORA[name].install}")
-    return [Source(f.name, _read_utf8(f)) for f in files]
+    return files
+
+
+def named_corpus(name: str) -> list[Source]:
+    """The texts of a named corpus, in sorted file order."""
+    return [Source(f.name, _read_utf8(f)) for f in named_corpus_files(name)]
 
 
 def builtin_corpus() -> list[Source]:
@@ -164,6 +176,18 @@ def load_sources(corpus: str | None, text_field: str = "text") -> list[Source]:
     if is_named_corpus(corpus):
         return named_corpus(corpus)
     return read_corpus(corpus, text_field)
+
+
+def corpus_sha256(corpus: str | None) -> str:
+    """sha256 over (name, bytes) of the files `load_sources(corpus)` reads, in its order (names relative to a
+    corpus folder): recorded in a text checkpoint, so `eval` and `embed` can say when the corpus changed.
+    Call it after reading the corpus, which refuses what is not a regular file."""
+    if corpus is None or is_named_corpus(corpus):
+        files = named_corpus_files(corpus or BUILTIN_NAME)
+        return content_hash([(f.name, f) for f in files])
+    p = Path(corpus)
+    root = p if p.is_dir() else p.parent
+    return content_hash([(f.relative_to(root).as_posix(), f) for f in corpus_files(p)])
 
 
 # -- tokenizers -----------------------------------------------------------------------------------
@@ -308,14 +332,15 @@ class TextTask:
 
     def __init__(self, tok: TextTokenizer | Callable[[], TextTokenizer], corpus: str | None, text_field: str,
                  seq_len: int, tokenizer_kind: str = "bpe", sources: list[Source] | None = None,
-                 base_dir: Path | None = None, holdout: str | None = None) -> None:
+                 base_dir: Path | None = None, holdout: str | None = None, corpus_sha256: str | None = None) -> None:
         """`corpus` None or "shakespeare": the built-in corpus; a relative path is relative to `base_dir`
-        (a checkpoint directory); `sources`: the corpus already read."""
+        (a checkpoint directory); `sources`: the corpus already read; `corpus_sha256`: its hash (`corpus_sha256`)
+        as read then; reading the corpus again warns (CbtoolWarning) when it now hashes differently."""
         if seq_len < 2:
             raise UserError(f"--seq-len must be >= 2, got {seq_len}")
         self._tok, self.corpus_name, self.text_field, self.seq_len = tok, corpus, text_field, seq_len
         self.tokenizer_kind, self._sources, self._base_dir = tokenizer_kind, sources, base_dir
-        self._holdout = holdout
+        self._holdout, self._sha256 = holdout, corpus_sha256
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], where: Path) -> TextTask:
@@ -329,7 +354,8 @@ class TextTask:
         except (TypeError, ValueError) as e:
             raise UserError(f"malformed text task in {where / 'cbtool.json'}: {e}") from None
         return cls(lambda: checkpoint_tokenizer(where), corpus, task.get("text_field") or "text", seq_len,
-                   str(tok.get("kind") or "bpe"), base_dir=where, holdout=str(task.get("holdout") or "blocks"))
+                   str(tok.get("kind") or "bpe"), base_dir=where, holdout=str(task.get("holdout") or "blocks"),
+                   corpus_sha256=task.get("corpus_sha256"))
 
     @cached_property
     def tok(self) -> TextTokenizer:
@@ -347,7 +373,16 @@ class TextTask:
     def sources(self) -> list[Source]:
         if self._sources is not None:
             return self._sources
-        return load_sources(self._corpus_path(self.corpus_name), self.text_field)
+        path = self._corpus_path(self.corpus_name)
+        sources = load_sources(path, self.text_field)
+        now = corpus_sha256(path)
+        if self._sha256 is not None and now != self._sha256:
+            ckpt = f"checkpoint {self._base_dir}" if self._base_dir is not None else "the checkpoint"
+            warnings.warn(f"the corpus {path or BUILTIN_NAME} has changed since {ckpt} was trained on it (its "
+                          f"sha256 differs from the one in cbtool.json); results are for its current text",
+                          CbtoolWarning, stacklevel=2)
+        self._sha256 = now
+        return sources
 
     @property
     def holdout(self) -> str:
@@ -467,7 +502,15 @@ class TextTask:
                 "seq_len": self.seq_len, "tokens": self.num_tokens,
                 "train_blocks": int(self.train_blocks.shape[0]),
                 "heldout_blocks": int(self.heldout_blocks.shape[0]), "holdout_every": HOLDOUT_EVERY,
-                "holdout": self.holdout}
+                "holdout": self.holdout, "corpus_sha256": self.corpus_sha256}
+
+    @property
+    def corpus_sha256(self) -> str:
+        """The hash (`corpus_sha256`) of the corpus as this task read it."""
+        self.sources  # noqa: B018 - reading the corpus from disk hashes it
+        if self._sha256 is None:
+            self._sha256 = corpus_sha256(self._corpus_path(self.corpus_name))
+        return self._sha256
 
     def tokenizer_meta(self) -> dict[str, Any]:
         return {"kind": self.tokenizer_kind, "file": TOKENIZER_FILE, "vocab_size": self.vocab_size,

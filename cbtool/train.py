@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from torch.nn import functional as F
 
-from cbtool import ddp, distributed, metrics_log, placement, progress
+from cbtool import ddp, distributed, metrics_log, placement, progress, signals
 from cbtool import text as textmod
 from cbtool.checkpoint import Checkpoint, load_checkpoint, real_target, recover_interrupted_swap, save_checkpoint
 from cbtool.errors import UserError
@@ -32,6 +32,7 @@ from cbtool.limits import MAX_CODEBOOK_BYTES, MAX_CODES, MAX_SEQ_LEN, MAX_VOCAB
 from cbtool.locks import Lock, acquire
 from cbtool.model import ModelConfig, Transformer
 from cbtool.numbers import check_seed
+from cbtool.resume import reconcile
 from cbtool.sites import BuiltinLocator, CodebookModel, Locator, parse_site_codes, parse_sites_option
 from cbtool.task import Task
 from cbtool.text import TextTokenizer
@@ -226,7 +227,8 @@ def make_task(cfg: TrainConfig, tokenizer: TextTokenizer | None = None) -> Task:
     sources = textmod.load_sources(cfg.corpus, cfg.text_field)
     tok = tokenizer if tokenizer is not None else textmod.train_bpe(sources, cfg.vocab_size)
     return textmod.TextTask(tok, cfg.corpus, cfg.text_field, cfg.seq_len,
-                            "hf" if cfg.base_model is not None else "bpe", sources=sources)
+                            "hf" if cfg.base_model is not None else "bpe", sources=sources,
+                            corpus_sha256=textmod.corpus_sha256(cfg.corpus))
 
 
 class Trainer:
@@ -241,6 +243,8 @@ class Trainer:
         distributed.check_divides(cfg.batch_size, "--batch-size")
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
         self.lock: Lock | None = None  # start_training's claim on `out`
+        self.preset: str | None = None  # recorded in cbtool.json: `train --resume --preset` is compared with it
+        self.saved_step: int | None = None  # the step of the checkpoint on disk written or resumed by this run
         if cfg.corpus is not None and not (cfg.corpus in textmod.NAMED_CORPORA and not Path(cfg.corpus).exists()):
             cfg.corpus = str(Path(cfg.corpus).resolve())
         torch.manual_seed(cfg.seed)
@@ -404,7 +408,10 @@ class Trainer:
         if self.world.active:  # the whole batch's gradient, loss and accuracy on every rank
             values = ddp.average_gradients(params, values)
         if not math.isfinite(values[0] + values[1]):
-            raise RuntimeError(f"loss became {values[0] + cfg.mse_coef * values[1]} at step {step}; try a lower --lr")
+            kept = (f"the last checkpoint, step {self.saved_step}, is intact at {self.out}" if self.saved_step
+                    is not None else "no checkpoint was written")
+            raise UserError(f"the loss became {values[0] + cfg.mse_coef * values[1]} at step {step}: training "
+                            f"diverged; try a lower --lr / --codebook-lr ({kept})")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scale = self._schedule(step)
         for g in self.opt.param_groups:
@@ -502,6 +509,7 @@ class Trainer:
             "task": self.task.task_meta(),
             "training": {
                 "config": asdict(self.cfg),
+                "preset": self.preset,
                 "step": self.step,
                 "total_steps": self.total_steps,
                 "finished": self.step >= self.total_steps,
@@ -539,8 +547,10 @@ class Trainer:
         state = self.train_state()
         if results is not None and not self.cfg.keep_optimizer:  # finished: only what cannot be recomputed
             state = {k: v for k, v in state.items() if not k.startswith(("opt.", "recent."))}
-        save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base, train_state=state,
-                        extra_files={**self.task.files(), metrics_log.FILE: self.metrics.to_bytes()})
+        with signals.deferred():  # an interrupt during the save is acted on after it, naming the new checkpoint
+            save_checkpoint(self.out, self.model, self.meta(results), save_base=save_base, train_state=state,
+                            extra_files={**self.task.files(), metrics_log.FILE: self.metrics.to_bytes()})
+            self.saved_step = self.step
 
     @classmethod
     def resume(cls, ckpt: Checkpoint, out: Path, device: torch.device, log: Console,
@@ -562,8 +572,9 @@ class Trainer:
             if key not in state or state[key].numel() != 1:
                 raise UserError(f"{bad} ({key} missing)")
         self = cls(cfg, out, device, log, task=ckpt.task, device_map=device_map)
-        self.step = int(state["trainer.step"])
+        self.step = self.saved_step = int(state["trainer.step"])
         self.elapsed = float(state["trainer.elapsed"])
+        self.preset = training.get("preset") if isinstance(training.get("preset"), str) else None
         for k in PHASE_TIMERS:  # absent in checkpoints of older versions: those phases count from 0
             if state.get(f"trainer.seconds.{k}") is not None and state[f"trainer.seconds.{k}"].numel() == 1:
                 self.phase_seconds[k] = float(state[f"trainer.seconds.{k}"])
@@ -655,13 +666,14 @@ def check_target(target: Path, overwrite: bool) -> None:
             raise UserError(f"checkpoint {target} exists; pass --overwrite to replace it or --resume to continue it")
 
 
-def start_training(out: Path, preset: str = "default", *, resume: bool = False, overwrite: bool = False,
+def start_training(out: Path, preset: str | None = None, *, resume: bool = False, overwrite: bool = False,
                    device: str | torch.device = "auto", log: Console | None = None, device_map: str | None = None,
                    **options: Any) -> Trainer:
-    """A Trainer ready to `run()`: a new run of a preset with options (TrainConfig fields) over it, writing
-    its checkpoint to `out` (refused if one is there, unless `overwrite`), or with `resume` the unfinished
-    run at `out`, continued exactly (options are then ignored). `device_map="auto"` spreads a pretrained base
-    over the devices (cbtool/placement.py)."""
+    """A Trainer ready to `run()`: a new run of a preset (default "default") with options (TrainConfig
+    fields) over it, writing its checkpoint to `out` (refused if one is there, unless `overwrite`), or with
+    `resume` the run at `out`, continued exactly; a preset or options given with `resume` must agree with
+    the stored run, but for those cbtool/resume.py lets change (applied and logged). `device_map="auto"`
+    spreads a pretrained base over the devices (cbtool/placement.py)."""
     target = Path(out)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     log = log if log is not None else Console(stderr=True, quiet=True)
@@ -671,18 +683,21 @@ def start_training(out: Path, preset: str = "default", *, resume: bool = False, 
     if not world.is_main:  # one log: rank 0's
         log = Console(stderr=True, quiet=True)
     check_target(target, overwrite or resume)
-    cfg = None if resume else make_config(preset, **options)
+    cfg = None if resume else make_config(preset or "default", **options)
     if cfg is not None:
         cfg.validate()  # bad options are refused before anything is created
         placement.check_device_map(device_map, cfg.base_model is not None)
     lock = acquire_out(target) if world.is_main else None  # rank 0 holds the claim for all ranks
     try:
-        trainer = _start(target, cfg, overwrite, dev, log, device_map)
+        trainer = (_start(target, cfg, overwrite, dev, log, device_map) if cfg is not None
+                   else _resume(target, dev, log, preset, options, device_map))
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     trainer.lock = lock
+    if cfg is not None:
+        trainer.preset = preset or "default"
     return trainer
 
 
@@ -696,18 +711,33 @@ def acquire_out(target: Path) -> Lock:
     return acquire(real.parent / f".{real.name}.lock", f"checkpoint {target}")
 
 
-def _start(target: Path, cfg: TrainConfig | None, overwrite: bool, dev: torch.device, log: Console,
+def _resume(target: Path, dev: torch.device, log: Console, preset: str | None, options: dict[str, Any],
+            device_map: str | None = None) -> Trainer:
+    """The run at `target` resumed, with the options that may change applied (cbtool/resume.py)."""
+    distributed.main_first(lambda: recover_interrupted_swap(target))
+    if not target.exists():
+        raise UserError(f"nothing to resume: {target} does not exist")
+    ckpt = load_checkpoint(target, with_train_state=True)
+    training = ckpt.meta.get("training")
+    changes, notes = reconcile(training if isinstance(training, dict) else {}, preset, options)
+    if changes:
+        training["config"] = {**training["config"], **changes}
+    trainer = Trainer.resume(ckpt, target, dev, log, device_map)
+    if trainer.step >= trainer.total_steps:
+        raise UserError(f"{target} is already finished ({trainer.step} steps); nothing to resume (a larger "
+                        f"--steps continues it)")
+    for note in notes:
+        log.print(f"resume: {note}", markup=False, highlight=False)
+    if not any(k.startswith("opt.") for k in ckpt.train_state or {}):
+        log.print("resume: the checkpoint holds no optimizer moments (a finished run drops them unless "
+                  "--keep-optimizer): they start again from zero", markup=False, highlight=False)
+    log.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
+    return trainer
+
+
+def _start(target: Path, cfg: TrainConfig, overwrite: bool, dev: torch.device, log: Console,
            device_map: str | None = None) -> Trainer:
-    """A new run of `cfg`, or (`cfg` None) the unfinished run at `target` resumed."""
-    if cfg is None:
-        distributed.main_first(lambda: recover_interrupted_swap(target))
-        if not target.exists():
-            raise UserError(f"nothing to resume: {target} does not exist")
-        trainer = Trainer.resume(load_checkpoint(target, with_train_state=True), target, dev, log, device_map)
-        if trainer.step >= trainer.total_steps:
-            raise UserError(f"{target} is already finished ({trainer.step} steps); nothing to resume")
-        log.print(f"resuming {target} at step {trainer.step}/{trainer.total_steps}")
-        return trainer
+    """A new run of `cfg`."""
     world = distributed.world()
     check_target(target, overwrite)  # again: another run may have finished while this one waited
     distributed.barrier()  # no rank may see rank 0's first checkpoint here

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
+import errno
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
+from cbtool import strict_json
 from cbtool.store import Store, open_store
 
 SCHEMA_VERSION = 1
@@ -21,6 +21,15 @@ PIPED_WIDTH = 200
 out = Console(highlight=False, soft_wrap=True,
               width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or PIPED_WIDTH))
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # logs: stderr, one line per message
+
+
+def _closed_stdout() -> None:
+    """rich would exit 1 when the reader of stdout is gone; the CLI ends quietly with 0 (cbtool/signals.py)."""
+    out.quiet = True
+    raise BrokenPipeError(errno.EPIPE, "stdout was closed")
+
+
+out.on_broken_pipe = _closed_stdout  # type: ignore[method-assign]
 
 
 def run_dir(run: Path | None) -> Path:
@@ -44,24 +53,14 @@ def open_run_store(path: Path | None, run: Path | None) -> Store:
     return open_store(default_store(path, run), warn=lambda line: err.print(f"warning: {line}", soft_wrap=True))
 
 
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
-
-
 def emit_json(kind: str, doc: dict[str, Any]) -> None:
-    """One JSON document on stdout, with schema_version and kind."""
-    print(json.dumps(_clean({"schema_version": SCHEMA_VERSION, "kind": kind, **doc}), indent=2))
+    """One JSON document on stdout, with schema_version and kind (non-finite numbers as null)."""
+    print(strict_json.dumps({"schema_version": SCHEMA_VERSION, "kind": kind, **doc}, indent=2))
 
 
 def emit_jsonl(rows: list[dict[str, Any]]) -> None:
     for row in rows:
-        print(json.dumps(_clean(row)))
+        print(strict_json.dumps(row))
 
 
 RUN_OPTION_HELP = "Run directory (default $CBTOOL_RUN or ./cbtool-run)."

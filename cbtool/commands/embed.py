@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cbtool import distributed
+from cbtool import distributed, signals
 from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import (
     DEVICE_HELP,
@@ -24,7 +24,7 @@ from cbtool.commands.common import (
 )
 from cbtool.embedding import DEFAULT_SHARD_TOKENS, EmbedJob, plan_embed
 from cbtool.errors import UserError
-from cbtool.store import code_dtype, read_manifest
+from cbtool.store import SHARD_META, code_dtype, read_manifest
 from cbtool.train import resolve_device
 
 
@@ -95,41 +95,42 @@ def embed(
                        seed, split, sites, batch_size, max_tokens, shard_tokens, str(dev), overwrite],
                       "the embed arguments")
     ckpt = load_checkpoint(ckpt_dir, device=dev)
-    # rank 0 creates (or replaces) the store, then the other ranks reopen it
-    job = distributed.main_first(lambda: plan_embed(
-        ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split, sites=sites,
-        batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens, worker=parts, device=dev,
-        overwrite=overwrite and world.is_main))
-    if job.complete:
-        err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
-        doc = job.run()
-    else:
-        start = time.perf_counter()
-        with Progress(
-            TextColumn("embedding"),
-            BarColumn(),
-            TextColumn("{task.completed:,.0f} tokens"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            console=err,
-            disable=not err.is_terminal,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("embed", total=job.expected_tokens, rate="")
+    with signals.describing(lambda: _saved(target)):  # an interrupt's one line (cbtool/signals.py)
+        # rank 0 creates (or replaces) the store, then the other ranks reopen it
+        job = distributed.main_first(lambda: plan_embed(
+            ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split, sites=sites,
+            batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens, worker=parts, device=dev,
+            overwrite=overwrite and world.is_main))
+        if job.complete:
+            err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
+            doc = job.run()
+        else:
+            start = time.perf_counter()
+            with Progress(
+                TextColumn("embedding"),
+                BarColumn(),
+                TextColumn("{task.completed:,.0f} tokens"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=err,
+                disable=not err.is_terminal,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("embed", total=job.expected_tokens, rate="")
 
-            def tick(n: int) -> None:
-                done = bar.tasks[0].completed + n
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
+                def tick(n: int) -> None:
+                    done = bar.tasks[0].completed + n
+                    rate = done / max(time.perf_counter() - start, 1e-9)
+                    bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
 
-            doc = job.run(tick)
-        if world.active:
-            doc = _all_ranks(job, doc)
-        err.print(
-            f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in {doc['seconds']:.1f} s "
-            f"({doc['tokens_per_s']:,.0f} tokens/s); skipped {doc['skipped']} shard(s) already written or not ours",
-            soft_wrap=True,
-        )
+                doc = job.run(tick)
+            if world.active:
+                doc = _all_ranks(job, doc)
+            err.print(
+                f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in {doc['seconds']:.1f} s "
+                f"({doc['tokens_per_s']:,.0f} tokens/s); skipped {doc['skipped']} shard(s) already written or not ours",
+                soft_wrap=True,
+            )
     if as_json:
         emit_json("embed", doc)
         return
@@ -155,6 +156,12 @@ def embed(
         f"{e['k']} / {e['num_codes']} / {code_dtype(e['num_codes']).name}",
     )
     out.print(table)
+
+
+def _saved(target: Path) -> str:
+    done = sum(1 for _ in target.glob(f"shard-*/{SHARD_META}")) if target.is_dir() else 0
+    return (f"{done} complete shard(s) are kept in {target}; run the same command again to continue (complete "
+            f"shards are skipped)")
 
 
 def _all_ranks(job: EmbedJob, doc: dict) -> dict:

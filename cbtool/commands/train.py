@@ -9,11 +9,14 @@ from typing import Any, get_args, get_type_hints
 
 import typer
 
+from cbtool import signals
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
-from cbtool.train import TrainConfig, cli_fields, cli_help, start_training
+from cbtool.resume import saved_line
+from cbtool.train import TrainConfig, Trainer, cli_fields, cli_help, start_training
 
 
 def train(
+    ctx: typer.Context,
     preset: str = typer.Option("default", "--preset",
                                help="default (CPU, ~5 min), paper (20k steps x 512, GPU), tiny (seconds). The "
                                "defaults shown below are the TokFSM default preset's; --task text and --base-model "
@@ -43,9 +46,19 @@ def train(
       torchrun --nproc-per-node 2 -m cbtool train   # data-parallel over 2 processes (docs/scaling.md)
     """
     target = default_checkpoint(out_dir, run)
-    trainer = start_training(target, preset, resume=resume, overwrite=overwrite, device=device, log=err,
-                             device_map=device_map, **options)
-    results = trainer.run()
+    given = ctx.get_parameter_source("preset").name not in ("DEFAULT", "DEFAULT_MAP")  # type: ignore[union-attr]
+    started: list[Trainer] = []
+
+    def saved() -> str:  # an interrupt's one line (cbtool/signals.py)
+        t = started[0] if started else None
+        return saved_line(target, t.saved_step if t else None, t.total_steps if t else None, resume)
+
+    with signals.describing(saved):
+        started.append(start_training(target, preset if given else None, resume=resume, overwrite=overwrite,
+                                      device=device, log=err, device_map=device_map,
+                                      **options))
+        trainer = started[0]
+        results = trainer.run()
     if not trainer.world.is_main:  # under torchrun rank 0 reports
         return
     if as_json:
