@@ -137,3 +137,13 @@ def test_info_prints_fields_not_dicts():
     assert res.exit_code == 0
     task = next(line for line in res.stdout.splitlines() if line.startswith("task"))
     assert "{" not in task and "num_states=100" in task
+
+
+def test_embed_reports_progress_in_a_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBTOOL_PROGRESS_SECONDS", "0.05")
+    res = run_cli("embed", FIXTURES / "tokfsm", "--num-seqs", 64, "--batch-size", 8, "--out", tmp_path / "codes",
+                  "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("embedding:")]
+    assert lines, res.stderr  # a plain line, not a terminal bar: stderr is not a terminal here
+    assert re.match(r"embedding: [\d,]+/4,096 tokens, [\d,.]+ tokens/s", lines[-1]) and "elapsed" in lines[-1]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cbtool import distributed, signals
+from cbtool import distributed, progress, signals
 from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import (
     DEVICE_HELP,
@@ -105,25 +103,8 @@ def embed(
             err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
             doc = job.run()
         else:
-            start = time.perf_counter()
-            with Progress(
-                TextColumn("embedding"),
-                BarColumn(),
-                TextColumn("{task.completed:,.0f} tokens"),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                console=err,
-                disable=not err.is_terminal,
-                transient=True,
-            ) as bar:
-                task = bar.add_task("embed", total=job.expected_tokens, rate="")
-
-                def tick(n: int) -> None:
-                    done = bar.tasks[0].completed + n
-                    rate = done / max(time.perf_counter() - start, 1e-9)
-                    bar.update(task, advance=n, rate=f"{rate:,.0f} tok/s")
-
-                doc = job.run(tick)
+            with progress.track("embedding", job.expected_tokens, "tokens") as bar:  # a line every 30 s in logs
+                doc = job.run(bar.advance)
             if world.active:
                 doc = _all_ranks(job, doc)
             err.print(
