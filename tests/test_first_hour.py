@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from cbtool import progress
 from cbtool.cli import app
 from cbtool.fsm_text import group_context, group_states, valid_transitions
+from cbtool.sites import CodebookModel
 from cbtool.tokfsm import FSMSpec, TokFSM
 from tests.helpers import run_cli
 
@@ -141,6 +142,13 @@ def test_info_prints_fields_not_dicts():
 
 def test_embed_reports_progress_in_a_log(tmp_path, monkeypatch):
     monkeypatch.setenv("CBTOOL_PROGRESS_SECONDS", "0.05")
+    forward = CodebookModel.forward
+
+    def slow_forward(self, *args, **kwargs):  # a batch that takes longer than the heartbeat, as on a real model
+        time.sleep(0.1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CodebookModel, "forward", slow_forward)
     res = run_cli("embed", FIXTURES / "tokfsm", "--num-seqs", 64, "--batch-size", 8, "--out", tmp_path / "codes",
                   "--device", "cpu")
     assert res.exit_code == 0, res.output
