@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,32 +173,63 @@ def embed_shard(
     specs = {s.key: s for s in model.specs}
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in sites}
     block = getattr(getattr(model.base, "config", None), "block_size", None)
-    for lo in range(0, len(docs), batch_size):
-        batch = docs[lo : lo + batch_size]
-        lengths = [len(d.tokens) for d in batch]
-        t = max(lengths)
-        if block is not None and t > block:
-            raise UserError(f"a document of {t} tokens exceeds the model's block size {block}")
-        idx = np.zeros((len(batch), t), dtype=np.int64)
-        for i, d in enumerate(batch):
-            idx[i, : lengths[i]] = d.tokens
-        model(torch.from_numpy(idx).to(device))
-        keep = None
-        if min(lengths) != t:
-            keep = (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).reshape(-1)
-        for key, members in by_module.items():
-            cb = model.codebook(specs[key])
-            sel = cb.last
-            assert sel is not None
-            ids = sel.ids.reshape(len(batch) * t, cb.groups, cb.k).cpu().numpy()
-            if keep is not None:
-                ids = ids[keep]
-            for name, g in members:
-                chunks[name].append(ids[:, g, :].astype(code_dtype(cb.num_codes)))  # small while held
-        if on_tokens is not None:
-            on_tokens(sum(lengths))
+    with _stopping_forward(model, [model.codebook(specs[key]) for key in by_module]) as forward:
+        for lo in range(0, len(docs), batch_size):
+            batch = docs[lo : lo + batch_size]
+            lengths = [len(d.tokens) for d in batch]
+            t = max(lengths)
+            if block is not None and t > block:
+                raise UserError(f"a document of {t} tokens exceeds the model's block size {block}")
+            idx = np.zeros((len(batch), t), dtype=np.int64)
+            for i, d in enumerate(batch):
+                idx[i, : lengths[i]] = d.tokens
+            forward(torch.from_numpy(idx).to(device))
+            keep = None
+            if min(lengths) != t:
+                keep = (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).reshape(-1)
+            for key, members in by_module.items():
+                cb = model.codebook(specs[key])
+                sel = cb.last
+                assert sel is not None
+                ids = sel.ids.reshape(len(batch) * t, cb.groups, cb.k).cpu().numpy()
+                if keep is not None:
+                    ids = ids[keep]
+                for name, g in members:
+                    chunks[name].append(ids[:, g, :].astype(code_dtype(cb.num_codes)))  # small while held
+            if on_tokens is not None:
+                on_tokens(sum(lengths))
     arrays.codes = {name: np.concatenate(parts) for name, parts in chunks.items()}
     return arrays
+
+
+class _Enough(Exception):
+    """Every selected codebook has run: the rest of the forward (later layers, the LM head) is not needed."""
+
+
+@contextmanager
+def _stopping_forward(model: torch.nn.Module, codebooks: list[torch.nn.Module]) -> Iterator[Callable[..., None]]:
+    """`model`'s forward, stopped once each of `codebooks` has run (their selections are recorded by then):
+    embedding through a 30-layer base with codebooks up to layer 20 skips a third of it and the LM head."""
+    seen: set[int] = set()
+
+    def hook(module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        seen.add(id(module))
+        if len(seen) == len(codebooks):
+            raise _Enough
+
+    def forward(idx: torch.Tensor) -> None:
+        seen.clear()
+        try:
+            model(idx)
+        except _Enough:
+            pass
+
+    handles = [cb.register_forward_hook(hook) for cb in codebooks]
+    try:
+        yield forward
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def run_embed(
