@@ -1,7 +1,7 @@
 """Explaining every code without a language model (`cbtool explain`), and the census of a dictionary.
 
 For every live code (>= `min_count` firings) of the chosen sites, the hypothesis families of
-cbtool/hypotheses.py are searched by vectorised counting and the hypothesis with the best F1 is kept, written
+cbtool/hypotheses.py are searched by vectorised counting and one hypothesis is kept (the rule below), written
 as a `find-codes` query (a regex, match-on all, or a stored label value) that gives the same numbers:
 
 - token:       the firing token is one of a small set            `(?:the|a)`
@@ -18,8 +18,18 @@ computed (as `find-codes --regex` does) and its numbers are reported, so what is
 `find-codes` reproduces. The families are tried best search-F1 first, stopping once no remaining family's
 search F1 can beat the best reported F1 so far.
 
-Census per site: the share of live codes whose best hypothesis has precision >= `min_precision` (explained),
-and the share of the live codes' firings that belong to explained codes (firing mass).
+The kept hypothesis: the best-F1 one among the *precise* hypotheses (precision >= `min_precision`) whose F1
+is at least PRECISE_F1_SHARE of the code's best F1 over all hypotheses; when there is none, the best-F1 one.
+A code that fires on a part of a feature (TokFSM: one of several codes of a state, each firing at the state's
+second digit in some of its contexts) is described by that feature at precision ~1 but recall 1 / parts, and
+some noisier n-gram set often has a higher F1: the F1 floor keeps the precise description when it costs at most
+half of the best F1, and keeps out hypotheses that are precise for any code because they cover almost every
+token (every TokFSM token is a digit). Each row also holds `best_f1` and `best_f1_precision`, the best-F1
+hypothesis's numbers.
+
+Census per site: the share of live codes whose kept hypothesis has precision >= `min_precision` (explained),
+the share of the live codes' firings that belong to explained codes (firing mass), and the stricter share
+whose best-F1 hypothesis itself is that precise (`best_f1_explained_share`).
 """
 
 from __future__ import annotations
@@ -39,8 +49,10 @@ from cbtool.hypotheses import (
     KeyedBest,
     MaskedBest,
     TokenView,
-    best_key_sets,
-    best_masks,
+    best_mask,
+    best_prefix,
+    key_prefixes,
+    mask_counts,
     position_buckets,
     position_regex,
 )
@@ -50,6 +62,7 @@ from cbtool.store import Store
 DEFAULT_MIN_COUNT = 10
 DEFAULT_MIN_PRECISION = 0.8
 DEFAULT_MAX_SET = 4
+PRECISE_F1_SHARE = 0.5  # a precise hypothesis is kept over the best-F1 one when its F1 is >= this share of it
 # the characters after a match, to the end of its document, are even / odd in number
 PARITY_LOOKAHEAD = (r"(?=(?:[\s\S]{2})*\Z)", r"(?=[\s\S](?:[\s\S]{2})*\Z)")
 
@@ -150,11 +163,25 @@ def explain(
     for site in chosen:
         codes = np.concatenate([np.asarray(store.codes(s, site)) for s in range(store.num_shards)])
         fires = store.counts(site)
-        keyed = [(r, best_key_sets(codes, r.keys, fires, 1 if r.family == "label" else max_set)) for r in renderers]
-        mbest = [(f, best_masks(codes, masks[f], fires)) for f in masked]
+        keyed, precise_keyed = [], []
+        for r in renderers:
+            pre, ms = key_prefixes(codes, r.keys, fires), 1 if r.family == "label" else max_set
+            keyed.append((r, best_prefix(pre, fires, ms)))
+            precise_keyed.append((r, best_prefix(pre, fires, ms, min_precision)))
+        counted = {f: mask_counts(codes, masks[f], len(fires)) for f in masked}
+        mbest = [(f, best_mask(*counted[f], fires)) for f in masked]
+        precise_mbest = [(f, best_mask(*counted[f], fires, min_precision)) for f in masked]
         exact = _ExactScores(view, codes, len(fires))
         live = np.flatnonzero(fires >= min_count)
-        site_rows = [_explain_code(site, int(c), int(fires[c]), keyed, mbest, masked, exact) for c in live]
+        site_rows = []
+        for c in live:
+            best = _best_hypothesis(int(c), int(fires[c]), keyed, mbest, masked, exact)
+            if best is not None and best["precision"] < min_precision:
+                floor = PRECISE_F1_SHARE * best["f1"]
+                precise = _best_hypothesis(int(c), int(fires[c]), precise_keyed, precise_mbest, masked, exact,
+                                           min_precision, floor)
+                best = {**best, **precise} if precise is not None else best
+            site_rows.append(_row(site, int(c), int(fires[c]), best))
         rows += site_rows
         census[site] = _census(site_rows, min_precision)
     doc = {
@@ -182,10 +209,12 @@ class _ExactScores:
         return int(hits[code]), size
 
 
-def _explain_code(site: str, code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],
-                  mbest: list[tuple[str, MaskedBest]], masked: dict[str, list[tuple[str, str]]],
-                  exact: _ExactScores) -> dict[str, Any]:
-    """The best reported hypothesis of one code among its families' best (see the module docstring)."""
+def _best_hypothesis(code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],
+                     mbest: list[tuple[str, MaskedBest]], masked: dict[str, list[tuple[str, str]]],
+                     exact: _ExactScores, min_precision: float = 0.0, min_f1: float = 0.0) -> dict[str, Any] | None:
+    """The best reported hypothesis of one code among its families' best (see the module docstring) with
+    precision >= `min_precision` and F1 >= `min_f1`, with its numbers as find-codes computes them; None when
+    there is none. The unconstrained search (`min_precision` 0) also records `best_f1` and `best_f1_precision`."""
     cands: list[tuple[float, int, Any]] = []
     for i, (r, kb) in enumerate(keyed):
         if kb.f1[code] > 0:
@@ -196,7 +225,7 @@ def _explain_code(site: str, code: int, fires: int, keyed: list[tuple[_Renderer,
     cands.sort(key=lambda c: (-c[0], c[1]))
     best: dict[str, Any] | None = None
     for search_f1, _, (kind, who, res) in cands:
-        if best is not None and search_f1 <= best["f1"]:
+        if (best is not None and search_f1 <= best["f1"]) or search_f1 < min_f1:
             break
         hits, size = int(res.hits[code]), int(res.size[code])
         if kind == "keyed":
@@ -210,12 +239,18 @@ def _explain_code(site: str, code: int, fires: int, keyed: list[tuple[_Renderer,
             desc, pattern = masked[who][int(res.mask[code])]
             query = _regex(pattern)
         row = _scored(hits, fires, size)
-        if best is None or row["f1"] > best["f1"]:
+        if (best is None or row["f1"] > best["f1"]) and row["precision"] >= min_precision and row["f1"] >= min_f1:
             best = {"family": family, "hypothesis": desc, "query": query, **row}
+    if best is not None and not min_precision:
+        best.update(best_f1=best["f1"], best_f1_precision=best["precision"])
+    return best
+
+
+def _row(site: str, code: int, fires: int, best: dict[str, Any] | None) -> dict[str, Any]:
     base = {"code": f"{site}:{code}", "site": site, "code_id": code, "fires": fires}
     if best is None:
         return {**base, "family": None, "hypothesis": None, "query": None, "precision": 0.0, "recall": 0.0,
-                "f1": 0.0, "hits": 0, "feature_tokens": 0}
+                "f1": 0.0, "hits": 0, "feature_tokens": 0, "best_f1": 0.0, "best_f1_precision": 0.0}
     return {**base, **best}
 
 
@@ -228,6 +263,7 @@ def _scored(hits: int, fires: int, size: int) -> dict[str, Any]:
 
 def _census(rows: list[dict[str, Any]], min_precision: float) -> dict[str, Any]:
     explained = [r for r in rows if r["family"] is not None and r["precision"] >= min_precision]
+    strict = sum(r["family"] is not None and r["best_f1_precision"] >= min_precision for r in rows)
     mass = sum(r["fires"] for r in rows)
     by_family: dict[str, int] = {}
     for r in explained:
@@ -236,6 +272,7 @@ def _census(rows: list[dict[str, Any]], min_precision: float) -> dict[str, Any]:
         "live_codes": len(rows), "explained": len(explained),
         "explained_share": len(explained) / len(rows) if rows else None,
         "firing_mass_share": sum(r["fires"] for r in explained) / mass if mass else None,
+        "best_f1_explained_share": strict / len(rows) if rows else None,
         "mean_f1": float(np.mean([r["f1"] for r in rows])) if rows else None,
         "by_family": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
     }
