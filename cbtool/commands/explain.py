@@ -30,7 +30,8 @@ def explain(
     min_count: int = typer.Option(DEFAULT_MIN_COUNT, "--min-count", help="Live codes: firing on >= this many "
                                   "tokens (the ones explained)."),
     min_precision: float = typer.Option(DEFAULT_MIN_PRECISION, "--min-precision",
-                                        help="A code is explained when its best hypothesis has this precision."),
+                                        help="A code is explained when its kept hypothesis has this precision "
+                                        "(the best-F1 one, or a precise one with >= half its F1)."),
     max_set: int = typer.Option(DEFAULT_MAX_SET, "--max-set", help="At most this many tokens / n-grams per "
                                 "hypothesis."),
     families: str | None = typer.Option(None, "--families", help=f"Comma-separated subset of {', '.join(FAMILIES)} "
@@ -98,13 +99,14 @@ def _print(doc: dict[str, Any], top: int) -> None:
     out.print(table)
     census = Table(title=f"census: live codes explained at precision >= {doc['min_precision']} "
                          f"({doc['seconds']:.1f} s)")
-    for col in ("site", "live codes", "explained", "share", "firing mass", "mean F1", "by family"):
+    for col in ("site", "live codes", "explained", "share", "firing mass", "best-F1 share", "mean F1", "by family"):
         census.add_column(col, justify="left" if col in ("site", "by family") else "right")
     for site in [*doc["sites"], "all"]:
         c = doc["census"][site]
         fams = ", ".join(f"{f} {n}" for f, n in c["by_family"].items())
         census.add_row(site, f"{c['live_codes']:,}", f"{c['explained']:,}", _share(c["explained_share"]),
-                       _share(c["firing_mass_share"]), "-" if c["mean_f1"] is None else f"{c['mean_f1']:.3f}", fams)
+                       _share(c["firing_mass_share"]), _share(c["best_f1_explained_share"]),
+                       "-" if c["mean_f1"] is None else f"{c['mean_f1']:.3f}", fams)
     out.print(census)
     if "automaton" in doc:
         at = Table(title="automaton recovered from codes (edges seen >= "
