@@ -171,7 +171,7 @@ def explain(
         counted = {f: mask_counts(codes, masks[f], len(fires)) for f in masked}
         mbest = [(f, best_mask(*counted[f], fires)) for f in masked]
         precise_mbest = [(f, best_mask(*counted[f], fires, min_precision)) for f in masked]
-        exact = _ExactScores(view, codes, len(fires))
+        exact = _ExactScores(view, codes)
         live = np.flatnonzero(fires >= min_count)
         site_rows = []
         for c in live:
@@ -194,19 +194,15 @@ def explain(
 
 
 class _ExactScores:
-    """Hits of a site's codes on a regex feature, computed as find-codes computes them (cached per regex)."""
+    """Hits of a site's codes on a regex feature, computed as find-codes computes them (the feature's tokens
+    cached per regex by the view, shared by the sites)."""
 
-    def __init__(self, view: TokenView, codes: np.ndarray, num_codes: int) -> None:
-        self.view, self.codes, self.num_codes = view, codes, num_codes
-        self._hits: dict[str, tuple[np.ndarray, int]] = {}
+    def __init__(self, view: TokenView, codes: np.ndarray) -> None:
+        self.view, self.codes = view, codes
 
     def __call__(self, pattern: str, code: int) -> tuple[int, int]:
-        if pattern not in self._hits:
-            mask = self.view.regex_mask(pattern)
-            hits = np.bincount(np.asarray(self.codes[mask], dtype=np.int64).reshape(-1), minlength=self.num_codes)
-            self._hits[pattern] = (hits, int(mask.sum()))
-        hits, size = self._hits[pattern]
-        return int(hits[code]), size
+        where = self.view.regex_positions(pattern)
+        return int((self.codes[where] == code).any(axis=1).sum()), len(where)
 
 
 def _best_hypothesis(code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],

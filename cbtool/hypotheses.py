@@ -215,6 +215,7 @@ class TokenView:
         # spans tile each document: the character after a token belongs to the next non-empty token
         self.tiled = bool(np.all(self.start[after] == self.end[self.prev[after]]))
         self._masks: dict[str, np.ndarray] = {}
+        self._positions: dict[str, np.ndarray] = {}
         self._strings: dict[int, str] = {}
         self._faithful: dict[int, bool] = {}
 
@@ -276,11 +277,22 @@ class TokenView:
     def regex_mask(self, pattern: str) -> np.ndarray:
         """(n,) tokens overlapping a match of `pattern` in their document: `find-codes --regex` (match-on all)."""
         if pattern not in self._masks:
-            regex = UserRegex(pattern)
-            parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), len(text), "all")
-                     for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
-            self._masks[pattern] = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+            self._masks[pattern] = self._regex_mask(pattern)
         return self._masks[pattern]
+
+    def regex_positions(self, pattern: str) -> np.ndarray:
+        """The indices of `regex_mask(pattern)`, cached as such: the thousands of hypotheses scored by their
+        regex stay small in memory (each as many entries as tokens it selects)."""
+        if pattern not in self._positions:
+            mask = self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern)
+            self._positions[pattern] = np.flatnonzero(mask).astype(np.int32 if len(mask) < 2**31 else np.int64)
+        return self._positions[pattern]
+
+    def _regex_mask(self, pattern: str) -> np.ndarray:
+        regex = UserRegex(pattern)
+        parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), len(text), "all")
+                 for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
     def max_doc_chars(self) -> int:
         return max((int(np.diff(dc).max()) for dc in self.doc_chars if len(dc) > 1), default=0)
