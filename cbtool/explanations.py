@@ -19,7 +19,7 @@ computed (as `find-codes --regex` does) and its numbers are reported, so what is
 search F1 can beat the best reported F1 so far.
 
 The kept hypothesis: the best-F1 one among the *precise* hypotheses (precision >= `min_precision`) whose F1
-is at least PRECISE_F1_SHARE of the code's best F1 over all hypotheses; when there is none, the best-F1 one.
+is at least `min_f1_share` (default 0.5) of the code's best F1 over all hypotheses; when there is none, the best-F1 one.
 A code that fires on a part of a feature (TokFSM: one of several codes of a state, each firing at the state's
 second digit in some of its contexts) is described by that feature at precision ~1 but recall 1 / parts, and
 some noisier n-gram set often has a higher F1: the F1 floor keeps the precise description when it costs at most
@@ -56,13 +56,14 @@ from cbtool.hypotheses import (
     position_buckets,
     position_regex,
 )
+from cbtool.literal_match import Alternative
 from cbtool.scoring import SiteScores
 from cbtool.store import Store
 
 DEFAULT_MIN_COUNT = 10
 DEFAULT_MIN_PRECISION = 0.8
 DEFAULT_MAX_SET = 4
-PRECISE_F1_SHARE = 0.5  # a precise hypothesis is kept over the best-F1 one when its F1 is >= this share of it
+DEFAULT_MIN_F1_SHARE = 0.5  # a precise hypothesis is kept over the best-F1 one when its F1 is >= this share of it
 # the characters after a match, to the end of its document, are even / odd in number
 PARITY_LOOKAHEAD = (r"(?=(?:[\s\S]{2})*\Z)", r"(?=[\s\S](?:[\s\S]{2})*\Z)")
 
@@ -94,15 +95,16 @@ class _Renderer:
 
             self.values = label_feature(view.store, label).values  # type: ignore[arg-type]
 
-    def render(self, members: list[int]) -> tuple[str, dict[str, Any], bool]:
-        """(description, find-codes query, exact) of a key set."""
+    def render(self, members: list[int]) -> tuple[str, dict[str, Any], bool, list[Alternative]]:
+        """(description, find-codes query, exact, the regex's branches for cbtool/literal_match.py) of a key
+        set."""
         v = self.view
         if self.family == "label":
             value = self.values[members[0]]
-            return f"{self.label} = {value}", {"labels": self.label, "label": str(value)}, True
+            return f"{self.label} = {value}", {"labels": self.label, "label": str(value)}, True, []
         parity = self.family.endswith(PARITY)
         family = self.family[: -len(PARITY)] if parity else self.family
-        alts: list[tuple[str, str]] = []
+        alts: list[tuple[str, str, Alternative]] = []
         tokens: set[int] = set()
         for m in members:
             key = m // 2 if parity else m
@@ -111,19 +113,22 @@ class _Renderer:
             strings = [v.string(t) for t in gram]
             if family == "prev-token":
                 alt, desc = f"(?<={re.escape(strings[0])})[\\s\\S]", f"after {strings[0]!r}"
+                branch = Alternative(strings[0], "")
             elif family == "token":
-                alt, desc = re.escape(strings[0]), repr(strings[0])
+                alt, desc, branch = re.escape(strings[0]), repr(strings[0]), Alternative("", strings[0])
             else:
                 alt = f"(?<={''.join(re.escape(x) for x in strings[:-1])}){re.escape(strings[-1])}"
                 desc = f"{strings[-1]!r} after {''.join(strings[:-1])!r}"
+                branch = Alternative("".join(strings[:-1]), strings[-1])
             if parity:
                 alt += PARITY_LOOKAHEAD[m % 2]
                 desc += f" at {('even', 'odd')[m % 2]} distance to the end"
-            alts.append((alt, desc))
+                branch = Alternative(branch.before, branch.body, m % 2)
+            alts.append((alt, desc, branch))
         alts.sort(key=lambda a: (-len(a[0]), a[0]))
-        desc = ("token " if family == "token" else "") + " | ".join(d for _, d in alts)
+        desc = ("token " if family == "token" else "") + " | ".join(d for _, d, _ in alts)
         exact = all(v.faithful(t) for t in tokens) and (family == "token" or v.tiled)
-        return desc, _regex(_alternation([a for a, _ in alts])), exact
+        return desc, _regex(_alternation([a for a, _, _ in alts])), exact, [b for _, _, b in alts]
 
 
 def _regex(pattern: str) -> dict[str, Any]:
@@ -141,6 +146,7 @@ def masked_features(view: TokenView, family: str) -> list[tuple[str, str]]:
 def explain(
     store: Store, *, sites: str | None = None, min_count: int = DEFAULT_MIN_COUNT,
     min_precision: float = DEFAULT_MIN_PRECISION, max_set: int = DEFAULT_MAX_SET, families: str | None = None,
+    min_f1_share: float = DEFAULT_MIN_F1_SHARE,
 ) -> dict[str, Any]:
     """The best hypothesis of every live code of the chosen sites (globs, None = all) and the census.
     Returns what `cbtool explain --json` prints (without its schema_version/kind)."""
@@ -150,6 +156,8 @@ def explain(
         raise UserError("--min-precision must be in [0, 1]")
     if not 1 <= max_set <= 64:
         raise UserError("--max-set must be in 1..64")
+    if not 0.0 <= min_f1_share <= 1.0:
+        raise UserError("--min-f1-share must be in [0, 1]")
     fams = parse_families(families)
     chosen = store.select_sites(sites)
     t0 = time.perf_counter()
@@ -177,7 +185,7 @@ def explain(
         for c in live:
             best = _best_hypothesis(int(c), int(fires[c]), keyed, mbest, masked, exact)
             if best is not None and best["precision"] < min_precision:
-                floor = PRECISE_F1_SHARE * best["f1"]
+                floor = min_f1_share * best["f1"]
                 precise = _best_hypothesis(int(c), int(fires[c]), precise_keyed, precise_mbest, masked, exact,
                                            min_precision, floor)
                 best = {**best, **precise} if precise is not None else best
@@ -186,7 +194,7 @@ def explain(
         census[site] = _census(site_rows, min_precision)
     doc = {
         "store": str(store.path), "tokens": store.num_tokens, "sites": chosen, "families": fams,
-        "min_count": min_count, "min_precision": min_precision, "max_set": max_set,
+        "min_count": min_count, "min_precision": min_precision, "max_set": max_set, "min_f1_share": min_f1_share,
         "census": {**census, "all": _census(rows, min_precision)}, "rows": rows,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -195,13 +203,13 @@ def explain(
 
 class _ExactScores:
     """Hits of a site's codes on a regex feature, computed as find-codes computes them (the feature's tokens
-    cached per regex by the view, shared by the sites)."""
+    cached per regex by the view, shared by the sites; matched by cbtool/literal_match.py)."""
 
     def __init__(self, view: TokenView, codes: np.ndarray) -> None:
         self.view, self.codes = view, codes
 
-    def __call__(self, pattern: str, code: int) -> tuple[int, int]:
-        where = self.view.regex_positions(pattern)
+    def __call__(self, pattern: str, code: int, branches: list[Alternative]) -> tuple[int, int]:
+        where = self.view.regex_positions(pattern, branches)
         return int((self.codes[where] == code).any(axis=1).sum()), len(where)
 
 
@@ -226,10 +234,10 @@ def _best_hypothesis(code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBe
         hits, size = int(res.hits[code]), int(res.size[code])
         if kind == "keyed":
             members = [int(m) for m in res.members[code] if m >= 0]
-            desc, query, is_exact = who.render(members)
+            desc, query, is_exact, branches = who.render(members)
             family = who.family
             if not is_exact:
-                hits, size = exact(query["regex"], code)
+                hits, size = exact(query["regex"], code, branches)
         else:
             family = who
             desc, pattern = masked[who][int(res.mask[code])]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbtool.features import match_ranges, tokens_overlapping
+from cbtool.literal_match import Alternative, LiteralText
 from cbtool.regexes import UserRegex
 from cbtool.store import Store
 
@@ -216,6 +217,7 @@ class TokenView:
         self.tiled = bool(np.all(self.start[after] == self.end[self.prev[after]]))
         self._masks: dict[str, np.ndarray] = {}
         self._positions: dict[str, np.ndarray] = {}
+        self._literal: list[LiteralText] = []
         self._strings: dict[int, str] = {}
         self._faithful: dict[int, bool] = {}
 
@@ -280,11 +282,18 @@ class TokenView:
             self._masks[pattern] = self._regex_mask(pattern)
         return self._masks[pattern]
 
-    def regex_positions(self, pattern: str) -> np.ndarray:
+    def regex_positions(self, pattern: str, branches: list[Alternative] | None = None) -> np.ndarray:
         """The indices of `regex_mask(pattern)`, cached as such: the thousands of hypotheses scored by their
-        regex stay small in memory (each as many entries as tokens it selects)."""
+        regex stay small in memory (each as many entries as tokens it selects). `branches`: the pattern is
+        their alternation, matched by cbtool/literal_match.py (the same tokens, much faster)."""
         if pattern not in self._positions:
-            mask = self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern)
+            if branches:
+                if not self._literal:
+                    self._literal = [LiteralText(t, dc) for t, dc in zip(self.texts, self.doc_chars, strict=True)]
+                mask = np.concatenate([tokens_overlapping(sp, *lt.ranges(branches), len(lt.chars), "all")
+                                       for sp, lt in zip(self.spans, self._literal, strict=True)])
+            else:
+                mask = self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern)
             self._positions[pattern] = np.flatnonzero(mask).astype(np.int32 if len(mask) < 2**31 else np.int64)
         return self._positions[pattern]
 

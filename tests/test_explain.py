@@ -237,10 +237,10 @@ def test_find_codes_reproduces_every_explanation(rstore):
 def test_kept_hypothesis_follows_the_precise_rule_by_brute_force(tmp_path):
     """On a store whose token strings are all faithful (every hypothesis scored by its counts), each code's kept
     hypothesis is the best-F1 one among all candidates (every key prefix of every keyed family, every mask) of
-    precision >= p and F1 >= PRECISE_F1_SHARE x the best F1, else the best-F1 one; the census counts both rules."""
+    precision >= p and F1 >= min_f1_share x the best F1, else the best-F1 one; the census counts both rules."""
     store = random_store(tmp_path / "codes", seed=4, docs=16, vocab=FAITHFUL_VOCAB, split=True)
-    p, share = 0.8, cbtool.explanations.PRECISE_F1_SHARE
-    doc = explain(store, min_count=1, max_set=MAX_SET, min_precision=p)
+    p, share = 0.8, 0.6
+    doc = explain(store, min_count=1, max_set=MAX_SET, min_precision=p, min_f1_share=share)
     view = TokenView(store)
     assert view.tiled and all(view.faithful(t) for t in range(1, len(FAITHFUL_VOCAB)))
     masks = [_reference_regex_mask(store, rx) for rx in CHAR_CLASSES.values()] + \
@@ -277,6 +277,9 @@ def test_kept_hypothesis_follows_the_precise_rule_by_brute_force(tmp_path):
     assert census["best_f1_explained_share"] == sum(r["best_f1_precision"] >= p for r in rows) / len(rows)
     assert census["best_f1_explained_share"] < census["explained_share"]
     assert _same_as_find_codes(store, rows) == len(rows)
+    only_best = explain(store, min_count=1, max_set=MAX_SET, min_precision=p, min_f1_share=1.0)
+    assert all(r["f1"] == r["best_f1"] for r in only_best["rows"])
+    assert only_best["census"]["all"]["explained_share"] == census["best_f1_explained_share"]
 
 
 def test_each_family_alone_is_reproduced(rstore):
@@ -302,8 +305,8 @@ def test_explain_cli_census_gate_and_find_codes_cli(rstore):
     assert run_cli("explain", rstore.path, "--require-explained", "0").exit_code == 0
     lines = run_cli("explain", rstore.path, "--jsonl", "--sites", "1.mlp").stdout.splitlines()
     assert lines and all(json.loads(x)["site"] == "1.mlp" for x in lines)
-    for bad in (["--families", "colour"], ["--max-set", "0"], ["--require-explained", "2"], ["--json", "--jsonl"],
-                ["--fsm"]):
+    for bad in (["--families", "colour"], ["--max-set", "0"], ["--min-f1-share", "1.5"], ["--require-explained", "2"],
+                ["--json", "--jsonl"], ["--fsm"]):
         res = run_cli("explain", rstore.path, *bad)
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, (bad, res.output)
 
@@ -391,3 +394,28 @@ def test_find_codes_at_document_level(rstore):
     assert res.exit_code == 0 and "documents matching" in res.stdout
     for bad in (["--labels", "state", "--level", "document"], ["--regex", "a", "--level", "line"]):
         assert run_cli("find-codes", rstore.path, *bad).exit_code == 2
+
+
+def test_literal_matcher_gives_the_regex_engines_ranges():
+    """cbtool/literal_match.py against `finditer` per document (cbtool/features.py) on random texts with
+    overlapping, bordered and nested literals, lookbehinds across document starts and parity lookaheads."""
+    from cbtool.explanations import PARITY_LOOKAHEAD
+    from cbtool.features import match_ranges
+    from cbtool.literal_match import Alternative, LiteralText
+    from cbtool.regexes import UserRegex
+
+    rng = np.random.default_rng(7)
+    pieces = ["a", "b", "ab", "aa", "ba", "\n", "é"]
+    for trial in range(300):
+        text = "".join(rng.choice(list("ab\né"), int(rng.integers(0, 40))))
+        cuts = np.sort(rng.integers(0, len(text) + 1, int(rng.integers(0, 4))))
+        doc_chars = np.r_[0, cuts, len(text)]
+        alts = [Alternative(str(rng.choice(["", *pieces])) if rng.random() < 0.5 else "",
+                            str(rng.choice(["", *pieces])), None if rng.random() < 0.6 else int(rng.integers(0, 2)))
+                for _ in range(int(rng.integers(1, 4)))]
+        pattern = "(?:" + "|".join((f"(?<={re.escape(a.before)})" if a.before else "")
+                                   + (re.escape(a.body) if a.body else r"[\s\S]")
+                                   + ("" if a.parity is None else PARITY_LOOKAHEAD[a.parity]) for a in alts) + ")"
+        want = match_ranges(UserRegex(pattern), text, doc_chars)
+        got = LiteralText(text, doc_chars).ranges(alts)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (trial, text, pattern)
