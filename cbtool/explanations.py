@@ -18,8 +18,9 @@ computed (as `find-codes --regex` does) and its numbers are reported, so what is
 `find-codes` reproduces. The families are tried best search-F1 first, stopping once no remaining family's
 search F1 can beat the best reported F1 so far.
 
-The kept hypothesis: the best-F1 one among the *precise* hypotheses (precision >= `min_precision`) whose F1
-is at least `min_f1_share` (default 0.5) of the code's best F1 over all hypotheses; when there is none, the best-F1 one.
+The kept hypothesis: the best-F1 one, unless its precision is below `min_precision`; then the best-F1 one among
+the *precise* hypotheses (precision >= `min_precision`) whose F1 is at least `min_f1_share` (default 0.5) of
+the code's best F1, when there is one.
 A code that fires on a part of a feature (TokFSM: one of several codes of a state, each firing at the state's
 second digit in some of its contexts) is described by that feature at precision ~1 but recall 1 / parts, and
 some noisier n-gram set often has a higher F1: the F1 floor keeps the precise description when it costs at most

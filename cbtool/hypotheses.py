@@ -10,7 +10,8 @@ Counting never loops over codes: hits of every (code, key) pair of a site come f
 For one code with `fires` firings, a key set with hits H and size S scores precision H / fires, recall H / S
 and F1 2H / (fires + S). The best F1 over *all* key sets takes the keys in order of h / s (Dinkelbach), so the
 search takes, per code, the keys in that order (ties: more hits, then lower key) and keeps the best prefix of
-at most `max_set` keys (ties: the shorter).
+at most `max_set` keys (ties: the shorter). With a precision floor p, the same prefixes are searched among
+those with hits >= p x fires (precision only grows along a prefix), and masks among those that reach it.
 """
 
 from __future__ import annotations
