@@ -291,7 +291,7 @@ class TokenView:
             if branches:
                 if not self._literal:
                     self._literal = [LiteralText(t, dc) for t, dc in zip(self.texts, self.doc_chars, strict=True)]
-                mask = np.concatenate([tokens_overlapping(sp, *lt.ranges(branches), len(lt.chars), "all")
+                mask = np.concatenate([lt.token_mask(sp, branches)
                                        for sp, lt in zip(self.spans, self._literal, strict=True)])
             else:
                 mask = self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern)

@@ -398,9 +398,10 @@ def test_find_codes_at_document_level(rstore):
 
 def test_literal_matcher_gives_the_regex_engines_ranges():
     """cbtool/literal_match.py against `finditer` per document (cbtool/features.py) on random texts with
-    overlapping, bordered and nested literals, lookbehinds across document starts and parity lookaheads."""
+    overlapping, bordered and nested literals, lookbehinds across document starts and parity lookaheads; and
+    its token mask against `tokens_overlapping`."""
     from cbtool.explanations import PARITY_LOOKAHEAD
-    from cbtool.features import match_ranges
+    from cbtool.features import match_ranges, tokens_overlapping
     from cbtool.literal_match import Alternative, LiteralText
     from cbtool.regexes import UserRegex
 
@@ -417,5 +418,9 @@ def test_literal_matcher_gives_the_regex_engines_ranges():
                                    + (re.escape(a.body) if a.body else r"[\s\S]")
                                    + ("" if a.parity is None else PARITY_LOOKAHEAD[a.parity]) for a in alts) + ")"
         want = match_ranges(UserRegex(pattern), text, doc_chars)
-        got = LiteralText(text, doc_chars).ranges(alts)
+        lt = LiteralText(text, doc_chars)
+        got = lt.ranges(alts)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (trial, text, pattern)
+        bounds = np.sort(np.r_[0, rng.integers(0, len(text) + 1, int(rng.integers(0, 12))), len(text)])
+        spans = np.stack([bounds[:-1], bounds[1:]], 1)  # tokens tiling the text, some empty
+        assert np.array_equal(lt.token_mask(spans, alts), tokens_overlapping(spans, *want, len(text), "all"))
