@@ -1,7 +1,7 @@
 """Explaining every code without a language model (`cbtool explain`), and the census of a dictionary.
 
 For every live code (>= `min_count` firings) of the chosen sites, the hypothesis families of
-cbtool/hypotheses.py are searched by vectorised counting and the hypothesis with the best F1 is kept, written
+cbtool/hypotheses.py are searched by vectorised counting and one hypothesis is kept (the rule below), written
 as a `find-codes` query (a regex, match-on all, or a stored label value) that gives the same numbers:
 
 - token:       the firing token is one of a small set            `(?:the|a)`
@@ -18,8 +18,19 @@ computed (as `find-codes --regex` does) and its numbers are reported, so what is
 `find-codes` reproduces. The families are tried best search-F1 first, stopping once no remaining family's
 search F1 can beat the best reported F1 so far.
 
-Census per site: the share of live codes whose best hypothesis has precision >= `min_precision` (explained),
-and the share of the live codes' firings that belong to explained codes (firing mass).
+The kept hypothesis: the best-F1 one, unless its precision is below `min_precision`; then the best-F1 one among
+the *precise* hypotheses (precision >= `min_precision`) whose F1 is at least `min_f1_share` (default 0.5) of
+the code's best F1, when there is one.
+A code that fires on a part of a feature (TokFSM: one of several codes of a state, each firing at the state's
+second digit in some of its contexts) is described by that feature at precision ~1 but recall 1 / parts, and
+some noisier n-gram set often has a higher F1: the F1 floor keeps the precise description when it costs at most
+half of the best F1, and keeps out hypotheses that are precise for any code because they cover almost every
+token (every TokFSM token is a digit). Each row also holds `best_f1` and `best_f1_precision`, the best-F1
+hypothesis's numbers.
+
+Census per site: the share of live codes whose kept hypothesis has precision >= `min_precision` (explained),
+the share of the live codes' firings that belong to explained codes (firing mass), and the stricter share
+whose best-F1 hypothesis itself is that precise (`best_f1_explained_share`).
 """
 
 from __future__ import annotations
@@ -39,17 +50,21 @@ from cbtool.hypotheses import (
     KeyedBest,
     MaskedBest,
     TokenView,
-    best_key_sets,
-    best_masks,
+    best_mask,
+    best_prefix,
+    key_prefixes,
+    mask_counts,
     position_buckets,
     position_regex,
 )
+from cbtool.literal_match import Alternative
 from cbtool.scoring import SiteScores
 from cbtool.store import Store
 
 DEFAULT_MIN_COUNT = 10
 DEFAULT_MIN_PRECISION = 0.8
 DEFAULT_MAX_SET = 4
+DEFAULT_MIN_F1_SHARE = 0.5  # a precise hypothesis is kept over the best-F1 one when its F1 is >= this share of it
 # the characters after a match, to the end of its document, are even / odd in number
 PARITY_LOOKAHEAD = (r"(?=(?:[\s\S]{2})*\Z)", r"(?=[\s\S](?:[\s\S]{2})*\Z)")
 
@@ -81,15 +96,16 @@ class _Renderer:
 
             self.values = label_feature(view.store, label).values  # type: ignore[arg-type]
 
-    def render(self, members: list[int]) -> tuple[str, dict[str, Any], bool]:
-        """(description, find-codes query, exact) of a key set."""
+    def render(self, members: list[int]) -> tuple[str, dict[str, Any], bool, list[Alternative]]:
+        """(description, find-codes query, exact, the regex's branches for cbtool/literal_match.py) of a key
+        set."""
         v = self.view
         if self.family == "label":
             value = self.values[members[0]]
-            return f"{self.label} = {value}", {"labels": self.label, "label": str(value)}, True
+            return f"{self.label} = {value}", {"labels": self.label, "label": str(value)}, True, []
         parity = self.family.endswith(PARITY)
         family = self.family[: -len(PARITY)] if parity else self.family
-        alts: list[tuple[str, str]] = []
+        alts: list[tuple[str, str, Alternative]] = []
         tokens: set[int] = set()
         for m in members:
             key = m // 2 if parity else m
@@ -98,19 +114,22 @@ class _Renderer:
             strings = [v.string(t) for t in gram]
             if family == "prev-token":
                 alt, desc = f"(?<={re.escape(strings[0])})[\\s\\S]", f"after {strings[0]!r}"
+                branch = Alternative(strings[0], "")
             elif family == "token":
-                alt, desc = re.escape(strings[0]), repr(strings[0])
+                alt, desc, branch = re.escape(strings[0]), repr(strings[0]), Alternative("", strings[0])
             else:
                 alt = f"(?<={''.join(re.escape(x) for x in strings[:-1])}){re.escape(strings[-1])}"
                 desc = f"{strings[-1]!r} after {''.join(strings[:-1])!r}"
+                branch = Alternative("".join(strings[:-1]), strings[-1])
             if parity:
                 alt += PARITY_LOOKAHEAD[m % 2]
                 desc += f" at {('even', 'odd')[m % 2]} distance to the end"
-            alts.append((alt, desc))
+                branch = Alternative(branch.before, branch.body, m % 2)
+            alts.append((alt, desc, branch))
         alts.sort(key=lambda a: (-len(a[0]), a[0]))
-        desc = ("token " if family == "token" else "") + " | ".join(d for _, d in alts)
+        desc = ("token " if family == "token" else "") + " | ".join(d for _, d, _ in alts)
         exact = all(v.faithful(t) for t in tokens) and (family == "token" or v.tiled)
-        return desc, _regex(_alternation([a for a, _ in alts])), exact
+        return desc, _regex(_alternation([a for a, _, _ in alts])), exact, [b for _, _, b in alts]
 
 
 def _regex(pattern: str) -> dict[str, Any]:
@@ -128,6 +147,7 @@ def masked_features(view: TokenView, family: str) -> list[tuple[str, str]]:
 def explain(
     store: Store, *, sites: str | None = None, min_count: int = DEFAULT_MIN_COUNT,
     min_precision: float = DEFAULT_MIN_PRECISION, max_set: int = DEFAULT_MAX_SET, families: str | None = None,
+    min_f1_share: float = DEFAULT_MIN_F1_SHARE,
 ) -> dict[str, Any]:
     """The best hypothesis of every live code of the chosen sites (globs, None = all) and the census.
     Returns what `cbtool explain --json` prints (without its schema_version/kind)."""
@@ -137,6 +157,8 @@ def explain(
         raise UserError("--min-precision must be in [0, 1]")
     if not 1 <= max_set <= 64:
         raise UserError("--max-set must be in 1..64")
+    if not 0.0 <= min_f1_share <= 1.0:
+        raise UserError("--min-f1-share must be in [0, 1]")
     fams = parse_families(families)
     chosen = store.select_sites(sites)
     t0 = time.perf_counter()
@@ -150,16 +172,30 @@ def explain(
     for site in chosen:
         codes = np.concatenate([np.asarray(store.codes(s, site)) for s in range(store.num_shards)])
         fires = store.counts(site)
-        keyed = [(r, best_key_sets(codes, r.keys, fires, 1 if r.family == "label" else max_set)) for r in renderers]
-        mbest = [(f, best_masks(codes, masks[f], fires)) for f in masked]
-        exact = _ExactScores(view, codes, len(fires))
+        keyed, precise_keyed = [], []
+        for r in renderers:
+            pre, ms = key_prefixes(codes, r.keys, fires), 1 if r.family == "label" else max_set
+            keyed.append((r, best_prefix(pre, fires, ms)))
+            precise_keyed.append((r, best_prefix(pre, fires, ms, min_precision)))
+        counted = {f: mask_counts(codes, masks[f], len(fires)) for f in masked}
+        mbest = [(f, best_mask(*counted[f], fires)) for f in masked]
+        precise_mbest = [(f, best_mask(*counted[f], fires, min_precision)) for f in masked]
+        exact = _ExactScores(view, codes)
         live = np.flatnonzero(fires >= min_count)
-        site_rows = [_explain_code(site, int(c), int(fires[c]), keyed, mbest, masked, exact) for c in live]
+        site_rows = []
+        for c in live:
+            best = _best_hypothesis(int(c), int(fires[c]), keyed, mbest, masked, exact)
+            if best is not None and best["precision"] < min_precision:
+                floor = min_f1_share * best["f1"]
+                precise = _best_hypothesis(int(c), int(fires[c]), precise_keyed, precise_mbest, masked, exact,
+                                           min_precision, floor)
+                best = {**best, **precise} if precise is not None else best
+            site_rows.append(_row(site, int(c), int(fires[c]), best))
         rows += site_rows
         census[site] = _census(site_rows, min_precision)
     doc = {
         "store": str(store.path), "tokens": store.num_tokens, "sites": chosen, "families": fams,
-        "min_count": min_count, "min_precision": min_precision, "max_set": max_set,
+        "min_count": min_count, "min_precision": min_precision, "max_set": max_set, "min_f1_share": min_f1_share,
         "census": {**census, "all": _census(rows, min_precision)}, "rows": rows,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -167,25 +203,23 @@ def explain(
 
 
 class _ExactScores:
-    """Hits of a site's codes on a regex feature, computed as find-codes computes them (cached per regex)."""
+    """Hits of a site's codes on a regex feature, computed as find-codes computes them (the feature's tokens
+    cached per regex by the view, shared by the sites; matched by cbtool/literal_match.py)."""
 
-    def __init__(self, view: TokenView, codes: np.ndarray, num_codes: int) -> None:
-        self.view, self.codes, self.num_codes = view, codes, num_codes
-        self._hits: dict[str, tuple[np.ndarray, int]] = {}
+    def __init__(self, view: TokenView, codes: np.ndarray) -> None:
+        self.view, self.codes = view, codes
 
-    def __call__(self, pattern: str, code: int) -> tuple[int, int]:
-        if pattern not in self._hits:
-            mask = self.view.regex_mask(pattern)
-            hits = np.bincount(np.asarray(self.codes[mask], dtype=np.int64).reshape(-1), minlength=self.num_codes)
-            self._hits[pattern] = (hits, int(mask.sum()))
-        hits, size = self._hits[pattern]
-        return int(hits[code]), size
+    def __call__(self, pattern: str, code: int, branches: list[Alternative]) -> tuple[int, int]:
+        where = self.view.regex_positions(pattern, branches)
+        return int((self.codes[where] == code).any(axis=1).sum()), len(where)
 
 
-def _explain_code(site: str, code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],
-                  mbest: list[tuple[str, MaskedBest]], masked: dict[str, list[tuple[str, str]]],
-                  exact: _ExactScores) -> dict[str, Any]:
-    """The best reported hypothesis of one code among its families' best (see the module docstring)."""
+def _best_hypothesis(code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],
+                     mbest: list[tuple[str, MaskedBest]], masked: dict[str, list[tuple[str, str]]],
+                     exact: _ExactScores, min_precision: float = 0.0, min_f1: float = 0.0) -> dict[str, Any] | None:
+    """The best reported hypothesis of one code among its families' best (see the module docstring) with
+    precision >= `min_precision` and F1 >= `min_f1`, with its numbers as find-codes computes them; None when
+    there is none. The unconstrained search (`min_precision` 0) also records `best_f1` and `best_f1_precision`."""
     cands: list[tuple[float, int, Any]] = []
     for i, (r, kb) in enumerate(keyed):
         if kb.f1[code] > 0:
@@ -196,26 +230,32 @@ def _explain_code(site: str, code: int, fires: int, keyed: list[tuple[_Renderer,
     cands.sort(key=lambda c: (-c[0], c[1]))
     best: dict[str, Any] | None = None
     for search_f1, _, (kind, who, res) in cands:
-        if best is not None and search_f1 <= best["f1"]:
+        if (best is not None and search_f1 <= best["f1"]) or search_f1 < min_f1:
             break
         hits, size = int(res.hits[code]), int(res.size[code])
         if kind == "keyed":
             members = [int(m) for m in res.members[code] if m >= 0]
-            desc, query, is_exact = who.render(members)
+            desc, query, is_exact, branches = who.render(members)
             family = who.family
             if not is_exact:
-                hits, size = exact(query["regex"], code)
+                hits, size = exact(query["regex"], code, branches)
         else:
             family = who
             desc, pattern = masked[who][int(res.mask[code])]
             query = _regex(pattern)
         row = _scored(hits, fires, size)
-        if best is None or row["f1"] > best["f1"]:
+        if (best is None or row["f1"] > best["f1"]) and row["precision"] >= min_precision and row["f1"] >= min_f1:
             best = {"family": family, "hypothesis": desc, "query": query, **row}
+    if best is not None and not min_precision:
+        best.update(best_f1=best["f1"], best_f1_precision=best["precision"])
+    return best
+
+
+def _row(site: str, code: int, fires: int, best: dict[str, Any] | None) -> dict[str, Any]:
     base = {"code": f"{site}:{code}", "site": site, "code_id": code, "fires": fires}
     if best is None:
         return {**base, "family": None, "hypothesis": None, "query": None, "precision": 0.0, "recall": 0.0,
-                "f1": 0.0, "hits": 0, "feature_tokens": 0}
+                "f1": 0.0, "hits": 0, "feature_tokens": 0, "best_f1": 0.0, "best_f1_precision": 0.0}
     return {**base, **best}
 
 
@@ -228,6 +268,7 @@ def _scored(hits: int, fires: int, size: int) -> dict[str, Any]:
 
 def _census(rows: list[dict[str, Any]], min_precision: float) -> dict[str, Any]:
     explained = [r for r in rows if r["family"] is not None and r["precision"] >= min_precision]
+    strict = sum(r["family"] is not None and r["best_f1_precision"] >= min_precision for r in rows)
     mass = sum(r["fires"] for r in rows)
     by_family: dict[str, int] = {}
     for r in explained:
@@ -236,6 +277,7 @@ def _census(rows: list[dict[str, Any]], min_precision: float) -> dict[str, Any]:
         "live_codes": len(rows), "explained": len(explained),
         "explained_share": len(explained) / len(rows) if rows else None,
         "firing_mass_share": sum(r["fires"] for r in explained) / mass if mass else None,
+        "best_f1_explained_share": strict / len(rows) if rows else None,
         "mean_f1": float(np.mean([r["f1"] for r in rows])) if rows else None,
         "by_family": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
     }

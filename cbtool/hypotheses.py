@@ -10,7 +10,8 @@ Counting never loops over codes: hits of every (code, key) pair of a site come f
 For one code with `fires` firings, a key set with hits H and size S scores precision H / fires, recall H / S
 and F1 2H / (fires + S). The best F1 over *all* key sets takes the keys in order of h / s (Dinkelbach), so the
 search takes, per code, the keys in that order (ties: more hits, then lower key) and keeps the best prefix of
-at most `max_set` keys (ties: the shorter).
+at most `max_set` keys (ties: the shorter). With a precision floor p, the same prefixes are searched among
+those with hits >= p x fires (precision only grows along a prefix), and masks among those that reach it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbtool.features import match_ranges, tokens_overlapping
+from cbtool.literal_match import Alternative, LiteralText
 from cbtool.regexes import UserRegex
 from cbtool.store import Store
 
@@ -80,49 +82,93 @@ def pair_counts(codes: np.ndarray, keys: np.ndarray, num_codes: int, num_keys: i
     return nz // num_keys, nz % num_keys, hits.astype(np.int64)
 
 
-def best_key_sets(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray, max_set: int) -> KeyedBest:
-    """The best key set (at most `max_set` keys) of every code; codes: (n, k) ids, keys: (n,) int64 (-1 none)."""
-    c = len(fires)
-    out = KeyedBest(np.zeros(c), np.zeros(c, np.int64), np.zeros(c, np.int64), np.full((c, max_set), -1, np.int64))
+@dataclass
+class KeyPrefixes:
+    """Per (code, key) pair with hits, sorted per code by hits / size (the search order): the running hits,
+    size and F1 of the prefix that ends at the pair, and its rank in its code's order."""
+
+    code: np.ndarray
+    key: np.ndarray
+    rank: np.ndarray
+    first: np.ndarray  # index of the code's first pair
+    cum_h: np.ndarray
+    cum_s: np.ndarray
+    f1: np.ndarray
+
+
+def key_prefixes(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray) -> KeyPrefixes:
+    """Every code's key prefixes (see KeyPrefixes); codes: (n, k) ids, keys: (n,) int64 (-1 none)."""
     if not (keys >= 0).any():
-        return out
+        e = np.zeros(0, np.int64)
+        return KeyPrefixes(e, e, e, e, e, e, np.zeros(0))
     num_keys = int(keys.max()) + 1
     size = np.bincount(keys[keys >= 0], minlength=num_keys)
-    code, key, h = pair_counts(codes, keys, c, num_keys)
+    code, key, h = pair_counts(codes, keys, len(fires), num_keys)
     s = size[key]
     order = np.lexsort((key, -h, -(h / s), code))
     code, key, h, s = code[order], key[order], h[order], s[order]
     first = np.r_[True, code[1:] != code[:-1]]
     start = np.flatnonzero(first)
     seg = np.cumsum(first) - 1
-    rank = np.arange(len(code)) - start[seg]
     cum_h, cum_s = np.cumsum(h), np.cumsum(s)
     cum_h = cum_h - (cum_h - h)[start][seg]
     cum_s = cum_s - (cum_s - s)[start][seg]
-    f1 = f1_counts(cum_h, fires[code], cum_s)
-    cand = np.flatnonzero(rank < max_set)
-    cand = cand[np.lexsort((rank[cand], -f1[cand], code[cand]))]
-    best = cand[np.r_[True, code[cand][1:] != code[cand][:-1]]]
-    who = code[best]
-    out.f1[who], out.hits[who], out.size[who] = f1[best], cum_h[best], cum_s[best]
+    return KeyPrefixes(code, key, np.arange(len(code)) - start[seg], start[seg], cum_h, cum_s,
+                       f1_counts(cum_h, fires[code], cum_s))
+
+
+def best_prefix(pre: KeyPrefixes, fires: np.ndarray, max_set: int, min_precision: float = 0.0) -> KeyedBest:
+    """Per code, its best-F1 prefix of at most `max_set` keys (ties: the shorter) among those with precision
+    (hits / fires) >= `min_precision`; codes without one get F1 0."""
+    c = len(fires)
+    out = KeyedBest(np.zeros(c), np.zeros(c, np.int64), np.zeros(c, np.int64), np.full((c, max_set), -1, np.int64))
+    ok = pre.rank < max_set
+    if min_precision > 0:
+        ok &= pre.cum_h / fires[pre.code] >= min_precision
+    cand = np.flatnonzero(ok)
+    cand = cand[np.lexsort((pre.rank[cand], -pre.f1[cand], pre.code[cand]))]
+    best = cand[np.r_[True, pre.code[cand][1:] != pre.code[cand][:-1]]] if len(cand) else cand
+    who = pre.code[best]
+    out.f1[who], out.hits[who], out.size[who] = pre.f1[best], pre.cum_h[best], pre.cum_s[best]
     for j in range(max_set):
-        has = rank[best] >= j
-        out.members[who[has], j] = key[start[seg[best[has]]] + j]
+        has = pre.rank[best] >= j
+        out.members[who[has], j] = pre.key[pre.first[best[has]] + j]
     return out
 
 
-def best_masks(codes: np.ndarray, masks: list[np.ndarray], fires: np.ndarray) -> MaskedBest:
-    """The best of a few boolean features for every code (ties: the first mask)."""
+def best_key_sets(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray, max_set: int,
+                  min_precision: float = 0.0) -> KeyedBest:
+    """The best key set (at most `max_set` keys, precision >= `min_precision`) of every code; codes: (n, k)
+    ids, keys: (n,) int64 (-1 none)."""
+    return best_prefix(key_prefixes(codes, keys, fires), fires, max_set, min_precision)
+
+
+def mask_counts(codes: np.ndarray, masks: list[np.ndarray], num_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, C) hits of every code on each boolean feature, and (masks,) the features' sizes."""
+    hits = np.stack([np.bincount(np.asarray(codes[m], dtype=np.int64).reshape(-1), minlength=num_codes)
+                     for m in masks]) if masks else np.zeros((0, num_codes), np.int64)
+    return hits, np.array([int(m.sum()) for m in masks], dtype=np.int64)
+
+
+def best_mask(hits: np.ndarray, size: np.ndarray, fires: np.ndarray, min_precision: float = 0.0) -> MaskedBest:
+    """Per code, its best-F1 feature among those with precision >= `min_precision` (ties: the first)."""
     c = len(fires)
-    if not masks:
+    if not len(hits):
         return MaskedBest(np.zeros(c), np.zeros(c, np.int64), np.zeros(c, np.int64), np.full(c, -1, np.int64))
-    hits = np.stack([np.bincount(np.asarray(codes[m], dtype=np.int64).reshape(-1), minlength=c) for m in masks])
-    size = np.array([int(m.sum()) for m in masks], dtype=np.int64)
     f1 = f1_counts(hits, fires[None, :], size[:, None])
+    if min_precision > 0:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f1 = np.where(hits / np.maximum(fires, 1)[None, :] >= min_precision, f1, 0.0)
     best = np.argmax(f1, axis=0)
     cols = np.arange(c)
     got = f1[best, cols] > 0
     return MaskedBest(f1[best, cols], hits[best, cols], size[best], np.where(got, best, -1))
+
+
+def best_masks(codes: np.ndarray, masks: list[np.ndarray], fires: np.ndarray,
+               min_precision: float = 0.0) -> MaskedBest:
+    """The best of a few boolean features (precision >= `min_precision`) for every code (ties: the first)."""
+    return best_mask(*mask_counts(codes, masks, len(fires)), fires, min_precision)
 
 
 def position_buckets(max_chars: int) -> list[tuple[int, int]]:
@@ -171,6 +217,8 @@ class TokenView:
         # spans tile each document: the character after a token belongs to the next non-empty token
         self.tiled = bool(np.all(self.start[after] == self.end[self.prev[after]]))
         self._masks: dict[str, np.ndarray] = {}
+        self._positions: dict[str, np.ndarray] = {}
+        self._literal: list[LiteralText] = []
         self._strings: dict[int, str] = {}
         self._faithful: dict[int, bool] = {}
 
@@ -232,11 +280,29 @@ class TokenView:
     def regex_mask(self, pattern: str) -> np.ndarray:
         """(n,) tokens overlapping a match of `pattern` in their document: `find-codes --regex` (match-on all)."""
         if pattern not in self._masks:
-            regex = UserRegex(pattern)
-            parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), len(text), "all")
-                     for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
-            self._masks[pattern] = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+            self._masks[pattern] = self._regex_mask(pattern)
         return self._masks[pattern]
+
+    def regex_positions(self, pattern: str, branches: list[Alternative] | None = None) -> np.ndarray:
+        """The indices of `regex_mask(pattern)`, cached as such: the thousands of hypotheses scored by their
+        regex stay small in memory (each as many entries as tokens it selects). `branches`: the pattern is
+        their alternation, matched by cbtool/literal_match.py (the same tokens, much faster)."""
+        if pattern not in self._positions:
+            if branches:
+                if not self._literal:
+                    self._literal = [LiteralText(t, dc) for t, dc in zip(self.texts, self.doc_chars, strict=True)]
+                mask = np.concatenate([lt.token_mask(sp, branches)
+                                       for sp, lt in zip(self.spans, self._literal, strict=True)])
+            else:
+                mask = self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern)
+            self._positions[pattern] = np.flatnonzero(mask).astype(np.int32 if len(mask) < 2**31 else np.int64)
+        return self._positions[pattern]
+
+    def _regex_mask(self, pattern: str) -> np.ndarray:
+        regex = UserRegex(pattern)
+        parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), len(text), "all")
+                 for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
     def max_doc_chars(self) -> int:
         return max((int(np.diff(dc).max()) for dc in self.doc_chars if len(dc) > 1), default=0)

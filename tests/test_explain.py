@@ -31,12 +31,16 @@ from tests.helpers import run_cli
 FIXTURE_STORE = Path(__file__).resolve().parent.parent / "fixtures" / "store"
 # token 0 is a BOS with no characters; "ab" is one token whose string also occurs as "a" + "b" (not faithful)
 VOCAB = ["", "a", "b", "ab", "C", "Cd", "7", "42", " ", ",", "\n", "e"]
+# every string occurs in the text only where its token is: every hypothesis is scored by the search's counts
+FAITHFUL_VOCAB = ["", "x", "y", "7", "42", " ", ",", "\n", "e", "Q"]
 MAX_SET = 3
 
 
-def random_store(path: Path, seed: int = 0, docs: int = 12) -> Store:
+def random_store(path: Path, seed: int = 0, docs: int = 12, vocab: list[str] = VOCAB, split: bool = False) -> Store:
     """Documents of random tokens (BOS first) with labels, and codes that depend on the token, the previous
-    token and the position, with noise; site 1.mlp has k = 2."""
+    token and the position, with noise; site 1.mlp has k = 2. `split`: 0.mlp's code 13 fires on a part of
+    token 1's occurrences (after token 2 or 3, and a fifth of the others)."""
+    VOCAB = vocab  # noqa: N806 - the module's vocabulary unless given
     rng = np.random.default_rng(seed)
     documents = []
     for _ in range(docs):
@@ -51,10 +55,12 @@ def random_store(path: Path, seed: int = 0, docs: int = 12) -> Store:
     prev = np.r_[0, tok[:-1]]
     pos = np.concatenate([np.arange(len(d.tokens)) for d in documents])
     c0 = np.where(rng.random(len(tok)) < 0.8, (tok * 3 + prev) % 13, rng.integers(0, 13, len(tok)))
+    if split:
+        c0 = np.where((tok == 1) & (np.isin(prev, [2, 3]) | (rng.random(len(tok)) < 0.2)), 13, c0)
     c1a = np.where(rng.random(len(tok)) < 0.7, np.minimum(pos // 4, 8), rng.integers(0, 9, len(tok)))
     c1b = (c1a + 1 + rng.integers(0, 8, len(tok))) % 9
     arrays.codes = {"0.mlp": c0[:, None], "1.mlp": np.stack([c1a, c1b], 1)}
-    sites = [Site("0.mlp", CodebookSpec(0, "mlp", 1, 4, 13, 1), 0),
+    sites = [Site("0.mlp", CodebookSpec(0, "mlp", 1, 4, 13 + split, 1), 0),
              Site("1.mlp", CodebookSpec(1, "mlp", 1, 4, 9, 2), 0)]
     return write_store(path, sites, [arrays], labels=["state"], token_strings=VOCAB)
 
@@ -96,22 +102,30 @@ def _reference_keys(store: Store, family: str) -> list:
     return out
 
 
-def _reference_best(codes: np.ndarray, keys: list, num_codes: int, max_set: int) -> dict[int, tuple]:
-    """code -> (f1, hits, size, members): keys by h/s desc, hits desc, key asc; the best prefix <= max_set."""
-    fires = [sum(c in row for row in codes.tolist()) for c in range(num_codes)]
+def _reference_prefixes(codes: np.ndarray, keys: list, num_codes: int, max_set: int) -> dict[int, list[tuple]]:
+    """code -> [(hits, size, members)] of its key prefixes <= max_set: keys by h/s desc, hits desc, key asc."""
     values = sorted({k for k in keys if k is not None})
     size = {v: keys.count(v) for v in values}
     out = {}
     for c in range(num_codes):
         hits = {v: sum(1 for k, row in zip(keys, codes.tolist(), strict=True) if k == v and c in row) for v in values}
         ranked = sorted((v for v in values if hits[v]), key=lambda v: (-hits[v] / size[v], -hits[v], v))
+        out[c] = [(sum(hits[v] for v in ranked[:m]), sum(size[v] for v in ranked[:m]), tuple(ranked[:m]))
+                  for m in range(1, min(max_set, len(ranked)) + 1)]
+    return out
+
+
+def _reference_best(codes: np.ndarray, keys: list, num_codes: int, max_set: int,
+                    min_precision: float = 0.0) -> dict[int, tuple]:
+    """code -> (f1, hits, size, members): its best prefix with precision >= min_precision (first on ties)."""
+    fires = [sum(c in row for row in codes.tolist()) for c in range(num_codes)]
+    out = {}
+    for c, prefixes in _reference_prefixes(codes, keys, num_codes, max_set).items():
         best = (0.0, 0, 0, ())
-        for m in range(1, min(max_set, len(ranked)) + 1):
-            h = sum(hits[v] for v in ranked[:m])
-            s = sum(size[v] for v in ranked[:m])
+        for h, s, members in prefixes:
             f1 = 2 * h / (fires[c] + s)
-            if f1 > best[0]:
-                best = (f1, h, s, tuple(ranked[:m]))
+            if f1 > best[0] and h / fires[c] >= min_precision:
+                best = (f1, h, s, members)
         out[c] = best
     return out
 
@@ -134,13 +148,15 @@ def rstore(tmp_path_factory) -> Store:
 @pytest.mark.parametrize("family", ["token", "prev-token", "bigram", "trigram", "label", "token+parity",
                                     "bigram+parity", "trigram+parity"])
 @pytest.mark.parametrize("site", ["0.mlp", "1.mlp"])
-def test_keyed_family_matches_brute_force(rstore, family, site):
+@pytest.mark.parametrize("min_precision", [0.0, 0.6])
+def test_keyed_family_matches_brute_force(rstore, family, site, min_precision):
     view = TokenView(rstore)
     keys, grams = view.keys(family, "state" if family == "label" else None)
     codes = np.asarray(rstore.codes(0, site))
     max_set = 1 if family == "label" else MAX_SET
-    got = best_key_sets(codes, keys, rstore.counts(site), max_set)
-    ref = _reference_best(codes, _reference_keys(rstore, family), rstore.sites[site].num_codes, max_set)
+    got = best_key_sets(codes, keys, rstore.counts(site), max_set, min_precision)
+    ref = _reference_best(codes, _reference_keys(rstore, family), rstore.sites[site].num_codes, max_set,
+                          min_precision)
     if family == "label":
         decode = cbtool.features.label_feature(rstore, "state").values.__getitem__
     elif grams is not None:
@@ -163,12 +179,14 @@ def test_masked_family_matches_brute_force(rstore, family):
     masks = [view.regex_mask(p) for p in patterns]
     for p, m in zip(patterns, masks, strict=True):
         assert np.array_equal(m, _reference_regex_mask(rstore, p)), p
-    for site in rstore.sites:
+    for site, min_precision in itertools.product(rstore.sites, (0.0, 0.5)):
         codes = np.asarray(rstore.codes(0, site))
-        got = best_masks(codes, masks, rstore.counts(site))
+        got = best_masks(codes, masks, rstore.counts(site), min_precision)
         for c in range(rstore.sites[site].num_codes):
             fires = int((codes == c).any(1).sum())
-            f1s = [2 * int((codes[m] == c).any(1).sum()) / (fires + int(m.sum())) for m in masks]
+            hits = [int((codes[m] == c).any(1).sum()) for m in masks]
+            f1s = [2 * h / (fires + int(m.sum())) if h >= min_precision * fires else 0.0
+                   for h, m in zip(hits, masks, strict=True)]
             assert got.f1[c] == pytest.approx(max(f1s), abs=1e-12)
             assert got.mask[c] == (int(np.argmax(f1s)) if max(f1s) > 0 else -1)
 
@@ -216,6 +234,54 @@ def test_find_codes_reproduces_every_explanation(rstore):
         sum(r["fires"] for r in explained) / sum(r["fires"] for r in doc["rows"]))
 
 
+def test_kept_hypothesis_follows_the_precise_rule_by_brute_force(tmp_path):
+    """On a store whose token strings are all faithful (every hypothesis scored by its counts), each code's kept
+    hypothesis is the best-F1 one among all candidates (every key prefix of every keyed family, every mask) of
+    precision >= p and F1 >= min_f1_share x the best F1, else the best-F1 one; the census counts both rules."""
+    store = random_store(tmp_path / "codes", seed=4, docs=16, vocab=FAITHFUL_VOCAB, split=True)
+    p, share = 0.8, 0.6
+    doc = explain(store, min_count=1, max_set=MAX_SET, min_precision=p, min_f1_share=share)
+    view = TokenView(store)
+    assert view.tiled and all(view.faithful(t) for t in range(1, len(FAITHFUL_VOCAB)))
+    masks = [_reference_regex_mask(store, rx) for rx in CHAR_CLASSES.values()] + \
+        [_reference_regex_mask(store, position_regex(a, b)) for a, b in position_buckets(view.max_doc_chars())]
+    preferred = 0
+    for site in store.sites:
+        codes = np.asarray(store.codes(0, site))
+        n = store.sites[site].num_codes
+        cands: dict[int, list[tuple[int, int]]] = {c: [] for c in range(n)}  # (hits, size)
+        for family in cbtool.explanations.KEYED:
+            keys = _reference_keys(store, family)
+            for c, prefixes in _reference_prefixes(codes, keys, n, 1 if family == "label" else MAX_SET).items():
+                cands[c] += [(h, s) for h, s, _ in prefixes]
+        for m in masks:
+            for c in range(n):
+                cands[c].append((int((codes[m] == c).any(1).sum()), int(m.sum())))
+        for r in (r for r in doc["rows"] if r["site"] == site):
+            fires = r["fires"]
+            scored = [(2 * h / (fires + s), h / fires) for h, s in cands[r["code_id"]] if h]
+            best_f1, best_p = max(scored, key=lambda x: (x[0], x[1]))
+            assert r["best_f1"] == pytest.approx(best_f1, abs=1e-12)
+            precise = [f for f, q in scored if q >= p and f >= share * best_f1]
+            if max(q for f, q in scored if f == pytest.approx(best_f1, abs=1e-12)) >= p:
+                assert r["f1"] == pytest.approx(best_f1, abs=1e-12) and r["precision"] >= p
+            elif precise:
+                assert r["f1"] == pytest.approx(max(precise), abs=1e-12) and r["precision"] >= p, r
+                preferred += 1
+            else:
+                assert r["f1"] == pytest.approx(best_f1, abs=1e-12) and r["precision"] < p, r
+    assert preferred > 0  # the rule mattered on this store
+    rows = doc["rows"]
+    census = doc["census"]["all"]
+    assert census["explained"] == sum(r["precision"] >= p for r in rows)
+    assert census["best_f1_explained_share"] == sum(r["best_f1_precision"] >= p for r in rows) / len(rows)
+    assert census["best_f1_explained_share"] < census["explained_share"]
+    assert _same_as_find_codes(store, rows) == len(rows)
+    only_best = explain(store, min_count=1, max_set=MAX_SET, min_precision=p, min_f1_share=1.0)
+    assert all(r["f1"] == r["best_f1"] for r in only_best["rows"])
+    assert only_best["census"]["all"]["explained_share"] == census["best_f1_explained_share"]
+
+
 def test_each_family_alone_is_reproduced(rstore):
     for family in cbtool.explanations.FAMILIES:
         doc = explain(rstore, min_count=2, families=family)
@@ -239,8 +305,8 @@ def test_explain_cli_census_gate_and_find_codes_cli(rstore):
     assert run_cli("explain", rstore.path, "--require-explained", "0").exit_code == 0
     lines = run_cli("explain", rstore.path, "--jsonl", "--sites", "1.mlp").stdout.splitlines()
     assert lines and all(json.loads(x)["site"] == "1.mlp" for x in lines)
-    for bad in (["--families", "colour"], ["--max-set", "0"], ["--require-explained", "2"], ["--json", "--jsonl"],
-                ["--fsm"]):
+    for bad in (["--families", "colour"], ["--max-set", "0"], ["--min-f1-share", "1.5"], ["--require-explained", "2"],
+                ["--json", "--jsonl"], ["--fsm"]):
         res = run_cli("explain", rstore.path, *bad)
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, (bad, res.output)
 
@@ -328,3 +394,33 @@ def test_find_codes_at_document_level(rstore):
     assert res.exit_code == 0 and "documents matching" in res.stdout
     for bad in (["--labels", "state", "--level", "document"], ["--regex", "a", "--level", "line"]):
         assert run_cli("find-codes", rstore.path, *bad).exit_code == 2
+
+
+def test_literal_matcher_gives_the_regex_engines_ranges():
+    """cbtool/literal_match.py against `finditer` per document (cbtool/features.py) on random texts with
+    overlapping, bordered and nested literals, lookbehinds across document starts and parity lookaheads; and
+    its token mask against `tokens_overlapping`."""
+    from cbtool.explanations import PARITY_LOOKAHEAD
+    from cbtool.features import match_ranges, tokens_overlapping
+    from cbtool.literal_match import Alternative, LiteralText
+    from cbtool.regexes import UserRegex
+
+    rng = np.random.default_rng(7)
+    pieces = ["a", "b", "ab", "aa", "ba", "\n", "é"]
+    for trial in range(300):
+        text = "".join(rng.choice(list("ab\né"), int(rng.integers(0, 40))))
+        cuts = np.sort(rng.integers(0, len(text) + 1, int(rng.integers(0, 4))))
+        doc_chars = np.r_[0, cuts, len(text)]
+        alts = [Alternative(str(rng.choice(["", *pieces])) if rng.random() < 0.5 else "",
+                            str(rng.choice(["", *pieces])), None if rng.random() < 0.6 else int(rng.integers(0, 2)))
+                for _ in range(int(rng.integers(1, 4)))]
+        pattern = "(?:" + "|".join((f"(?<={re.escape(a.before)})" if a.before else "")
+                                   + (re.escape(a.body) if a.body else r"[\s\S]")
+                                   + ("" if a.parity is None else PARITY_LOOKAHEAD[a.parity]) for a in alts) + ")"
+        want = match_ranges(UserRegex(pattern), text, doc_chars)
+        lt = LiteralText(text, doc_chars)
+        got = lt.ranges(alts)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (trial, text, pattern)
+        bounds = np.sort(np.r_[0, rng.integers(0, len(text) + 1, int(rng.integers(0, 12))), len(text)])
+        spans = np.stack([bounds[:-1], bounds[1:]], 1)  # tokens tiling the text, some empty
+        assert np.array_equal(lt.token_mask(spans, alts), tokens_overlapping(spans, *want, len(text), "all"))

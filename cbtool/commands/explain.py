@@ -16,6 +16,7 @@ from cbtool.errors import CheckFailed, UserError
 from cbtool.explanations import (
     DEFAULT_MAX_SET,
     DEFAULT_MIN_COUNT,
+    DEFAULT_MIN_F1_SHARE,
     DEFAULT_MIN_PRECISION,
     FAMILIES,
     check_explained,
@@ -30,7 +31,10 @@ def explain(
     min_count: int = typer.Option(DEFAULT_MIN_COUNT, "--min-count", help="Live codes: firing on >= this many "
                                   "tokens (the ones explained)."),
     min_precision: float = typer.Option(DEFAULT_MIN_PRECISION, "--min-precision",
-                                        help="A code is explained when its best hypothesis has this precision."),
+                                        help="A code is explained when its kept hypothesis has this precision."),
+    min_f1_share: float = typer.Option(DEFAULT_MIN_F1_SHARE, "--min-f1-share",
+                                       help="Keep the best-F1 hypothesis of precision >= --min-precision over the "
+                                       "best-F1 one when its F1 is >= this share of it (1: the best F1 only)."),
     max_set: int = typer.Option(DEFAULT_MAX_SET, "--max-set", help="At most this many tokens / n-grams per "
                                 "hypothesis."),
     families: str | None = typer.Option(None, "--families", help=f"Comma-separated subset of {', '.join(FAMILIES)} "
@@ -62,7 +66,7 @@ def explain(
         raise UserError("--top must be >= 0")
     store = open_run_store(store_path, run)
     doc = explain_store(store, sites=sites, min_count=min_count, min_precision=min_precision, max_set=max_set,
-                        families=families)
+                        families=families, min_f1_share=min_f1_share)
     if fsm:
         doc["automaton"] = [recover_automaton(store, s, fsm_min_edge_count) for s in doc["sites"]]
     if as_json:
@@ -98,13 +102,14 @@ def _print(doc: dict[str, Any], top: int) -> None:
     out.print(table)
     census = Table(title=f"census: live codes explained at precision >= {doc['min_precision']} "
                          f"({doc['seconds']:.1f} s)")
-    for col in ("site", "live codes", "explained", "share", "firing mass", "mean F1", "by family"):
+    for col in ("site", "live codes", "explained", "share", "firing mass", "best-F1 share", "mean F1", "by family"):
         census.add_column(col, justify="left" if col in ("site", "by family") else "right")
     for site in [*doc["sites"], "all"]:
         c = doc["census"][site]
         fams = ", ".join(f"{f} {n}" for f, n in c["by_family"].items())
         census.add_row(site, f"{c['live_codes']:,}", f"{c['explained']:,}", _share(c["explained_share"]),
-                       _share(c["firing_mass_share"]), "-" if c["mean_f1"] is None else f"{c['mean_f1']:.3f}", fams)
+                       _share(c["firing_mass_share"]), _share(c["best_f1_explained_share"]),
+                       "-" if c["mean_f1"] is None else f"{c['mean_f1']:.3f}", fams)
     out.print(census)
     if "automaton" in doc:
         at = Table(title="automaton recovered from codes (edges seen >= "

@@ -1,0 +1,88 @@
+"""The regexes `cbtool explain` writes (cbtool/explanations.py), matched with numpy instead of a regex engine.
+
+`explain` renders a hypothesis as an alternation of literals, each optionally after a literal lookbehind and
+before a lookahead on the parity of the characters left in the document: `(?:(?<=B1)A1(?=P1)|(?<=B2)A2|...)`,
+where A may be any one character (`[\\s\\S]`). When a token's string also occurs elsewhere in the text, the
+numbers it reports are the regex's own (`find-codes --regex`), and running the regex engine once per code and
+document dominated `explain` on text stores. This module gives the same match ranges as `finditer` over each
+document: at the leftmost position where an alternative matches, the first alternative (in pattern order)
+that matches there; the next search starts at that match's end. The tests compare it with the regex engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One branch: `before` must precede the match (lookbehind, "" none), the match is `body` ("" = any one
+    character), and `parity` (0 even, 1 odd, None any) is the number of characters after it in its document."""
+
+    before: str
+    body: str
+    parity: int | None = None
+
+
+class LiteralText:
+    """One shard's text as code points with its document bounds, and the positions of each character."""
+
+    def __init__(self, text: str, doc_chars: np.ndarray) -> None:
+        self.chars = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        self.doc_chars = np.asarray(doc_chars, dtype=np.int64)
+        self._where: dict[str, np.ndarray] = {}
+
+    def where(self, ch: str) -> np.ndarray:
+        if ch not in self._where:
+            self._where[ch] = np.flatnonzero(self.chars == ord(ch))
+        return self._where[ch]
+
+    def _starts(self, alt: Alternative) -> np.ndarray:
+        """Every position where `alt` matches (not yet leftmost / non-overlapping)."""
+        n, lb, length = len(self.chars), len(alt.before), max(len(alt.body), 1)
+        full = alt.before + alt.body
+        if full:
+            x = self.where(full[0]) + lb
+            for i, ch in enumerate(full[1:], start=1):
+                pos = x - lb + i
+                x = x[pos < n]
+                x = x[self.chars[x - lb + i] == ord(ch)]
+        else:
+            x = np.arange(n, dtype=np.int64)
+        x = x[x + length <= n]
+        doc = np.searchsorted(self.doc_chars, x, side="right") - 1
+        ok = (x - lb >= self.doc_chars[doc]) & (x + length <= self.doc_chars[doc + 1])
+        if alt.parity is not None:
+            ok &= (self.doc_chars[doc + 1] - x - length) % 2 == alt.parity
+        return x[ok]
+
+    def ranges(self, alts: list[Alternative]) -> tuple[np.ndarray, np.ndarray]:
+        """[start, end) of the matches of the alternation, as `finditer` over each document gives them."""
+        found = [(self._starts(a), i, max(len(a.body), 1)) for i, a in enumerate(alts)]
+        starts = np.concatenate([s for s, _, _ in found]) if found else np.zeros(0, np.int64)
+        order = np.concatenate([np.full(len(s), i) for s, i, _ in found]) if found else starts
+        length = np.concatenate([np.full(len(s), n) for s, _, n in found]) if found else starts
+        pick = np.lexsort((order, starts))
+        starts, length = starts[pick], length[pick]
+        first = np.r_[True, starts[1:] != starts[:-1]] if len(starts) else np.zeros(0, bool)
+        starts, ends = starts[first], starts[first] + length[first]
+        if len(starts) > 1 and bool(np.any(starts[1:] < ends[:-1])):
+            keep, last = [], -1
+            for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+                if s >= last:
+                    keep.append(j)
+                    last = e
+            starts, ends = starts[keep], ends[keep]
+        return starts.astype(np.int64), ends.astype(np.int64)
+
+    def token_mask(self, spans: np.ndarray, alts: list[Alternative]) -> np.ndarray:
+        """(n,) tokens whose non-empty span overlaps a match (`find-codes --regex`, match-on all): the matches
+        are sorted and disjoint, so only the first one ending after a token's start can overlap it."""
+        starts, ends = self.ranges(alts)
+        ts, te = spans[:, 0].astype(np.int64), spans[:, 1].astype(np.int64)
+        j = np.searchsorted(ends, ts, side="right")
+        inside = j < len(starts)
+        return inside & (te > ts) & (starts[np.minimum(j, max(len(starts) - 1, 0))] < te) if len(starts) else \
+            np.zeros(len(ts), dtype=bool)
