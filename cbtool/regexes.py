@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -72,7 +73,8 @@ class UserRegex:
         found: list[tuple[int, int]] = []
         firsts: list[int] = []
         timed = (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
-                 and signal.getsignal(signal.SIGPROF) is not None)  # None: a handler set outside Python, kept
+                 and signal.getsignal(signal.SIGPROF) is not None  # None: a handler set outside Python, kept
+                 and not _communicating())
         old = signal.signal(signal.SIGPROF, _out_of_time) if timed else None
         old_timer = signal.getitimer(signal.ITIMER_PROF) if timed else (0.0, 0.0)  # restored after (a profiler's)
         try:
@@ -112,3 +114,10 @@ def _out_of_time(signum: int, frame: Any) -> None:
 
 def _short(pattern: str, limit: int = 60) -> str:
     return repr(pattern if len(pattern) <= limit else pattern[:limit] + "...")
+
+
+def _communicating() -> bool:
+    """Whether torch.distributed runs here (torchrun): its gloo threads sit in system calls that a SIGPROF
+    interrupts (EINTR), which has aborted a rank, so those processes use the regex module's own limit."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
