@@ -16,6 +16,7 @@ The rules every command follows:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -109,7 +110,21 @@ def init() -> World:
         raise UserError(f"cannot join the process group of {size} ranks: {_first_line(e)}") from None
     _world = World(rank, size)
     signal.signal(signal.SIGTERM, _stopped)
+    atexit.register(_leave)
     return _world
+
+
+def _leave() -> None:
+    """At a normal exit: meet the other ranks (briefly), then close the group. Left to the interpreter's
+    teardown, gloo could meet a peer that had already gone and abort the process (rc -6) after its work was
+    done. A rank that fails leaves with os._exit (cbtool/cli.py) and never gets here."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=60))
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving anyway; the work and its output are complete
+        pass
 
 
 def _stopped(signum: int, frame: Any) -> None:
