@@ -49,10 +49,10 @@ def match_ranges(regex: UserRegex | re.Pattern[str], text: str, doc_chars: np.nd
 
 
 def tokens_overlapping(
-    spans: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_chars: int, match_on: str = "all"
+    spans: np.ndarray, starts: np.ndarray, ends: np.ndarray, match_on: str = "all"
 ) -> np.ndarray:
     """Boolean mask over tokens for sorted, disjoint match ranges (as `match_ranges` gives; vectorised, no loop
-    over tokens or characters). `n_chars` (the text's length) is not needed: the spans lie within it."""
+    over tokens or characters)."""
     if match_on not in MATCH_ON:
         raise UserError(f"--match-on must be first or all, got {match_on!r}")
     n = spans.shape[0]
@@ -130,7 +130,7 @@ def regex_feature(store: Store, pattern: str, match_on: str = "all") -> list[np.
             continue
         text = store.text(s)
         starts, ends = match_ranges(regex, text, np.asarray(store.doc_chars(s)))
-        masks.append(tokens_overlapping(np.asarray(store.spans(s)), starts, ends, len(text), match_on))
+        masks.append(tokens_overlapping(np.asarray(store.spans(s)), starts, ends, match_on))
     return masks
 
 

@@ -300,7 +300,7 @@ class TokenView:
 
     def _regex_mask(self, pattern: str) -> np.ndarray:
         regex = UserRegex(pattern)
-        parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), len(text), "all")
+        parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), "all")
                  for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 

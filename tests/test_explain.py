@@ -423,4 +423,4 @@ def test_literal_matcher_gives_the_regex_engines_ranges():
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (trial, text, pattern)
         bounds = np.sort(np.r_[0, rng.integers(0, len(text) + 1, int(rng.integers(0, 12))), len(text)])
         spans = np.stack([bounds[:-1], bounds[1:]], 1)  # tokens tiling the text, some empty
-        assert np.array_equal(lt.token_mask(spans, alts), tokens_overlapping(spans, *want, len(text), "all"))
+        assert np.array_equal(lt.token_mask(spans, alts), tokens_overlapping(spans, *want, "all"))

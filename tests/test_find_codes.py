@@ -137,8 +137,8 @@ def test_regex_over_words_with_gaps_and_multichar_tokens():
     pat = re.compile(r"at s|the")
     starts = np.array([m.start() for m in pat.finditer(text)])
     ends = np.array([m.end() for m in pat.finditer(text)])
-    all_mask = tokens_overlapping(spans, starts, ends, len(text), "all")
-    first_mask = tokens_overlapping(spans, starts, ends, len(text), "first")
+    all_mask = tokens_overlapping(spans, starts, ends, "all")
+    first_mask = tokens_overlapping(spans, starts, ends, "first")
     # tokens: <s> the cat sat on the mat ; "at s" covers cat+sat, "the" x2
     assert all_mask.tolist() == [False, True, True, True, False, True, False]
     assert first_mask.tolist() == [False, True, True, False, False, True, False]

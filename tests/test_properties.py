@@ -138,8 +138,8 @@ def test_regex_tokens_cover_every_matched_character(case):
     docs, pattern = case
     arr = documents_to_arrays(docs)
     starts, ends = match_ranges(re.compile(pattern), arr.text, arr.doc_chars)
-    all_mask = tokens_overlapping(arr.spans, starts, ends, len(arr.text), "all")
-    first_mask = tokens_overlapping(arr.spans, starts, ends, len(arr.text), "first")
+    all_mask = tokens_overlapping(arr.spans, starts, ends, "all")
+    first_mask = tokens_overlapping(arr.spans, starts, ends, "first")
     # reference: per document, per non-empty match
     expected_all = np.zeros(len(arr.tokens), bool)
     expected_first = np.zeros(len(arr.tokens), bool)
