@@ -24,6 +24,7 @@ from tempfile import TemporaryDirectory
 
 from rich.console import Console
 
+from cbtool.errors import UserError
 from cbtool.train import TrainConfig, Trainer, apply_preset, resolve_device
 
 _FIELDS = {f.name: f.type for f in fields(TrainConfig)}
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu (default: the figures in the README), cuda or auto")
     args = ap.parse_args(argv)
     log = Console(stderr=True)
-    dev = resolve_device(args.device)
+    try:
+        dev = resolve_device(args.device)
+    except UserError as e:
+        ap.error(str(e))  # one line, exit 2
     rows = []
     with TemporaryDirectory() as tmp:
         base_state, task = None, None
