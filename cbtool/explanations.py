@@ -174,7 +174,8 @@ def explain(
         fires = store.counts(site)
         keyed, precise_keyed = [], []
         for r in renderers:
-            pre, ms = key_prefixes(codes, r.keys, fires), 1 if r.family == "label" else max_set
+            ms = 1 if r.family == "label" else max_set
+            pre = key_prefixes(codes, r.keys, fires, ms)
             keyed.append((r, best_prefix(pre, fires, ms)))
             precise_keyed.append((r, best_prefix(pre, fires, ms, min_precision)))
         counted = {f: mask_counts(codes, masks[f], len(fires)) for f in masked}

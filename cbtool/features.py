@@ -61,7 +61,7 @@ def tokens_overlapping(
         return mask
     ts = np.ascontiguousarray(spans[:, 0])
     te = np.ascontiguousarray(spans[:, 1])
-    if not (_nondecreasing(ts) and _nondecreasing(te)):
+    if not (nondecreasing(ts) and nondecreasing(te)):
         return _overlapping_any_order(ts, te, starts, ends, match_on, mask)
     if match_on == "all":
         return _overlapping_sorted(ts, te, starts, ends, mask)
@@ -76,7 +76,7 @@ def tokens_overlapping(
     return mask
 
 
-def _nondecreasing(a: np.ndarray) -> bool:
+def nondecreasing(a: np.ndarray) -> bool:
     return bool(np.all(a[1:] >= a[:-1]))
 
 
@@ -102,20 +102,29 @@ def _overlapping_any_order(
 def _overlapping_sorted(
     ts: np.ndarray, te: np.ndarray, starts: np.ndarray, ends: np.ndarray, mask: np.ndarray
 ) -> np.ndarray:
-    """`match_on="all"` when token starts and ends are both in text order (what every tokenizer gives): the
-    tokens overlapping match [s, e) are a run, from the first token ending after s to the last starting
-    before e, less the empty ones. Work in the number of matches and selected tokens, not of characters."""
+    """`match_on="all"` when token starts and ends are both in text order (what every tokenizer gives)."""
+    mask[overlapping_positions(ts, te, starts, ends)] = True
+    return mask
+
+
+def overlapping_positions(ts: np.ndarray, te: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The sorted indices of the non-empty tokens overlapping sorted, disjoint matches, when token starts `ts`
+    and ends `te` are both in text order: the tokens overlapping match [s, e) are a run, from the first token
+    ending after s to the last starting before e, less the empty ones. Work in the number of matches and
+    selected tokens, not of tokens or characters."""
+    if not len(starts):
+        return np.zeros(0, np.int64)
     if int(ends[-1]) <= np.iinfo(te.dtype).max:  # search in the spans' own dtype: no copy of them
         starts, ends = starts.astype(te.dtype), ends.astype(te.dtype)
     lo = np.searchsorted(te, starts, side="right").astype(np.int64)
     hi = np.searchsorted(ts, ends, side="left").astype(np.int64)
     runs = np.maximum(hi - lo, 0)
     total = int(runs.sum())
-    if total == 0:
-        return mask
     pos = np.repeat(lo - (np.cumsum(runs) - runs), runs) + np.arange(total)
-    mask[pos[te[pos] > ts[pos]]] = True
-    return mask
+    pos = pos[te[pos] > ts[pos]]
+    if not nondecreasing(pos):  # overlapping tokens: runs of neighbouring matches can share several
+        return np.unique(pos)
+    return pos[np.r_[True, pos[1:] != pos[:-1]]] if len(pos) else pos  # a token overlapping two matches: once
 
 
 def regex_feature(store: Store, pattern: str, match_on: str = "all") -> list[np.ndarray]:

@@ -16,12 +16,14 @@ those with hits >= p x fires (precision only grows along a prefix), and masks am
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 
-from cbtool.features import match_ranges, tokens_overlapping
+from cbtool.char_features import CHAR_CLASSES, char_class_ranges, position_ranges
+from cbtool.features import match_ranges, nondecreasing, overlapping_positions, tokens_overlapping
 from cbtool.literal_match import Alternative, LiteralText
 from cbtool.regexes import UserRegex
 from cbtool.store import Store
@@ -30,13 +32,6 @@ PARITY = "+parity"  # a keyed family conjoined with the parity of the token's di
 KEYED = ("token", "prev-token", "bigram", "trigram", "label", *(f + PARITY for f in ("token", "bigram", "trigram")))
 MASKED = ("char-class", "position")
 FAMILIES = KEYED + MASKED
-CHAR_CLASSES = {  # name -> the regex find-codes is given (tokens overlapping a match)
-    "digits": r"\d+",
-    "capitalised word": r"\b[A-Z][a-z]+",
-    "punctuation": r"[^\w\s]+",
-    "whitespace": r"\s+",
-    "line start": r"(?m)^[\s\S]",
-}
 DENSE_BINS = 1 << 24  # count (code, key) pairs with a dense bincount up to this many bins, else np.unique
 
 
@@ -96,8 +91,10 @@ class KeyPrefixes:
     f1: np.ndarray
 
 
-def key_prefixes(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray) -> KeyPrefixes:
-    """Every code's key prefixes (see KeyPrefixes); codes: (n, k) ids, keys: (n,) int64 (-1 none)."""
+def key_prefixes(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray, max_set: int | None = None) -> KeyPrefixes:
+    """Every code's key prefixes (see KeyPrefixes); codes: (n, k) ids, keys: (n,) int64 (-1 none).
+    `max_set`: only each code's first `max_set` pairs of the search order (all a search of sets of at most
+    that many keys looks at)."""
     if not (keys >= 0).any():
         e = np.zeros(0, np.int64)
         return KeyPrefixes(e, e, e, e, e, e, np.zeros(0))
@@ -105,7 +102,10 @@ def key_prefixes(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray) -> KeyP
     size = np.bincount(keys[keys >= 0], minlength=num_keys)
     code, key, h = pair_counts(codes, keys, len(fires), num_keys)
     s = size[key]
-    order = np.lexsort((key, -h, -(h / s), code))
+    if max_set is not None and max_set <= FEW_KEYS:
+        order = _leading_pairs(code, h, s, max_set)
+    else:
+        order = np.lexsort((key, -h, -(h / s), code))
     code, key, h, s = code[order], key[order], h[order], s[order]
     first = np.r_[True, code[1:] != code[:-1]]
     start = np.flatnonzero(first)
@@ -115,6 +115,35 @@ def key_prefixes(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray) -> KeyP
     cum_s = cum_s - (cum_s - s)[start][seg]
     return KeyPrefixes(code, key, np.arange(len(code)) - start[seg], start[seg], cum_h, cum_s,
                        f1_counts(cum_h, fires[code], cum_s))
+
+
+FEW_KEYS = 8  # up to this many keys per code, pick them in rounds (linear passes) instead of sorting all pairs
+
+
+def _leading_pairs(code: np.ndarray, h: np.ndarray, s: np.ndarray, count: int) -> np.ndarray:
+    """Indices of each code's first `count` pairs in the search order (h / s descending, then h descending,
+    then key ascending), grouped by code in that order. Pairs come sorted by code, then key (pair_counts), so
+    each round takes per code the first pair of the largest h / s, and among those of the largest h."""
+    first = np.r_[True, code[1:] != code[:-1]]
+    start = np.flatnonzero(first)
+    seg = np.cumsum(first) - 1
+    ratio = h / s
+    left = np.ones(len(code), dtype=bool)
+    picked, ranks = [], []
+    for r in range(count):
+        rr = np.where(left, ratio, -1.0)
+        top = left & (rr == np.maximum.reduceat(rr, start)[seg])
+        hh = np.where(top, h, -1)
+        top &= hh == np.maximum.reduceat(hh, start)[seg]
+        idx = np.flatnonzero(top)
+        if not len(idx):
+            break
+        idx = idx[np.r_[True, seg[idx][1:] != seg[idx][:-1]]]  # the lowest key of each code's ties
+        left[idx] = False
+        picked.append(idx)
+        ranks.append(np.full(len(idx), r))
+    idx, rank = np.concatenate(picked), np.concatenate(ranks)
+    return idx[np.lexsort((rank, code[idx]))]
 
 
 def best_prefix(pre: KeyPrefixes, fires: np.ndarray, max_set: int, min_precision: float = 0.0) -> KeyedBest:
@@ -140,7 +169,7 @@ def best_key_sets(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray, max_se
                   min_precision: float = 0.0) -> KeyedBest:
     """The best key set (at most `max_set` keys, precision >= `min_precision`) of every code; codes: (n, k)
     ids, keys: (n,) int64 (-1 none)."""
-    return best_prefix(key_prefixes(codes, keys, fires), fires, max_set, min_precision)
+    return best_prefix(key_prefixes(codes, keys, fires, max_set), fires, max_set, min_precision)
 
 
 def mask_counts(codes: np.ndarray, masks: list[np.ndarray], num_codes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,11 +214,6 @@ def position_regex(a: int, b: int) -> str:
     return rf"\A[\s\S]{{1,{b}}}" if a == 0 else rf"(?<=\A[\s\S]{{{a}}})[\s\S]{{1,{b - a}}}"
 
 
-def has_border(s: str) -> bool:
-    """Whether a proper prefix of `s` is also its suffix (occurrences of `s` can overlap)."""
-    return any(s[:i] == s[-i:] for i in range(1, len(s)))
-
-
 class TokenView:
     """A store's positions in memory, with what the families need: token ids, the previous non-empty token of
     the same document, document ids, and regex features computed exactly as `find-codes` computes them."""
@@ -221,6 +245,16 @@ class TokenView:
         self._literal: list[LiteralText] = []
         self._strings: dict[int, str] = {}
         self._faithful: dict[int, bool] = {}
+        self._keys: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray | None]] = {}
+        # the positions of each token id, in position order: by_token[token_bounds[t]:token_bounds[t + 1]]
+        self.by_token = np.flatnonzero(self.nonempty)[np.argsort(self.tokens[self.nonempty], kind="stable")]
+        self.token_bounds = np.searchsorted(self.tokens[self.by_token], np.arange(int(self.tokens.max(initial=0)) + 2))
+        self.in_order = [nondecreasing(sp[:, 0]) and nondecreasing(sp[:, 1]) for sp in self.spans]
+        # the masked features computed without the regex engine (cbtool/char_features.py): regex -> per-shard
+        # ranges whose union is the union of the regex's matches
+        self._native: dict[str, Any] = {rx: partial(self._class_ranges, name) for name, rx in CHAR_CLASSES.items()}
+        self._native.update({position_regex(a, b): partial(self._position_ranges, a, b)
+                             for a, b in position_buckets(self.max_doc_chars())})
 
     def _previous(self) -> np.ndarray:
         """Per position: the index of the previous non-empty token in the same document (-1: none)."""
@@ -231,7 +265,13 @@ class TokenView:
     # -- per-position keys of the keyed families -----------------------------------------------------
     def keys(self, family: str, label: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(n,) keys (-1: none) and, for n-grams, the (keys, n) token ids each key stands for. A `+parity`
-        family's key is the base key * 2 + the parity of the characters after the token in its document."""
+        family's key is the base key * 2 + the parity of the characters after the token in its document.
+        Cached per family (a `+parity` family reuses its base family's keys)."""
+        if (family, label) not in self._keys:
+            self._keys[family, label] = self._compute_keys(family, label)
+        return self._keys[family, label]
+
+    def _compute_keys(self, family: str, label: str | None) -> tuple[np.ndarray, np.ndarray | None]:
         if family.endswith(PARITY):
             base, grams = self.keys(family[: -len(PARITY)])
             return np.where(base >= 0, base * 2 + self.to_end % 2, -1), grams
@@ -248,33 +288,61 @@ class TokenView:
         cols = [self.prev2, self.prev, here] if family == "trigram" else [self.prev, here]
         ok = self.nonempty & np.all([c >= 0 for c in cols], axis=0)
         grams = np.stack([self.tokens[np.maximum(c, 0)] for c in cols], axis=1)[ok]
-        uniq, inv = np.unique(grams, axis=0, return_inverse=True) if ok.any() else (grams, np.zeros(0, np.int64))
         keys = np.full(len(tok), -1, dtype=np.int64)
+        if not ok.any():
+            return keys, grams
+        base = int(grams.max()) + 1
+        if base ** len(cols) < 2**62:  # one int64 per n-gram (same order as the rows): a 1-d unique, far faster
+            packed = np.zeros(len(grams), dtype=np.int64)
+            for j in range(len(cols)):
+                packed = packed * base + grams[:, j]
+            uniq_packed, inv = np.unique(packed, return_inverse=True)
+            uniq = np.stack([uniq_packed // base ** (len(cols) - 1 - j) % base for j in range(len(cols))], axis=1)
+        else:
+            uniq, inv = np.unique(grams, axis=0, return_inverse=True)
         keys[ok] = inv.reshape(-1)
         return keys, uniq
 
     # -- rendering as find-codes features --------------------------------------------------------
+    def positions_of(self, token: int) -> np.ndarray:
+        """The non-empty positions of a token id, in order."""
+        if not 0 <= token < len(self.token_bounds) - 1:
+            return self.by_token[:0]
+        return self.by_token[self.token_bounds[token] : self.token_bounds[token + 1]]
+
     def string(self, token: int) -> str:
         """The characters of a token (its first non-empty occurrence)."""
         if token not in self._strings:
-            p = int(np.flatnonzero(self.nonempty & (self.tokens == token))[0])
-            s = int(np.searchsorted(self.store.token_offsets, p, side="right") - 1)
+            p = int(self.positions_of(token)[0])
+            s = self._shard_of(p)
             self._strings[token] = self.texts[s][int(self.start[p]) : int(self.end[p])]
         return self._strings[token]
 
+    def _shard_of(self, p: int) -> int:
+        return int(np.searchsorted(self.store.token_offsets, p, side="right") - 1)
+
+    def literal(self, shard: int) -> LiteralText:
+        if not self._literal:
+            self._literal = [LiteralText(t, dc) for t, dc in zip(self.texts, self.doc_chars, strict=True)]
+        return self._literal[shard]
+
     def faithful(self, token: int) -> bool:
-        """Whether the token's string occurs in the text exactly where the token is: then a regex built from
-        such literals selects exactly the positions the search counted (see cbtool/explanations.py)."""
+        """Whether the token's string occurs in the documents exactly where the token is (the same start
+        characters): then a regex built from such literals selects exactly the positions the search counted
+        (see cbtool/explanations.py)."""
         if token not in self._faithful:
             s = self.string(token)
-            where = self.nonempty & (self.tokens == token)
+            where = self.positions_of(token)
             lengths = self.end[where] - self.start[where]
-            if lengths.min() != len(s) or lengths.max() != len(s):
-                self._faithful[token] = False
-            else:
-                pat = re.compile(f"(?={re.escape(s)})")
-                occ = sum(len(pat.findall(t)) if has_border(s) else t.count(s) for t in self.texts)
-                self._faithful[token] = occ == int(where.sum())
+            same = bool(lengths.min() == len(s) and lengths.max() == len(s))
+            offsets = np.asarray(self.store.token_offsets, dtype=np.int64)
+            for shard in range(self.store.num_shards) if same else ():
+                here = where[(where >= offsets[shard]) & (where < offsets[shard + 1])]
+                found = self.literal(shard)._starts(Alternative("", s))
+                if not np.array_equal(found, np.sort(self.start[here])):
+                    same = False
+                    break
+            self._faithful[token] = same
         return self._faithful[token]
 
     def regex_mask(self, pattern: str) -> np.ndarray:
@@ -289,20 +357,32 @@ class TokenView:
         their alternation, matched by cbtool/literal_match.py (the same tokens, much faster)."""
         if pattern not in self._positions:
             if branches:
-                if not self._literal:
-                    self._literal = [LiteralText(t, dc) for t, dc in zip(self.texts, self.doc_chars, strict=True)]
-                mask = np.concatenate([lt.token_mask(sp, branches)
-                                       for sp, lt in zip(self.spans, self._literal, strict=True)])
+                offsets = np.asarray(self.store.token_offsets, dtype=np.int64)
+                parts = []
+                for s, sp in enumerate(self.spans):
+                    starts, ends = self.literal(s).ranges(branches)
+                    if self.in_order[s]:
+                        parts.append(overlapping_positions(sp[:, 0], sp[:, 1], starts, ends) + offsets[s])
+                    else:
+                        parts.append(np.flatnonzero(tokens_overlapping(sp, starts, ends, "all")) + offsets[s])
+                where = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             else:
-                mask = self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern)
-            self._positions[pattern] = np.flatnonzero(mask).astype(np.int32 if len(mask) < 2**31 else np.int64)
+                where = np.flatnonzero(self.regex_mask(pattern))
+            self._positions[pattern] = where.astype(np.int32 if len(self.tokens) < 2**31 else np.int64)
         return self._positions[pattern]
 
     def _regex_mask(self, pattern: str) -> np.ndarray:
-        regex = UserRegex(pattern)
-        parts = [tokens_overlapping(sp, *match_ranges(regex, text, dc), "all")
-                 for sp, text, dc in zip(self.spans, self.texts, self.doc_chars, strict=True)]
+        native = self._native.get(pattern)
+        regex = None if native else UserRegex(pattern)
+        parts = [tokens_overlapping(sp, *(native(s) if native else match_ranges(regex, text, dc)), "all")
+                 for s, (sp, text, dc) in enumerate(zip(self.spans, self.texts, self.doc_chars, strict=True))]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+    def _class_ranges(self, name: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        return char_class_ranges(name, self.literal(shard).chars, self.doc_chars[shard])
+
+    def _position_ranges(self, a: int, b: int, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        return position_ranges(a, b, self.doc_chars[shard])
 
     def max_doc_chars(self) -> int:
         return max((int(np.diff(dc).max()) for dc in self.doc_chars if len(dc) > 1), default=0)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbtool.char_features import code_points
+
 
 @dataclass(frozen=True)
 class Alternative:
@@ -30,25 +32,44 @@ class LiteralText:
     """One shard's text as code points with its document bounds, and the positions of each character."""
 
     def __init__(self, text: str, doc_chars: np.ndarray) -> None:
-        self.chars = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        self.chars = code_points(text)
         self.doc_chars = np.asarray(doc_chars, dtype=np.int64)
-        self._where: dict[str, np.ndarray] = {}
+        self._where: dict[str, np.ndarray] = {}  # one character or a pair -> where it starts
+        self._found: dict[Alternative, np.ndarray] = {}
 
     def where(self, ch: str) -> np.ndarray:
+        """Where a character is (cached)."""
         if ch not in self._where:
             self._where[ch] = np.flatnonzero(self.chars == ord(ch))
         return self._where[ch]
 
     def _starts(self, alt: Alternative) -> np.ndarray:
-        """Every position where `alt` matches (not yet leftmost / non-overlapping)."""
+        """Every position where `alt` matches (not yet leftmost / non-overlapping), cached: the same branch
+        recurs in many codes' hypotheses. Candidates come from the rarest character of the literal."""
+        if alt not in self._found:
+            self._found[alt] = self._find(alt)
+        return self._found[alt]
+
+    def _pairs(self, pair: str) -> np.ndarray:
+        """Where the two characters `pair` start (cached: a few hundred distinct pairs hold all literals)."""
+        if pair not in self._where:
+            x = self.where(pair[0])
+            x = x[x + 1 < len(self.chars)]
+            self._where[pair] = x[self.chars[x + 1] == ord(pair[1])]
+        return self._where[pair]
+
+    def _find(self, alt: Alternative) -> np.ndarray:
         n, lb, length = len(self.chars), len(alt.before), max(len(alt.body), 1)
         full = alt.before + alt.body
-        if full:
-            x = self.where(full[0]) + lb
-            for i, ch in enumerate(full[1:], start=1):
-                pos = x - lb + i
-                x = x[pos < n]
-                x = x[self.chars[x - lb + i] == ord(ch)]
+        if len(full) > 1:  # candidates from the literal's rarest character pair, then check the others
+            anchor = min(range(len(full) - 1), key=lambda i: (len(self._pairs(full[i : i + 2])), i))
+            x = self._pairs(full[anchor : anchor + 2]) - anchor + lb  # match starts, if the literal fits there
+            x = x[(x - lb >= 0) & (x - lb + len(full) <= n)]
+            for i, ch in enumerate(full):
+                if i not in (anchor, anchor + 1) and len(x):
+                    x = x[self.chars[x - lb + i] == ord(ch)]
+        elif full:
+            x = self.where(full) + lb
         else:
             x = np.arange(n, dtype=np.int64)
         x = x[x + length <= n]

@@ -424,3 +424,21 @@ def test_literal_matcher_gives_the_regex_engines_ranges():
         bounds = np.sort(np.r_[0, rng.integers(0, len(text) + 1, int(rng.integers(0, 12))), len(text)])
         spans = np.stack([bounds[:-1], bounds[1:]], 1)  # tokens tiling the text, some empty
         assert np.array_equal(lt.token_mask(spans, alts), tokens_overlapping(spans, *want, "all"))
+
+
+@pytest.mark.parametrize("max_set", [1, 2, 4, 8])
+def test_leading_pairs_in_rounds_equal_the_full_sort(max_set):
+    """key_prefixes with `max_set` (pairs picked in rounds) gives each code's first `max_set` pairs of the full
+    search order, with many ties of h / s and of h."""
+    from cbtool.hypotheses import key_prefixes
+
+    rng = np.random.default_rng(max_set)
+    for _ in range(20):
+        n = int(rng.integers(1, 400))
+        keys = np.where(rng.random(n) < 0.1, -1, rng.integers(0, int(rng.integers(1, 30)), n))
+        codes = rng.integers(0, 6, (n, 1))
+        fires = np.bincount(codes[:, 0], minlength=6)
+        full, few = key_prefixes(codes, keys, fires), key_prefixes(codes, keys, fires, max_set)
+        keep = full.rank < max_set
+        for field in ("code", "key", "rank", "cum_h", "cum_s", "f1"):
+            assert np.array_equal(getattr(full, field)[keep], getattr(few, field)), field
