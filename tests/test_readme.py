@@ -51,6 +51,8 @@ RUN_AS: dict[str, object] = {
     "cbtool train --sites 0-1.attn-heads,3.mlp --k 2 --seed 1 --run runs/b":
         "cbtool train --sites 0-1.attn-heads,1.mlp --k 2 --seed 1 --run runs/b --preset tiny",
     "cbtool train --preset paper --device cuda": (SKIP, "needs a GPU (20k steps x 512)"),
+    "cbtool train --preset scratch --device cuda": "cbtool train --preset scratch --device cpu --steps 3 "
+                                                   "--batch-size 4 --kmeans-seqs 16 --run runs/fromscratch",
     "cbtool train --resume": ("cbtool train --resume --run scratch", 2),  # finished: refused (test_kill_resume)
     "cbtool eval": "cbtool eval --samples 8",
     "cbtool eval runs/mlp/checkpoint --samples 2048 --json": "cbtool eval runs/mlp/checkpoint --samples 8 --json",

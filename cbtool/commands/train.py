@@ -18,7 +18,8 @@ from cbtool.train import TrainConfig, Trainer, cli_fields, cli_help, start_train
 def train(
     ctx: typer.Context,
     preset: str = typer.Option("default", "--preset",
-                               help="default (CPU, ~5 min), paper (20k steps x 512, GPU), tiny (seconds). The "
+                               help="default (CPU, ~5 min), paper (20k steps x 512, GPU), scratch (codebooks "
+                               "trained with the model from step 0, GPU), tiny (seconds). The "
                                "defaults shown below are the TokFSM default preset's; --task text and --base-model "
                                "runs have their own presets (cbtool/train.py)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -39,6 +40,7 @@ def train(
       cbtool train --site-codes '' --steps 600  # the earlier default: C=1000 everywhere (95.6%)
       cbtool train --sites mlp --num-codes 2000 --k 2 --out runs/mlp
       cbtool train --preset paper --device cuda
+      cbtool train --preset scratch --device cuda   # codebooks from step 0, as in the paper (~6 min on a GPU)
       cbtool train --resume                 # after an interruption
       cbtool train --task text              # built-in text model on Shakespeare, <= 10 min on a CPU
       cbtool train --base-model ./pythia-70m --corpus notes.jsonl --text-field body --sites 3.mlp
