@@ -97,13 +97,3 @@ class LiteralText:
                     last = e
             starts, ends = starts[keep], ends[keep]
         return starts.astype(np.int64), ends.astype(np.int64)
-
-    def token_mask(self, spans: np.ndarray, alts: list[Alternative]) -> np.ndarray:
-        """(n,) tokens whose non-empty span overlaps a match (`find-codes --regex`, match-on all): the matches
-        are sorted and disjoint, so only the first one ending after a token's start can overlap it."""
-        starts, ends = self.ranges(alts)
-        ts, te = spans[:, 0].astype(np.int64), spans[:, 1].astype(np.int64)
-        j = np.searchsorted(ends, ts, side="right")
-        inside = j < len(starts)
-        return inside & (te > ts) & (starts[np.minimum(j, max(len(starts) - 1, 0))] < te) if len(starts) else \
-            np.zeros(len(ts), dtype=bool)

@@ -399,9 +399,10 @@ def test_find_codes_at_document_level(rstore):
 def test_literal_matcher_gives_the_regex_engines_ranges():
     """cbtool/literal_match.py against `finditer` per document (cbtool/features.py) on random texts with
     overlapping, bordered and nested literals, lookbehinds across document starts and parity lookaheads; and
-    its token mask against `tokens_overlapping`."""
+    the tokens its ranges select (`features.overlapping_positions`, what explain uses) against `tokens_overlapping`
+    of the engine's ranges."""
     from cbtool.explanations import PARITY_LOOKAHEAD
-    from cbtool.features import match_ranges, tokens_overlapping
+    from cbtool.features import match_ranges, overlapping_positions, tokens_overlapping
     from cbtool.literal_match import Alternative, LiteralText
     from cbtool.regexes import UserRegex
 
@@ -423,7 +424,8 @@ def test_literal_matcher_gives_the_regex_engines_ranges():
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (trial, text, pattern)
         bounds = np.sort(np.r_[0, rng.integers(0, len(text) + 1, int(rng.integers(0, 12))), len(text)])
         spans = np.stack([bounds[:-1], bounds[1:]], 1)  # tokens tiling the text, some empty
-        assert np.array_equal(lt.token_mask(spans, alts), tokens_overlapping(spans, *want, "all"))
+        assert np.array_equal(overlapping_positions(spans[:, 0], spans[:, 1], *got),
+                              np.flatnonzero(tokens_overlapping(spans, *want, "all")))
 
 
 @pytest.mark.parametrize("max_set", [1, 2, 4, 8])
