@@ -16,9 +16,9 @@ those with hits >= p x fires (precision only grows along a prefix), and masks am
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import numpy as np
 
@@ -252,7 +252,8 @@ class TokenView:
         self.in_order = [nondecreasing(sp[:, 0]) and nondecreasing(sp[:, 1]) for sp in self.spans]
         # the masked features computed without the regex engine (cbtool/char_features.py): regex -> per-shard
         # ranges whose union is the union of the regex's matches
-        self._native: dict[str, Any] = {rx: partial(self._class_ranges, name) for name, rx in CHAR_CLASSES.items()}
+        self._native: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray]]] = {
+            rx: partial(self._class_ranges, name) for name, rx in CHAR_CLASSES.items()}
         self._native.update({position_regex(a, b): partial(self._position_ranges, a, b)
                              for a, b in position_buckets(self.max_doc_chars())})
 
@@ -338,7 +339,7 @@ class TokenView:
             offsets = np.asarray(self.store.token_offsets, dtype=np.int64)
             for shard in range(self.store.num_shards) if same else ():
                 here = where[(where >= offsets[shard]) & (where < offsets[shard + 1])]
-                found = self.literal(shard)._starts(Alternative("", s))
+                found = self.literal(shard).starts(Alternative("", s))
                 if not np.array_equal(found, np.sort(self.start[here])):
                     same = False
                     break
@@ -366,8 +367,8 @@ class TokenView:
                     else:
                         parts.append(np.flatnonzero(tokens_overlapping(sp, starts, ends, "all")) + offsets[s])
                 where = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            else:
-                where = np.flatnonzero(self.regex_mask(pattern))
+            else:  # not kept as a mask: only the positions are cached
+                where = np.flatnonzero(self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern))
             self._positions[pattern] = where.astype(np.int32 if len(self.tokens) < 2**31 else np.int64)
         return self._positions[pattern]
 

@@ -43,7 +43,7 @@ class LiteralText:
             self._where[ch] = np.flatnonzero(self.chars == ord(ch))
         return self._where[ch]
 
-    def _starts(self, alt: Alternative) -> np.ndarray:
+    def starts(self, alt: Alternative) -> np.ndarray:
         """Every position where `alt` matches (not yet leftmost / non-overlapping), cached: the same branch
         recurs in many codes' hypotheses. Candidates come from the rarest character of the literal."""
         if alt not in self._found:
@@ -81,7 +81,7 @@ class LiteralText:
 
     def ranges(self, alts: list[Alternative]) -> tuple[np.ndarray, np.ndarray]:
         """[start, end) of the matches of the alternation, as `finditer` over each document gives them."""
-        found = [(self._starts(a), i, max(len(a.body), 1)) for i, a in enumerate(alts)]
+        found = [(self.starts(a), i, max(len(a.body), 1)) for i, a in enumerate(alts)]
         starts = np.concatenate([s for s, _, _ in found]) if found else np.zeros(0, np.int64)
         order = np.concatenate([np.full(len(s), i) for s, i, _ in found]) if found else starts
         length = np.concatenate([np.full(len(s), n) for s, _, n in found]) if found else starts
