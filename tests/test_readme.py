@@ -73,6 +73,8 @@ RUN_AS: dict[str, object] = {
     "cbtool train --task text --out runs/shakespeare/checkpoint":
         "cbtool train --task text --out runs/shakespeare/checkpoint --preset tiny",
     "cbtool eval runs/shakespeare/checkpoint": "cbtool eval runs/shakespeare/checkpoint --blocks 2",
+    "cbtool train --task text --preset scratch --out runs/scratch/checkpoint":
+        "cbtool train --task text --preset scratch --out runs/scratch/checkpoint --steps 3 --kmeans-seqs 8",
     "cbtool train --task text --corpus my_notes/ --out runs/notes/checkpoint":
         "cbtool train --task text --corpus my_notes/ --out runs/notes/checkpoint --preset tiny",
     "cbtool train --task text --corpus posts.jsonl --text-field body --seq-len 256 --out runs/posts/checkpoint":

@@ -23,6 +23,8 @@ def test_from_scratch_runs_get_the_commitment_unless_given():
     scratch = make_config("scratch")
     assert (scratch.base_steps, scratch.commit_coef, scratch.mse_coef, scratch.site_codes) == (0, 0.25, 1.0, "")
     assert set(PRESETS) >= {"default", "paper", "scratch", "tiny"}
+    text = make_config("scratch", task="text")  # MLP codebooks only: head codebooks from scratch do not learn
+    assert (text.base_steps, text.sites, text.k, text.commit_coef, text.mse_coef) == (0, "mlp", 1, 0.25, 1.0)
 
 
 def _last_mse(out: Path) -> float:

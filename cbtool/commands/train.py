@@ -19,7 +19,8 @@ def train(
     ctx: typer.Context,
     preset: str = typer.Option("default", "--preset",
                                help="default (CPU, ~5 min), paper (20k steps x 512, GPU), scratch (codebooks "
-                               "trained with the model from step 0, GPU), tiny (seconds). The "
+                               "trained with the model from step 0: TokFSM for a GPU; text, MLP codebooks, ~3 min "
+                               "on a CPU), tiny (seconds). The "
                                "defaults shown below are the TokFSM default preset's; --task text and --base-model "
                                "runs have their own presets (cbtool/train.py)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
