@@ -36,10 +36,12 @@ FAITHFUL_VOCAB = ["", "x", "y", "7", "42", " ", ",", "\n", "e", "Q"]
 MAX_SET = 3
 
 
-def random_store(path: Path, seed: int = 0, docs: int = 12, vocab: list[str] = VOCAB, split: bool = False) -> Store:
+def random_store(path: Path, seed: int = 0, docs: int = 12, vocab: list[str] = VOCAB, split: bool = False,
+                 shards: int = 1) -> Store:
     """Documents of random tokens (BOS first) with labels, and codes that depend on the token, the previous
     token and the position, with noise; site 1.mlp has k = 2. `split`: 0.mlp's code 13 fires on a part of
-    token 1's occurrences (after token 2 or 3, and a fifth of the others)."""
+    token 1's occurrences (after token 2 or 3, and a fifth of the others). `shards`: the same documents and
+    codes written as that many shards."""
     VOCAB = vocab  # noqa: N806 - the module's vocabulary unless given
     rng = np.random.default_rng(seed)
     documents = []
@@ -62,7 +64,14 @@ def random_store(path: Path, seed: int = 0, docs: int = 12, vocab: list[str] = V
     arrays.codes = {"0.mlp": c0[:, None], "1.mlp": np.stack([c1a, c1b], 1)}
     sites = [Site("0.mlp", CodebookSpec(0, "mlp", 1, 4, 13 + split, 1), 0),
              Site("1.mlp", CodebookSpec(1, "mlp", 1, 4, 9, 2), 0)]
-    return write_store(path, sites, [arrays], labels=["state"], token_strings=VOCAB)
+    parts, at = [], 0
+    for group in np.array_split(np.arange(len(documents)), shards):
+        part = documents_to_arrays([documents[i] for i in group])
+        n = len(part.tokens)
+        part.codes = {name: c[at : at + n] for name, c in arrays.codes.items()}
+        parts.append(part)
+        at += n
+    return write_store(path, sites, parts, labels=["state"], token_strings=VOCAB)
 
 
 # -- brute-force references (loops over positions, straight from the definitions) --------------------------
@@ -444,3 +453,13 @@ def test_leading_pairs_in_rounds_equal_the_full_sort(max_set):
         keep = full.rank < max_set
         for field in ("code", "key", "rank", "cum_h", "cum_s", "f1"):
             assert np.array_equal(getattr(full, field)[keep], getattr(few, field)), field
+
+
+def test_explain_is_the_same_over_shards(rstore, tmp_path):
+    """The same documents and codes written as 3 shards: every row and the census equal the one-shard store's
+    (per-shard token offsets, literal matching and faithfulness), and find-codes reproduces every row."""
+    sharded = random_store(tmp_path / "codes", shards=3)
+    assert sharded.num_shards == 3 and sharded.num_tokens == rstore.num_tokens
+    one, three = (explain(s, min_count=1, max_set=MAX_SET) for s in (rstore, sharded))
+    assert three["rows"] == one["rows"] and three["census"] == one["census"]
+    assert _same_as_find_codes(sharded, three["rows"]) == len(three["rows"])
