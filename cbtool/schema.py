@@ -143,7 +143,7 @@ MANIFEST = Obj({
     "checkpoint": Obj({"path": Opt(STR), "sha256": Opt(STR)}, required=("path", "sha256")),
     "corpus": Opt(Obj({"kind": STR, "name": STR, "num_states": INT, "out_degree": INT, "seq_len": INT, "seed": INT,
                        "num_seqs": INT, "stream": STR, "held_out_seed": INT, "path": Opt(STR),
-                       "text_field": Opt(STR)})),
+                       "text_field": Opt(STR), "split": STR, "holdout": STR})),
     "shard_tokens": INT, "max_tokens": Opt(INT),
     "sites": ListOf(Obj({"name": STR, "layer": INT, "component": STR, "group": INT, "groups": INT, "dim": INT,
                          "num_codes": INT, "k": INT, "dtype": STR},

@@ -313,6 +313,35 @@ def _pack(tok: TextTokenizer, sources: list[Source], width: int) -> tuple[torch.
     return torch.from_numpy(stream[: n * width].reshape(n, width).copy()), int(stream.size)
 
 
+def heldout_block_mask(n: int) -> np.ndarray:
+    """Which of `n` packed blocks block-level holdout keeps out: every HOLDOUT_EVERY-th (the last when none)."""
+    held = np.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if n and not held.any():
+        held[-1] = True
+    return held
+
+
+def block_documents(tok: TextTokenizer, sources: list[Source], width: int, heldout: bool) -> Iterator[Document]:
+    """Under block-level holdout: the input tokens (the first `width - 1`, what the model reads) of the
+    held-out (or the training) packed blocks of `width` tokens, as Documents cut where a source text ends (the
+    end-of-text tokens between them are dropped), each token with its exact span in its source text."""
+    encoded = tok.encode_many([s.text for s in sources])
+    src = np.concatenate([np.r_[np.full(len(ids), i), -1] for i, (ids, _) in enumerate(encoded)] or [[]])
+    ids = np.concatenate([np.r_[ids, tok.eot_id] for ids, _ in encoded] or [[]]).astype(np.int64)
+    spans = np.concatenate([np.r_[sp.reshape(-1, 2), [[0, 0]]] for _, sp in encoded] or [np.zeros((0, 2))])
+    held = heldout_block_mask(len(ids) // width)
+    for b in np.flatnonzero(held if heldout else ~held):
+        lo = int(b) * width
+        s = src[lo: lo + width - 1]
+        cuts = np.flatnonzero(s[1:] != s[:-1]) + 1
+        for a, z in zip(np.r_[0, cuts], np.r_[cuts, len(s)], strict=True):
+            if s[a] < 0:
+                continue
+            sp = spans[lo + a: lo + z].astype(np.int64)
+            c0, c1 = int(sp[0, 0]), int(sp[:, 1].max())
+            yield Document(ids[lo + a: lo + z].copy(), sources[int(s[a])].text[c0:c1], sp - c0, None)
+
+
 def _mix(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 424242) % (2**63)
 
@@ -406,9 +435,7 @@ class TextTask:
         if n < 2:
             raise UserError(f"corpus too small: {num_tokens} tokens make fewer than 2 blocks of {width}; "
                             f"use more text or a smaller --seq-len")
-        held = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-        if not held.any():
-            held[-1] = True
+        held = torch.from_numpy(heldout_block_mask(n))
         return num_tokens, blocks[~held], blocks[held]
 
     @property
@@ -471,8 +498,9 @@ class TextTask:
     def corpus(self, path: Path | None = None, text_field: str = "text", num_seqs: int = 2048,
                seed: int = 0, split: str = "all") -> Corpus:
         """A corpus (None: the training corpus; with `split` "heldout"/"train" only its held-out / training
-        documents, which needs document-level holdout) as Documents of at most seq_len tokens, tokenised
-        with this task's tokenizer (num_seqs and seed do not apply)."""
+        documents, or under block-level holdout the tokens of its held-out / training blocks) as Documents of
+        at most seq_len (+1 for blocks) tokens, tokenised with this task's tokenizer (num_seqs and seed do not
+        apply)."""
         if split not in SPLITS:
             raise UserError(f"unknown --split {split!r}: use {', '.join(SPLITS)}")
         if path is None:
@@ -480,9 +508,10 @@ class TextTask:
             spec = {"kind": "text", "path": corpus or BUILTIN_NAME, "text_field": text_field, "split": split}
             sources = self.sources
             if split != "all":
-                if self.holdout != "documents":
-                    raise UserError(f"--split {split}: this checkpoint held out blocks, not whole documents (its "
-                                    f"corpus has fewer than {HOLDOUT_MIN_DOCS} documents); use --split all")
+                spec["holdout"] = self.holdout
+                if self.holdout == "blocks":
+                    docs = block_documents(self.tok, sources, self.seq_len + 1, split == "heldout")
+                    return Corpus(spec, docs, [])
                 train, held = split_sources(sources, self.holdout)
                 sources = held if split == "heldout" else train
             return Corpus(spec, text_documents(self.tok, sources, self.seq_len), [])

