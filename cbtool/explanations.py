@@ -18,6 +18,9 @@ computed (as `find-codes --regex` does) and its numbers are reported, so what is
 `find-codes` reproduces. The families are tried best search-F1 first, stopping once no remaining family's
 search F1 can beat the best reported F1 so far.
 
+Only selective hypotheses count: one true of more than `max_coverage` (default half) of the store's tokens
+explains no code, however precise (every TokFSM token is a digit; four in five SmolLM2 tokens hold a space).
+
 The kept hypothesis: the best-F1 one, unless its precision is below `min_precision`; then the best-F1 one among
 the *precise* hypotheses (precision >= `min_precision`) whose F1 is at least `min_f1_share` (default 0.5) of
 the code's best F1, when there is one.
@@ -65,6 +68,7 @@ DEFAULT_MIN_COUNT = 10
 DEFAULT_MIN_PRECISION = 0.8
 DEFAULT_MAX_SET = 4
 DEFAULT_MIN_F1_SHARE = 0.5  # a precise hypothesis is kept over the best-F1 one when its F1 is >= this share of it
+DEFAULT_MAX_COVERAGE = 0.5  # a hypothesis true of more than this share of the store's tokens explains no code
 # the characters after a match, to the end of its document, are even / odd in number
 PARITY_LOOKAHEAD = (r"(?=(?:[\s\S]{2})*\Z)", r"(?=[\s\S](?:[\s\S]{2})*\Z)")
 
@@ -147,7 +151,7 @@ def masked_features(view: TokenView, family: str) -> list[tuple[str, str]]:
 def explain(
     store: Store, *, sites: str | None = None, min_count: int = DEFAULT_MIN_COUNT,
     min_precision: float = DEFAULT_MIN_PRECISION, max_set: int = DEFAULT_MAX_SET, families: str | None = None,
-    min_f1_share: float = DEFAULT_MIN_F1_SHARE,
+    min_f1_share: float = DEFAULT_MIN_F1_SHARE, max_coverage: float = DEFAULT_MAX_COVERAGE,
 ) -> dict[str, Any]:
     """The best hypothesis of every live code of the chosen sites (globs, None = all) and the census.
     Returns what `cbtool explain --json` prints (without its schema_version/kind)."""
@@ -159,14 +163,21 @@ def explain(
         raise UserError("--max-set must be in 1..64")
     if not 0.0 <= min_f1_share <= 1.0:
         raise UserError("--min-f1-share must be in [0, 1]")
+    if not 0.0 < max_coverage <= 1.0:
+        raise UserError("--max-coverage must be in (0, 1]")
     fams = parse_families(families)
     chosen = store.select_sites(sites)
     t0 = time.perf_counter()
     view = TokenView(store)
     renderers = [_Renderer(view, f, lab) for f in fams if f in KEYED
                  for lab in (store.label_names if f == "label" else [None])]
-    masked = {f: masked_features(view, f) for f in fams if f not in KEYED}
-    masks = {f: [view.regex_mask(rx) for _, rx in feats] for f, feats in masked.items()}
+    max_size = max_coverage * store.num_tokens
+    masked, masks = {}, {}
+    for f in fams:
+        if f not in KEYED:
+            feats = [(d, rx, view.regex_mask(rx)) for d, rx in masked_features(view, f)]
+            feats = [x for x in feats if x[2].sum() <= max_size]
+            masked[f], masks[f] = [(d, rx) for d, rx, _ in feats], [m for _, _, m in feats]
     rows: list[dict[str, Any]] = []
     census: dict[str, dict[str, Any]] = {}
     for site in chosen:
@@ -176,8 +187,8 @@ def explain(
         for r in renderers:
             ms = 1 if r.family == "label" else max_set
             pre = key_prefixes(codes, r.keys, fires, ms)
-            keyed.append((r, best_prefix(pre, fires, ms)))
-            precise_keyed.append((r, best_prefix(pre, fires, ms, min_precision)))
+            keyed.append((r, best_prefix(pre, fires, ms, max_size=max_size)))
+            precise_keyed.append((r, best_prefix(pre, fires, ms, min_precision, max_size)))
         counted = {f: mask_counts(codes, masks[f], len(fires)) for f in masked}
         mbest = [(f, best_mask(*counted[f], fires)) for f in masked]
         precise_mbest = [(f, best_mask(*counted[f], fires, min_precision)) for f in masked]
@@ -185,11 +196,11 @@ def explain(
         live = np.flatnonzero(fires >= min_count)
         site_rows = []
         for c in live:
-            best = _best_hypothesis(int(c), int(fires[c]), keyed, mbest, masked, exact)
+            best = _best_hypothesis(int(c), int(fires[c]), keyed, mbest, masked, exact, max_size=max_size)
             if best is not None and best["precision"] < min_precision:
                 floor = min_f1_share * best["f1"]
                 precise = _best_hypothesis(int(c), int(fires[c]), precise_keyed, precise_mbest, masked, exact,
-                                           min_precision, floor)
+                                           min_precision, floor, max_size)
                 best = {**best, **precise} if precise is not None else best
             site_rows.append(_row(site, int(c), int(fires[c]), best))
         rows += site_rows
@@ -197,6 +208,7 @@ def explain(
     doc = {
         "store": str(store.path), "tokens": store.num_tokens, "sites": chosen, "families": fams,
         "min_count": min_count, "min_precision": min_precision, "max_set": max_set, "min_f1_share": min_f1_share,
+        "max_coverage": max_coverage,
         "census": {**census, "all": _census(rows, min_precision)}, "rows": rows,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -217,10 +229,12 @@ class _ExactScores:
 
 def _best_hypothesis(code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],
                      mbest: list[tuple[str, MaskedBest]], masked: dict[str, list[tuple[str, str]]],
-                     exact: _ExactScores, min_precision: float = 0.0, min_f1: float = 0.0) -> dict[str, Any] | None:
+                     exact: _ExactScores, min_precision: float = 0.0, min_f1: float = 0.0,
+                     max_size: float = np.inf) -> dict[str, Any] | None:
     """The best reported hypothesis of one code among its families' best (see the module docstring) with
-    precision >= `min_precision` and F1 >= `min_f1`, with its numbers as find-codes computes them; None when
-    there is none. The unconstrained search (`min_precision` 0) also records `best_f1` and `best_f1_precision`."""
+    precision >= `min_precision`, F1 >= `min_f1` and at most `max_size` feature tokens, with its numbers as
+    find-codes computes them; None when there is none. The unconstrained search (`min_precision` 0) also
+    records `best_f1` and `best_f1_precision`."""
     cands: list[tuple[float, int, Any]] = []
     for i, (r, kb) in enumerate(keyed):
         if kb.f1[code] > 0:
@@ -245,7 +259,8 @@ def _best_hypothesis(code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBe
             desc, pattern = masked[who][int(res.mask[code])]
             query = _regex(pattern)
         row = _scored(hits, fires, size)
-        if (best is None or row["f1"] > best["f1"]) and row["precision"] >= min_precision and row["f1"] >= min_f1:
+        if (best is None or row["f1"] > best["f1"]) and row["precision"] >= min_precision and row["f1"] >= min_f1 \
+                and size <= max_size:
             best = {"family": family, "hypothesis": desc, "query": query, **row}
     if best is not None and not min_precision:
         best.update(best_f1=best["f1"], best_f1_precision=best["precision"])

@@ -146,12 +146,13 @@ def _leading_pairs(code: np.ndarray, h: np.ndarray, s: np.ndarray, count: int) -
     return idx[np.lexsort((rank, code[idx]))]
 
 
-def best_prefix(pre: KeyPrefixes, fires: np.ndarray, max_set: int, min_precision: float = 0.0) -> KeyedBest:
+def best_prefix(pre: KeyPrefixes, fires: np.ndarray, max_set: int, min_precision: float = 0.0,
+                max_size: float = np.inf) -> KeyedBest:
     """Per code, its best-F1 prefix of at most `max_set` keys (ties: the shorter) among those with precision
-    (hits / fires) >= `min_precision`; codes without one get F1 0."""
+    (hits / fires) >= `min_precision` and at most `max_size` positions; codes without one get F1 0."""
     c = len(fires)
     out = KeyedBest(np.zeros(c), np.zeros(c, np.int64), np.zeros(c, np.int64), np.full((c, max_set), -1, np.int64))
-    ok = pre.rank < max_set
+    ok = (pre.rank < max_set) & (pre.cum_s <= max_size)
     if min_precision > 0:
         ok &= pre.cum_h / fires[pre.code] >= min_precision
     cand = np.flatnonzero(ok)
@@ -166,10 +167,10 @@ def best_prefix(pre: KeyPrefixes, fires: np.ndarray, max_set: int, min_precision
 
 
 def best_key_sets(codes: np.ndarray, keys: np.ndarray, fires: np.ndarray, max_set: int,
-                  min_precision: float = 0.0) -> KeyedBest:
-    """The best key set (at most `max_set` keys, precision >= `min_precision`) of every code; codes: (n, k)
-    ids, keys: (n,) int64 (-1 none)."""
-    return best_prefix(key_prefixes(codes, keys, fires, max_set), fires, max_set, min_precision)
+                  min_precision: float = 0.0, max_size: float = np.inf) -> KeyedBest:
+    """The best key set (at most `max_set` keys, precision >= `min_precision`, at most `max_size` positions) of
+    every code; codes: (n, k) ids, keys: (n,) int64 (-1 none)."""
+    return best_prefix(key_prefixes(codes, keys, fires, max_set), fires, max_set, min_precision, max_size)
 
 
 def mask_counts(codes: np.ndarray, masks: list[np.ndarray], num_codes: int) -> tuple[np.ndarray, np.ndarray]:

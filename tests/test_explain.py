@@ -125,15 +125,16 @@ def _reference_prefixes(codes: np.ndarray, keys: list, num_codes: int, max_set: 
 
 
 def _reference_best(codes: np.ndarray, keys: list, num_codes: int, max_set: int,
-                    min_precision: float = 0.0) -> dict[int, tuple]:
-    """code -> (f1, hits, size, members): its best prefix with precision >= min_precision (first on ties)."""
+                    min_precision: float = 0.0, max_size: float = np.inf) -> dict[int, tuple]:
+    """code -> (f1, hits, size, members): its best prefix with precision >= min_precision and at most
+    max_size positions (first on ties)."""
     fires = [sum(c in row for row in codes.tolist()) for c in range(num_codes)]
     out = {}
     for c, prefixes in _reference_prefixes(codes, keys, num_codes, max_set).items():
         best = (0.0, 0, 0, ())
         for h, s, members in prefixes:
             f1 = 2 * h / (fires[c] + s)
-            if f1 > best[0] and h / fires[c] >= min_precision:
+            if f1 > best[0] and h / fires[c] >= min_precision and s <= max_size:
                 best = (f1, h, s, members)
         out[c] = best
     return out
@@ -158,14 +159,16 @@ def rstore(tmp_path_factory) -> Store:
                                     "bigram+parity", "trigram+parity"])
 @pytest.mark.parametrize("site", ["0.mlp", "1.mlp"])
 @pytest.mark.parametrize("min_precision", [0.0, 0.6])
-def test_keyed_family_matches_brute_force(rstore, family, site, min_precision):
+@pytest.mark.parametrize("max_share", [None, 0.05])
+def test_keyed_family_matches_brute_force(rstore, family, site, min_precision, max_share):
     view = TokenView(rstore)
     keys, grams = view.keys(family, "state" if family == "label" else None)
     codes = np.asarray(rstore.codes(0, site))
     max_set = 1 if family == "label" else MAX_SET
-    got = best_key_sets(codes, keys, rstore.counts(site), max_set, min_precision)
+    max_size = np.inf if max_share is None else max_share * rstore.num_tokens
+    got = best_key_sets(codes, keys, rstore.counts(site), max_set, min_precision, max_size)
     ref = _reference_best(codes, _reference_keys(rstore, family), rstore.sites[site].num_codes, max_set,
-                          min_precision)
+                          min_precision, max_size)
     if family == "label":
         decode = cbtool.features.label_feature(rstore, "state").values.__getitem__
     elif grams is not None:
@@ -291,6 +294,19 @@ def test_kept_hypothesis_follows_the_precise_rule_by_brute_force(tmp_path):
     assert only_best["census"]["all"]["explained_share"] == census["best_f1_explained_share"]
 
 
+def test_no_hypothesis_covers_more_than_max_coverage(rstore):
+    """A hypothesis true of more than `max_coverage` of the tokens explains nothing: no kept (or best-F1)
+    hypothesis covers more, the rows change where one did, and find-codes still reproduces every row."""
+    n = rstore.num_tokens
+    wide = explain(rstore, min_count=1, max_coverage=1.0)["rows"]
+    assert any(r["feature_tokens"] > 0.3 * n for r in wide)  # the limit below bites on this store
+    doc = explain(rstore, min_count=1, max_coverage=0.3)
+    assert doc["max_coverage"] == 0.3 and all(r["feature_tokens"] <= 0.3 * n for r in doc["rows"])
+    assert _same_as_find_codes(rstore, doc["rows"]) == sum(r["query"] is not None for r in doc["rows"])
+    default = explain(rstore, min_count=1)
+    assert default["max_coverage"] == 0.5 and all(r["feature_tokens"] <= 0.5 * n for r in default["rows"])
+
+
 def test_each_family_alone_is_reproduced(rstore):
     for family in cbtool.explanations.FAMILIES:
         doc = explain(rstore, min_count=2, families=family)
@@ -315,6 +331,7 @@ def test_explain_cli_census_gate_and_find_codes_cli(rstore):
     lines = run_cli("explain", rstore.path, "--jsonl", "--sites", "1.mlp").stdout.splitlines()
     assert lines and all(json.loads(x)["site"] == "1.mlp" for x in lines)
     for bad in (["--families", "colour"], ["--max-set", "0"], ["--min-f1-share", "1.5"], ["--require-explained", "2"],
+                ["--max-coverage", "0"], ["--max-coverage", "1.5"],
                 ["--json", "--jsonl"], ["--fsm"]):
         res = run_cli("explain", rstore.path, *bad)
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, (bad, res.output)

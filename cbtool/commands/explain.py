@@ -14,6 +14,7 @@ from cbtool.automaton import DEFAULT_MIN_EDGE_COUNT, recover_automaton
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
 from cbtool.explanations import (
+    DEFAULT_MAX_COVERAGE,
     DEFAULT_MAX_SET,
     DEFAULT_MIN_COUNT,
     DEFAULT_MIN_F1_SHARE,
@@ -37,6 +38,9 @@ def explain(
                                        "best-F1 one when its F1 is >= this share of it (1: the best F1 only)."),
     max_set: int = typer.Option(DEFAULT_MAX_SET, "--max-set", help="At most this many tokens / n-grams per "
                                 "hypothesis."),
+    max_coverage: float = typer.Option(DEFAULT_MAX_COVERAGE, "--max-coverage",
+                                       help="Hypotheses true of more than this share of the store's tokens are "
+                                       "not explanations (1: no limit)."),
     families: str | None = typer.Option(None, "--families", help=f"Comma-separated subset of {', '.join(FAMILIES)} "
                                         "(default all)."),
     top: int = typer.Option(20, "--top", help="Codes to list in the table, most firing first (0 = all)."),
@@ -66,7 +70,7 @@ def explain(
         raise UserError("--top must be >= 0")
     store = open_run_store(store_path, run)
     doc = explain_store(store, sites=sites, min_count=min_count, min_precision=min_precision, max_set=max_set,
-                        families=families, min_f1_share=min_f1_share)
+                        families=families, min_f1_share=min_f1_share, max_coverage=max_coverage)
     if fsm:
         doc["automaton"] = [recover_automaton(store, s, fsm_min_edge_count) for s in doc["sites"]]
     if as_json:
