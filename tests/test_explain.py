@@ -480,3 +480,21 @@ def test_explain_is_the_same_over_shards(rstore, tmp_path):
     one, three = (explain(s, min_count=1, max_set=MAX_SET) for s in (rstore, sharded))
     assert three["rows"] == one["rows"] and three["census"] == one["census"]
     assert _same_as_find_codes(sharded, three["rows"]) == len(three["rows"])
+
+
+def test_explain_transfer_on_the_same_store_keeps_every_explanation(rstore, tmp_path):
+    """benchmarks/explain_transfer.py scores each explained row's query on another store: on the store the rows
+    were fit on it gives back their own numbers; on other documents (another seed) it scores the same codes."""
+    from benchmarks.explain_transfer import transfer
+
+    rows = explain(rstore, min_count=3)["rows"]
+    same = transfer(rows, rstore, per_site=50, min_precision=0.5, min_count=3)
+    assert all(res["sampled"] > 0 for res in same.values())
+    for site, res in same.items():
+        fit = [r for r in rows if r["site"] == site and r["precision"] >= 0.5]
+        assert res["explained_on_fit"] == res["sampled"] == res["live_on_other"] == res["still_explained"] == len(fit)
+        assert res["median_precision_other"] == res["median_precision_fit"]
+        assert res["median_recall_other"] == res["median_recall_fit"]
+    other = transfer(rows, random_store(tmp_path / "other", seed=1, docs=20), per_site=50, min_precision=0.5,
+                     min_count=3)
+    assert set(other) == set(same) and all(r["live_on_other"] <= r["sampled"] for r in other.values())
