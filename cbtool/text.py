@@ -302,13 +302,21 @@ def split_sources(sources: list[Source], holdout: str) -> tuple[list[Source], li
             [s for s, h in zip(sources, held, strict=True) if h])
 
 
+def _stream(tok: TextTokenizer, sources: list[Source]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sources as one token stream, each followed by the end-of-text token: (ids, the source index of each
+    token (-1: end-of-text), each token's [start, end) span in its source text)."""
+    encoded = tok.encode_many([s.text for s in sources])
+    if not encoded:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    ids = np.concatenate([np.r_[ids, tok.eot_id] for ids, _ in encoded]).astype(np.int64)
+    src = np.concatenate([np.r_[np.full(len(ids), i), -1] for i, (ids, _) in enumerate(encoded)]).astype(np.int64)
+    spans = np.concatenate([np.r_[sp.reshape(-1, 2), [[0, 0]]] for _, sp in encoded]).astype(np.int64)
+    return ids, src, spans
+
+
 def _pack(tok: TextTokenizer, sources: list[Source], width: int) -> tuple[torch.Tensor, int]:
     """Sources joined with the end-of-text token and cut into (n, width) blocks; and the token count."""
-    pieces: list[np.ndarray] = []
-    eot = np.asarray([tok.eot_id], dtype=np.int64)
-    for ids, _ in tok.encode_many([s.text for s in sources]):
-        pieces.extend([ids, eot])
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    stream = _stream(tok, sources)[0]
     n = stream.size // width
     return torch.from_numpy(stream[: n * width].reshape(n, width).copy()), int(stream.size)
 
@@ -325,10 +333,7 @@ def block_documents(tok: TextTokenizer, sources: list[Source], width: int, heldo
     """Under block-level holdout: the input tokens (the first `width - 1`, what the model reads) of the
     held-out (or the training) packed blocks of `width` tokens, as Documents cut where a source text ends (the
     end-of-text tokens between them are dropped), each token with its exact span in its source text."""
-    encoded = tok.encode_many([s.text for s in sources])
-    src = np.concatenate([np.r_[np.full(len(ids), i), -1] for i, (ids, _) in enumerate(encoded)] or [[]])
-    ids = np.concatenate([np.r_[ids, tok.eot_id] for ids, _ in encoded] or [[]]).astype(np.int64)
-    spans = np.concatenate([np.r_[sp.reshape(-1, 2), [[0, 0]]] for _, sp in encoded] or [np.zeros((0, 2))])
+    ids, src, spans = _stream(tok, sources)
     held = heldout_block_mask(len(ids) // width)
     for b in np.flatnonzero(held if heldout else ~held):
         lo = int(b) * width
@@ -337,7 +342,7 @@ def block_documents(tok: TextTokenizer, sources: list[Source], width: int, heldo
         for a, z in zip(np.r_[0, cuts], np.r_[cuts, len(s)], strict=True):
             if s[a] < 0:
                 continue
-            sp = spans[lo + a: lo + z].astype(np.int64)
+            sp = spans[lo + a: lo + z]
             c0, c1 = int(sp[0, 0]), int(sp[:, 1].max())
             yield Document(ids[lo + a: lo + z].copy(), sources[int(s[a])].text[c0:c1], sp - c0, None)
 
