@@ -337,6 +337,22 @@ def test_explain_cli_census_gate_and_find_codes_cli(rstore):
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, (bad, res.output)
 
 
+def test_table_query_column_pastes_into_a_shell(rstore):
+    """The table's find-codes column, split by a shell, gives back each row's query exactly (it printed Python
+    reprs, with doubled backslashes, before)."""
+    import shlex
+
+    from cbtool.commands.explain import shell_query
+
+    rows = [r for r in explain(rstore, min_count=1)["rows"] if r["query"]]
+    assert any("\\" in r["query"].get("regex", "") for r in rows)  # backslashes to keep
+    for r in rows:
+        q = r["query"]
+        want = ["--labels", q["labels"], "--label", q["label"]] if "labels" in q else ["--regex", q["regex"]]
+        assert shlex.split(shell_query(q)) == want
+    assert shlex.split(shell_query({"regex": "it's \\d"})) == ["--regex", "it's \\d"]
+
+
 def test_api_names_are_the_functions():
     import cbtool.explanations  # noqa: F401 - the submodule must not hide the API function
 

@@ -3,6 +3,7 @@ with `--fsm` the TokFSM automaton recovered from each site's codes (cbtool/autom
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,13 @@ def explain(
                               f"at precision >= {min_precision}: {', '.join(low[:8])}{' ...' if len(low) > 8 else ''}")
 
 
+def shell_query(query: dict[str, Any]) -> str:
+    """A row's find-codes query as shell arguments to paste after `cbtool find-codes STORE`."""
+    if "labels" in query:
+        return f"--labels {shlex.quote(query['labels'])} --label {shlex.quote(query['label'])}"
+    return f"--regex {shlex.quote(query['regex'])}"
+
+
 def _share(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
@@ -98,9 +106,7 @@ def _print(doc: dict[str, Any], top: int) -> None:
     for col in ("code", "fires", "family", "hypothesis", "find-codes query", "precision", "recall", "F1"):
         table.add_column(col, justify="right" if col in ("fires", "precision", "recall", "F1") else "left")
     for r in rows:
-        q = r["query"] or {}
-        query = f"--labels {q['labels']} --label {q['label']}" if "labels" in q else \
-            (f"--regex {q['regex']!r}" if q else "-")
+        query = shell_query(r["query"]) if r["query"] else "-"
         table.add_row(r["code"], f"{r['fires']:,}", r["family"] or "-", escape(r["hypothesis"] or "-"), escape(query),
                       f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}")
     out.print(table)
