@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from cbtool import progress
 from cbtool.errors import UserError
 from cbtool.hypotheses import (
     CHAR_CLASSES,
@@ -180,31 +181,14 @@ def explain(
             masked[f], masks[f] = [(d, rx) for d, rx, _ in feats], [m for _, _, m in feats]
     rows: list[dict[str, Any]] = []
     census: dict[str, dict[str, Any]] = {}
-    for site in chosen:
-        codes = np.concatenate([np.asarray(store.codes(s, site)) for s in range(store.num_shards)])
-        fires = store.counts(site)
-        keyed, precise_keyed = [], []
-        for r in renderers:
-            ms = 1 if r.family == "label" else max_set
-            pre = key_prefixes(codes, r.keys, fires, ms)
-            keyed.append((r, best_prefix(pre, fires, ms, max_size=max_size)))
-            precise_keyed.append((r, best_prefix(pre, fires, ms, min_precision, max_size)))
-        counted = {f: mask_counts(codes, masks[f], len(fires)) for f in masked}
-        mbest = [(f, best_mask(*counted[f], fires)) for f in masked]
-        precise_mbest = [(f, best_mask(*counted[f], fires, min_precision)) for f in masked]
-        exact = _ExactScores(view, codes)
-        live = np.flatnonzero(fires >= min_count)
-        site_rows = []
-        for c in live:
-            best = _best_hypothesis(int(c), int(fires[c]), keyed, mbest, masked, exact, max_size=max_size)
-            if best is not None and best["precision"] < min_precision:
-                floor = min_f1_share * best["f1"]
-                precise = _best_hypothesis(int(c), int(fires[c]), precise_keyed, precise_mbest, masked, exact,
-                                           min_precision, floor, max_size)
-                best = {**best, **precise} if precise is not None else best
-            site_rows.append(_row(site, int(c), int(fires[c]), best))
-        rows += site_rows
-        census[site] = _census(site_rows, min_precision)
+    live_codes = sum(int((store.counts(s) >= min_count).sum()) for s in chosen)
+    with progress.track("explain", live_codes, "codes") as bar:  # a line every 30 s in logs
+        for site in chosen:
+            site_rows = _explain_site(store, site, view, renderers, masked, masks, bar, min_count=min_count,
+                                      min_precision=min_precision, max_set=max_set, min_f1_share=min_f1_share,
+                                      max_size=max_size)
+            rows += site_rows
+            census[site] = _census(site_rows, min_precision)
     doc = {
         "store": str(store.path), "tokens": store.num_tokens, "sites": chosen, "families": fams,
         "min_count": min_count, "min_precision": min_precision, "max_set": max_set, "min_f1_share": min_f1_share,
@@ -213,6 +197,40 @@ def explain(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return doc
+
+
+def _explain_site(store: Store, site: str, view: TokenView, renderers: list[_Renderer],
+                  masked: dict[str, list[tuple[str, str]]], masks: dict[str, list[np.ndarray]], bar: progress.Tracker,
+                  *, min_count: int, min_precision: float, max_set: int, min_f1_share: float,
+                  max_size: float) -> list[dict[str, Any]]:
+    """The rows of one site's live codes (see `explain`)."""
+    codes = np.concatenate([np.asarray(store.codes(s, site)) for s in range(store.num_shards)])
+    fires = store.counts(site)
+    keyed, precise_keyed = [], []
+    for r in renderers:
+        ms = 1 if r.family == "label" else max_set
+        pre = key_prefixes(codes, r.keys, fires, ms)
+        keyed.append((r, best_prefix(pre, fires, ms, max_size=max_size)))
+        precise_keyed.append((r, best_prefix(pre, fires, ms, min_precision, max_size)))
+    counted = {f: mask_counts(codes, masks[f], len(fires)) for f in masked}
+    mbest = [(f, best_mask(*counted[f], fires)) for f in masked]
+    precise_mbest = [(f, best_mask(*counted[f], fires, min_precision)) for f in masked]
+    exact = _ExactScores(view, codes)
+    live = np.flatnonzero(fires >= min_count)
+    site_rows: list[dict[str, Any]] = []
+    reported = 0
+    for n, c in enumerate(live, 1):
+        best = _best_hypothesis(int(c), int(fires[c]), keyed, mbest, masked, exact, max_size=max_size)
+        if best is not None and best["precision"] < min_precision:
+            floor = min_f1_share * best["f1"]
+            precise = _best_hypothesis(int(c), int(fires[c]), precise_keyed, precise_mbest, masked, exact,
+                                       min_precision, floor, max_size)
+            best = {**best, **precise} if precise is not None else best
+        site_rows.append(_row(site, int(c), int(fires[c]), best))
+        if n % 256 == 0 or n == len(live):  # progress in steps of 256 codes
+            bar.advance(n - reported)
+            reported = n
+    return site_rows
 
 
 class _ExactScores:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -514,3 +515,23 @@ def test_explain_transfer_on_the_same_store_keeps_every_explanation(rstore, tmp_
     other = transfer(rows, random_store(tmp_path / "other", seed=1, docs=20), per_site=50, min_precision=0.5,
                      min_count=3)
     assert set(other) == set(same) and all(r["live_on_other"] <= r["sampled"] for r in other.values())
+
+
+def test_explain_reports_progress_in_a_log(rstore, monkeypatch):
+    """A long explain says how far it is: plain `explain:` lines on a stderr that is not a terminal, ending at
+    every live code of the chosen sites."""
+    monkeypatch.setenv("CBTOOL_PROGRESS_SECONDS", "0.01")
+    hypothesis = cbtool.explanations._best_hypothesis
+
+    def slow(*args, **kwargs):  # a code that takes longer than the heartbeat, as on a large store
+        time.sleep(0.005)
+        return hypothesis(*args, **kwargs)
+
+    monkeypatch.setattr(cbtool.explanations, "_best_hypothesis", slow)
+    res = run_cli("explain", rstore.path, "--min-count", "1", "--json")
+    assert res.exit_code == 0, res.output
+    live = sum(int((rstore.counts(s) >= 1).sum()) for s in rstore.sites)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("explain:")]
+    assert lines, res.stderr
+    assert re.match(rf"explain: [\d,]+/{live} codes", lines[-1]), lines
+    assert json.loads(res.stdout)["census"]["all"]["live_codes"] == live
