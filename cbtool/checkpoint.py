@@ -286,16 +286,13 @@ def build_task(meta: dict[str, Any], where: Path) -> Task:
     return make(meta, where)
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_state: bool = False) -> Checkpoint:
-    path = Path(path)
-    meta = read_meta(path)
-    _verify_files(path, meta)
+def _codebook_tensors(path: Path, meta: dict[str, Any]) -> tuple[list[CodebookSpec], dict[str, torch.Tensor]]:
+    """The checkpoint's codebook specs and tensors (keyed by tensor name), each checked against cbtool.json."""
     if CODEBOOKS not in meta["files"]:
         raise UserError(f"checkpoint {path} lists no {CODEBOOKS}")
     specs = _specs(meta, path)
-    task = build_task(meta, path)
     codes = _load_tensors(path / CODEBOOKS)
-    for spec in specs:  # before the model (and its codebooks) is allocated
+    for spec in specs:
         t = codes.get(spec.tensor_name)
         expected = (spec.groups, spec.num_codes, spec.dim)
         if t is None:
@@ -304,6 +301,25 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
             raise UserError(
                 f"checkpoint {path}: {spec.tensor_name} has shape {tuple(t.shape)}, cbtool.json says {expected}"
             )
+    return specs, codes
+
+
+def load_codebooks(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's code vectors, (groups, C, dim) per tensor name (`CodebookSpec.tensor_name`), checked as
+    `load_checkpoint` checks them (hashes, shapes) but without building the model: a pretrained base takes seconds
+    to load, its code vectors milliseconds."""
+    path = Path(path)
+    meta = read_meta(path)
+    _verify_files(path, meta)
+    return _codebook_tensors(path, meta)[1]
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_state: bool = False) -> Checkpoint:
+    path = Path(path)
+    meta = read_meta(path)
+    _verify_files(path, meta)
+    specs, codes = _codebook_tensors(path, meta)  # before the model (and its codebooks) is allocated
+    task = build_task(meta, path)
     state = _load_tensors(path / MODEL) if MODEL in meta["files"] else None
     base, locator = build_base(meta, path, state)
     if state is not None:

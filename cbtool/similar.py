@@ -44,15 +44,17 @@ def jaccard_neighbours(store: Store, site: str, code: int, n: int) -> list[dict[
 
 def cosine_neighbours(store: Store, site: str, code: int, n: int) -> list[dict[str, Any]]:
     """The `n` codes of the same codebook whose vectors have the largest cosine with the code's, best first."""
-    from cbtool.checkpoint import load_checkpoint
+    from cbtool.checkpoint import load_codebooks
 
     store.check_checkpoint(required=True)
-    ck = load_checkpoint(store.checkpoint_path)
     st = store.sites[site]
-    vectors = ck.model.codebook(st.spec).codes[st.group].detach().double().numpy()
+    codebooks = load_codebooks(store.checkpoint_path)
+    if st.spec.tensor_name not in codebooks:
+        raise UserError(f"checkpoint {store.checkpoint_path} has no codebook {st.spec.tensor_name} for {site}")
+    vectors = codebooks[st.spec.tensor_name][st.group].double().numpy()
     if vectors.shape[0] != st.num_codes:
-        raise UserError(f"checkpoint {ck.path}: codebook of {site} has {vectors.shape[0]} codes, the store "
-                        f"{st.num_codes}")
+        raise UserError(f"checkpoint {store.checkpoint_path}: codebook of {site} has {vectors.shape[0]} codes, "
+                        f"the store {st.num_codes}")
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     cos = unit @ unit[code]
     cos[code] = -np.inf

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import cbtool
 from cbtool.automaton import recover_automaton
@@ -418,6 +419,24 @@ def test_similar_codes_by_jaccard_and_cosine(rstore):
     assert len(doc["cosine"]) == 3 and doc["cosine"][0]["cosine"] >= doc["cosine"][-1]["cosine"]
     assert all(r["code"] != "0.mlp:12" for r in doc["cosine"] + doc["jaccard"])
     assert run_cli("show-code", FIXTURE_STORE, "0.mlp:12", "--similar", "-1").exit_code == 2
+
+
+def test_cosine_neighbours_read_the_code_vectors_without_building_the_model(monkeypatch):
+    """The cosines are those of the checkpoint's code vectors, read without loading its model (on a pretrained
+    base that load took 13 of show-code --similar's 16 s)."""
+    from cbtool import checkpoint
+    from cbtool.similar import cosine_neighbours
+
+    store = cbtool.open_store(FIXTURE_STORE)
+    site = store.sites["0.mlp"]
+    vectors = cbtool.load_checkpoint(store.checkpoint_path).model.codebook(site.spec).codes[site.group].detach()
+    unit = torch.nn.functional.normalize(vectors.double(), dim=1)
+    cos = (unit @ unit[12]).numpy()
+    cos[12] = -np.inf
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("the model was built"))
+    got = cosine_neighbours(store, "0.mlp", 12, 4)
+    assert [r["code_id"] for r in got] == np.argsort(-cos, kind="stable")[:4].tolist()
+    assert [r["cosine"] for r in got] == pytest.approx(np.sort(cos)[::-1][:4].tolist(), abs=1e-12)
 
 
 def test_find_codes_at_document_level(rstore):
