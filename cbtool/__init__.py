@@ -14,6 +14,7 @@ from cbtool.version import __version__
 # public name -> the module that defines it
 _EXPORTS = {
     "load_checkpoint": "cbtool.checkpoint",
+    "load_codebooks": "cbtool.checkpoint",
     "Checkpoint": "cbtool.checkpoint",
     "train_model": "cbtool.api",
     "TrainConfig": "cbtool.train",
@@ -35,8 +36,8 @@ _EXPORTS = {
     "CheckFailed": "cbtool.errors",
 }
 __all__ = [
-    "__version__", "load_checkpoint", "Checkpoint", "train_model", "TrainConfig", "PRESETS", "embed", "open_store",
-    "Store", "find_codes", "dead_codes", "code_contexts", "explain", "recover_automaton",
+    "__version__", "load_checkpoint", "load_codebooks", "Checkpoint", "train_model", "TrainConfig", "PRESETS",
+    "embed", "open_store", "Store", "find_codes", "dead_codes", "code_contexts", "explain", "recover_automaton",
     "steer", "Task", "TokFSM", "TextTask", "Document",
     "UserError", "CheckFailed",
 ]
@@ -44,7 +45,7 @@ __all__ = [
 if TYPE_CHECKING:
     from cbtool.api import embed, train_model
     from cbtool.automaton import recover_automaton
-    from cbtool.checkpoint import Checkpoint, load_checkpoint
+    from cbtool.checkpoint import Checkpoint, load_checkpoint, load_codebooks
     from cbtool.contexts import code_contexts
     from cbtool.corpus import Document
     from cbtool.errors import CheckFailed, UserError

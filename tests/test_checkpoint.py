@@ -55,6 +55,17 @@ def test_damaged_checkpoint_exit_2(tiny_checkpoint, damage, command):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("damage", ["missing-dir", "meta-not-json", "wrong-shape", "wrong-hash", "truncated-codebooks",
+                                    "bitflip-model"])  # a sample of every kind of damage but a bad model config
+def test_damaged_checkpoint_refused_by_load_codebooks(tiny_checkpoint, damage):
+    """`cbtool.load_codebooks` (code vectors without the model) refuses the same damage as a full load."""
+    import cbtool
+
+    DAMAGE[damage](tiny_checkpoint)
+    with pytest.raises(cbtool.UserError):
+        cbtool.load_codebooks(tiny_checkpoint)
+
+
 def test_consistent_edit_with_rehash_still_refused_by_shape(tiny_checkpoint):
     """Changing a codebook size in cbtool.json is caught by the tensor shape check."""
     _edit_meta(tiny_checkpoint, lambda m: m["codebooks"][1].update(dim=31))
