@@ -39,6 +39,7 @@ whose best-F1 hypothesis itself is that precise (`best_f1_explained_share`).
 from __future__ import annotations
 
 import re
+import shlex
 import time
 from typing import Any
 
@@ -324,6 +325,13 @@ def _census(rows: list[dict[str, Any]], min_precision: float) -> dict[str, Any]:
         "mean_f1": float(np.mean([r["f1"] for r in rows])) if rows else None,
         "by_family": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
     }
+
+
+def shell_query(query: dict[str, Any]) -> str:
+    """A row's find-codes query as shell arguments to paste after `cbtool find-codes STORE`."""
+    if "labels" in query:
+        return f"--labels {shlex.quote(query['labels'])} --label {shlex.quote(query['label'])}"
+    return f"--regex {shlex.quote(query['regex'])}"
 
 
 def check_explained(doc: dict[str, Any], frac: float) -> list[str]:

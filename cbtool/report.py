@@ -18,6 +18,7 @@ import numpy as np
 from cbtool import metrics_log, strict_json
 from cbtool.checkpoint import read_meta
 from cbtool.errors import UserError
+from cbtool.explanations import shell_query
 from cbtool.features import LabelFeature, label_feature
 from cbtool.files import atomic_write_text, read_text, sha256_file
 from cbtool.plots import readable
@@ -264,6 +265,44 @@ def read_include(path: Path) -> dict[str, Any]:
     return {"file": str(path), "kind": str(doc.get("kind") or "json"), "doc": doc}
 
 
+def attach_explanations(includes: list[dict[str, Any]], store: Store, cards: list[dict[str, Any]]) -> None:
+    """Give each card the hypothesis an included `cbtool explain --json` of this store kept for its code, as
+    `e` = [family, hypothesis, precision, recall, F1, find-codes arguments, explained (precision >= the run's
+    --min-precision)]. An explain output of another store is refused: every row's firing count must be the
+    store's own count of that code."""
+    sites = list(store.sites)
+    found: dict[tuple[int, int], list[Any]] = {}
+    for inc in includes:
+        if inc["kind"] != "explain":
+            continue
+        doc, name = inc["doc"], inc["file"]
+        rows = doc.get("rows")
+        if not isinstance(rows, list) or not isinstance(doc.get("min_precision"), (int, float)):
+            raise UserError(f"--include {name}: not a `cbtool explain --json` output (no rows / min_precision)")
+        counts = {s: store.counts(s) for s in sites}
+        for r in rows:
+            try:
+                site, code, fires = r["site"], int(r["code_id"]), int(r["fires"])
+                if site not in counts or not 0 <= code < len(counts[site]) or int(counts[site][code]) != fires:
+                    raise UserError(f"--include {name}: an explain output of another store ({doc.get('store')}): "
+                                    f"{r['code']} fires {fires:,} times there, {store.path} has "
+                                    + (f"{int(counts[site][code]):,}" if site in counts and 0 <= code <
+                                       len(counts[site]) else "no such code")
+                                    + f"; run `cbtool explain {store.path} --json`")
+                if r["family"] is None:
+                    continue
+                p = float(r["precision"])
+                found[(sites.index(site), code)] = [
+                    str(r["family"]), str(r["hypothesis"]), p, float(r["recall"]), float(r["f1"]),
+                    shell_query(r["query"]), p >= float(doc["min_precision"])]
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise UserError(f"--include {name}: not a `cbtool explain --json` output (a row lacks "
+                                f"{e if isinstance(e, KeyError) else 'a valid field'})") from None
+    for c in cards:
+        if (c["s"], c["c"]) in found:
+            c["e"] = found[(c["s"], c["c"])]
+
+
 def build(checkpoint: Path | None, store: Store | None, includes: list[Path], limits: Limits,
           labels: str | None = None) -> dict[str, Any]:
     """Everything the report shows, as plain JSON-able data."""
@@ -289,6 +328,7 @@ def build(checkpoint: Path | None, store: Store | None, includes: list[Path], li
         "label_values": [str(v) for v in reader.feature.values] if reader.feature else [],
         "label_table": label_table(reader, sites, neighbours, limits),
     }
+    attach_explanations(data["includes"], store, cards)
     data["codes"] = cards
     return data
 

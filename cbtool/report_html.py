@@ -264,6 +264,8 @@ def _include(inc: dict[str, Any]) -> str:
                 f"{_e(doc.get('patch'))}; JSD in bits between the model's next-state distribution and b's / a's "
                 "true one; valid: share of sampled next states that are out-neighbours of b / a.</p>")
         return head + note + _table([_e(c.replace("_", " ")) for c in cols], rows, "num")
+    if kind == "explain" and isinstance(doc.get("census"), dict):
+        return head + _explain_include(doc)
     if kind == "intervene":
         ivs = ", ".join(f"{iv.get('mode')} {iv.get('code')}" for iv in doc.get("interventions") or []
                         if isinstance(iv, dict)) or "--spec rows"
@@ -290,6 +292,40 @@ def _include(inc: dict[str, Any]) -> str:
     return head + f"<pre>{_e(clipped)}</pre>"
 
 
+def _share(x: Any) -> str:
+    return f"{x:.1%}" if isinstance(x, int | float) and not isinstance(x, bool) else "–"
+
+
+def _explain_include(doc: dict[str, Any]) -> str:
+    """The census of a `cbtool explain --json` (its rows are on the code cards) and its recovered automaton."""
+    census = doc["census"]
+    rows = []
+    for site in [*(doc.get("sites") or []), "all"]:
+        c = census.get(site)
+        if not isinstance(c, dict):
+            continue
+        fams = ", ".join(f"{f} {n}" for f, n in (c.get("by_family") or {}).items())
+        ref = f'<a href="#browser" data-site-name="{_e(site)}">{_e(site)}</a>' if site != "all" else "all"
+        rows.append([ref, _num(c.get("live_codes")), _num(c.get("explained")), _share(c.get("explained_share")),
+                     _share(c.get("firing_mass_share")), _num(c.get("mean_f1"), 3), _e(fams)])
+    note = (f'<p class="note">Census of <code>cbtool explain</code> on {_e(doc.get("store"))} '
+            f"({_num(doc.get('tokens'))} tokens): a live code (&ge; {_num(doc.get('min_count'))} fires) is explained "
+            f"when its best hypothesis (at most {_num(doc.get('max_set'))} tokens / n-grams) has precision &ge; "
+            f"{_num(doc.get('min_precision'))}. Each code card in the browser shows its hypothesis and the "
+            "<code>find-codes</code> query that reproduces its numbers; filter the browser by explained / not "
+            "explained, or sort it by the hypothesis's F1.</p>")
+    out = note + _table(["site", "live codes", "explained", "share", "firing mass", "mean F1", "by family"], rows,
+                        "num")
+    auto = [a for a in doc.get("automaton") or [] if isinstance(a, dict)]
+    if auto:
+        cols = ["site", "codes", "kept_code_edges", "states_mapped", "predicted_edges", "edge_precision",
+                "edge_recall"]
+        out += ("<p>TokFSM automaton recovered from each site's codes, edges scored against the true FSM:</p>"
+                + _table([_e(c.replace("_", " ")) for c in cols], [[_num(a.get(c), 3) for c in cols] for a in auto],
+                         "num"))
+    return out
+
+
 def _browser(data: dict[str, Any]) -> str:
     st = data["store"]
     lim = data["limits"]
@@ -299,18 +335,22 @@ def _browser(data: dict[str, Any]) -> str:
                  "</select></label>")
     if not st["labels"]:
         label_ctl = '<select id="label" hidden><option value=""></option></select>'
+    explained = any("e" in c for c in data.get("codes") or [])
+    expl_ctl = ('<label>explanation <select id="expl"><option value="">any</option><option value="yes">explained'
+                '</option><option value="no">not explained</option></select></label>') if explained else ""
+    expl_sort = '<option value="f1">explanation F1</option>' if explained else ""
     return f"""<section id="browser"><h2>Code browser</h2>
 <p class="note">Cards for the {lim['codes_per_site']:,} most used codes of each site that fired; each card keeps its
 {lim['top_tokens']} most frequent tokens, {lim['contexts']} contexts spread evenly over its firings
 ({lim['context']} tokens each side, at most {lim['context_chars']} characters) and its {lim['label_mix']} most
 frequent label values (precision for a label is exact for those). Search is a case-insensitive regular expression
-(or plain text) over a code's top tokens and contexts.</p>
+(or plain text) over a code's top tokens, contexts and explanation.</p>
 <div class="controls">
 <label>site <select id="site"><option value="-1">all</option>{site_opts}</select></label>
 <label>search <input id="q" type="search" placeholder="token or regex, e.g. 42|17" autocomplete="off"></label>
 {label_ctl}
-<label>sort <select id="sort"><option value="freq">frequency</option>
-<option value="prec">precision for the label</option></select></label>
+{expl_ctl}<label>sort <select id="sort"><option value="freq">frequency</option>
+<option value="prec">precision for the label</option>{expl_sort}</select></label>
 <span id="count" class="note"></span></div>
 <div id="codes"></div><button id="more" type="button">show more</button></section>"""
 
@@ -366,6 +406,9 @@ svg .vline{stroke:#888;stroke-dasharray:2 3}
 .ctx{font-family:ui-monospace,Menlo,monospace;white-space:pre-wrap;word-break:break-all;margin:2px 0;font-size:12.5px}
 .ctx mark{background:#ffd54a;border-radius:2px;padding:0 1px}
 .cmd code{display:block}
+.hyp{color:#1f5f3a;font-size:12.5px}
+.hyp.weak{color:#8a6d1f}
+.expl{margin:2px 0 6px}
 .ctx .lab{color:#5b6672;margin-left:8px;font-family:system-ui}
 .bar{display:inline-block;height:9px;background:#6c9bd2;margin-right:6px;vertical-align:middle}
 #more{margin:8px 0}
@@ -378,7 +421,7 @@ JS = r"""
   var D = JSON.parse(document.getElementById("cbdata").textContent);
   var S = D.store, C = D.codes || [];
   var $ = function (id) { return document.getElementById(id); };
-  var state = {site: -1, re: null, label: "", sort: "freq", shown: 40};
+  var state = {site: -1, re: null, label: "", sort: "freq", expl: "", shown: 40};
   function el(tag, cls, text) {
     var e = document.createElement(tag);
     if (cls) e.className = cls;
@@ -390,6 +433,7 @@ JS = r"""
     if (c._h === undefined) {
       var parts = c.t.map(function (t) { return t[0]; });
       c.x.forEach(function (x) { parts.push(x[0] + x[1] + x[2]); });
+      if (c.e) parts.push(c.e[0] + ": " + c.e[1]);
       c._h = parts.join("\n");
     }
     return c._h;
@@ -402,14 +446,17 @@ JS = r"""
     if (state.label) return labelCount(c, state.label) / c.f;
     return c.m.length ? c.m[0][1] / c.f : 0;
   }
+  function f1(c) { return c.e ? c.e[4] : -1; }
   function matches() {
     var out = C.filter(function (c) {
       if (state.site >= 0 && c.s !== state.site) return false;
       if (state.label && !labelCount(c, state.label)) return false;
       if (state.re && !state.re.test(haystack(c))) return false;
+      if (state.expl && (state.expl === "yes") !== Boolean(c.e && c.e[6])) return false;
       return true;
     });
-    if (state.sort === "prec") out.sort(function (a, b) { return precision(b) - precision(a) || b.f - a.f; });
+    if (state.sort === "f1") out.sort(function (a, b) { return f1(b) - f1(a) || b.f - a.f; });
+    else if (state.sort === "prec") out.sort(function (a, b) { return precision(b) - precision(a) || b.f - a.f; });
     else out.sort(function (a, b) { return b.f - a.f || a.s - b.s || a.c - b.c; });
     return out;
   }
@@ -425,8 +472,17 @@ JS = r"""
       if (x[3] !== null) line.appendChild(el("span", "lab", S.labels + " " + x[3]));
       ctx.appendChild(line);
     });
+    if (c.e) {
+      ctx.appendChild(el("h4", null, "explanation (cbtool explain)" + (c.e[6] ? "" : ": below its --min-precision")));
+      var ex = el("p", "expl");
+      ex.appendChild(el("b", null, c.e[0] + ": "));
+      ex.appendChild(document.createTextNode(c.e[1] + " \u2014 precision " + c.e[2].toFixed(3) + ", recall " +
+        c.e[3].toFixed(3) + ", F1 " + c.e[4].toFixed(3)));
+      ctx.appendChild(ex);
+    }
     var cmd = el("p", "note cmd");
     cmd.appendChild(el("code", null, "cbtool show-code " + ref(c)));
+    if (c.e) cmd.appendChild(el("code", null, "cbtool find-codes " + c.e[5]));
     cmd.appendChild(el("code", null, "cbtool intervene --code " + ref(c)));
     ctx.appendChild(cmd);
     side.appendChild(el("h4", null, "top tokens"));
@@ -462,6 +518,10 @@ JS = r"""
     var chips = el("span");
     c.t.slice(0, 3).forEach(function (t) { chips.appendChild(el("span", "chip", t[0])); });
     head.appendChild(chips);
+    if (c.e) {
+      var hyp = c.e[1].length > 60 ? c.e[1].slice(0, 59) + "\u2026" : c.e[1];
+      head.appendChild(el("span", c.e[6] ? "hyp" : "hyp weak", hyp + " (F1 " + c.e[4].toFixed(2) + ")"));
+    }
     if (c.m.length) {
       var v = state.label || c.m[0][0];
       head.appendChild(el("span", "note", S.labels + " " + v + ": precision " + precision(c).toFixed(3)));
@@ -513,14 +573,19 @@ JS = r"""
     state.shown = 40; render();
   });
   $("sort").addEventListener("change", function (e) { state.sort = e.target.value; render(); });
+  if ($("expl")) $("expl").addEventListener("change", function (e) { state.expl = e.target.value; state.shown = 40;
+    render(); });
   $("more").addEventListener("click", function () { state.shown += 80; render(); });
   document.addEventListener("click", function (e) {
-    var a = e.target.closest("a[data-code],a[data-label],a[data-site]");
+    var a = e.target.closest("a[data-code],a[data-label],a[data-site],a[data-site-name]");
     if (!a) return;
     if (a.dataset.code) { e.preventDefault(); openCode(a.dataset.code); $("browser").scrollIntoView(); }
     else if (a.dataset.label !== undefined) {
       state.label = a.dataset.label; $("label").value = state.label; state.sort = "prec"; $("sort").value = "prec";
       state.site = -1; $("site").value = "-1"; state.shown = 40; render();
+    } else if (a.dataset.siteName !== undefined) {
+      state.site = S.sites.findIndex(function (s) { return s.site === a.dataset.siteName; });
+      $("site").value = String(state.site); state.shown = 40; render(); $("browser").scrollIntoView();
     } else { state.site = Number(a.dataset.site); $("site").value = a.dataset.site; state.shown = 40; render(); }
   });
   render();

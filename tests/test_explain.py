@@ -344,7 +344,7 @@ def test_table_query_column_pastes_into_a_shell(rstore):
     reprs, with doubled backslashes, before)."""
     import shlex
 
-    from cbtool.commands.explain import shell_query
+    from cbtool.explanations import shell_query
 
     rows = [r for r in explain(rstore, min_count=1)["rows"] if r["query"]]
     assert any("\\" in r["query"].get("regex", "") for r in rows)  # backslashes to keep

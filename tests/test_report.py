@@ -221,3 +221,101 @@ def test_browser_state_table_opens_code_card(fsm_run, tmp_path):
             assert errors == []
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def explained_run(fsm_run):
+    """`cbtool explain --json --fsm` of the TokFSM store, and the report including it."""
+    d = fsm_run["dir"]
+    res = run_cli("explain", fsm_run["store"], "--fsm", "--json")
+    assert res.exit_code == 0, res.output
+    (d / "explain.json").write_text(res.stdout)
+    html = d / "explained.html"
+    res = run_cli("report", fsm_run["store"], "--out", html, "--include", d / "explain.json")
+    assert res.exit_code == 0, res.output
+    return {"doc": json.loads(res_stdout := (d / "explain.json").read_text()), "json": d / "explain.json",
+            "html": html, "raw": res_stdout}
+
+
+def test_report_puts_each_explanation_on_its_code_card(explained_run):
+    from cbtool.explanations import shell_query
+
+    doc = explained_run["doc"]
+    html = explained_run["html"].read_text(encoding="utf-8")
+    data = _data(html)
+    sites = [s["site"] for s in data["store"]["sites"]]
+    rows = {(r["site"], r["code_id"]): r for r in doc["rows"]}
+    with_e = 0
+    for c in data["codes"]:
+        r = rows.get((sites[c["s"]], c["c"]))
+        if r is None or r["family"] is None:
+            assert "e" not in c  # no live code, or no hypothesis: nothing claimed
+            continue
+        with_e += 1
+        assert c["e"] == [r["family"], r["hypothesis"], r["precision"], r["recall"], r["f1"], shell_query(r["query"]),
+                          r["precision"] >= doc["min_precision"]]
+    assert with_e > 10
+    # the census table, not a dump of the rows
+    start = html.index('<section id="included">')
+    section = html[start : html.index("</section>", start)]
+    assert "Census of <code>cbtool explain</code>" in section and "edge precision" in section
+    for site in [*doc["sites"], "all"]:
+        c = doc["census"][site]
+        assert f"{c['live_codes']:,}</td><td>{c['explained']:,}</td><td>{c['explained_share']:.1%}" in section
+    assert "<pre>" not in section and '"rows"' not in section
+
+
+def test_report_refuses_an_explain_of_another_store(explained_run, fsm_run, tmp_path):
+    doc = explained_run["doc"]
+    other = json.loads(explained_run["raw"])
+    other["rows"][0]["fires"] += 1  # the same sites and codes, other counts: another store
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    broken = {**doc, "rows": [{"site": doc["rows"][0]["site"]}]}
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    norows = {k: v for k, v in doc.items() if k != "rows"}
+    (tmp_path / "norows.json").write_text(json.dumps(norows))
+    for name, msg in (("other", "an explain output of another store"), ("broken", "a row lacks"),
+                      ("norows", "not a `cbtool explain --json` output")):
+        out = tmp_path / f"{name}.html"
+        res = run_cli("report", fsm_run["store"], "--out", out, "--include", tmp_path / f"{name}.json")
+        assert res.exit_code == 2 and msg in res.stderr and "Traceback" not in res.output, (name, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_browser_filters_and_sorts_by_explanation(explained_run, tmp_path):
+    data = _data(explained_run["html"].read_text(encoding="utf-8"))
+    by_ref = {f"{data['store']['sites'][c['s']]['site']}:{c['c']}": c for c in data["codes"]}
+    with _browser() as p:
+        browser, page, errors = _open(p, explained_run["html"])
+        try:
+            page.select_option("#expl", "no")
+            unexplained = sum(1 for c in data["codes"] if not (c.get("e") or [0] * 7)[6])
+            assert unexplained and page.text_content("#count").startswith(f"{unexplained:,} of")
+            refs = page.locator(".card .ref").all_text_contents()
+            assert all(not (by_ref[r].get("e") or [0] * 7)[6] for r in refs)
+            assert page.locator(".card .hyp:not(.weak)").count() == 0
+            page.select_option("#expl", "yes")
+            page.select_option("#sort", "f1")
+            refs = page.locator(".card .ref").all_text_contents()
+            f1s = [by_ref[r]["e"][4] for r in refs]
+            assert refs and all(by_ref[r]["e"][6] for r in refs) and f1s == sorted(f1s, reverse=True)
+            want = sum(1 for c in data["codes"] if "e" in c and c["e"][6])
+            assert page.text_content("#count").startswith(f"{want:,} of")
+            card = page.locator(".card").first
+            card.locator("button").click()
+            e = by_ref[refs[0]]["e"]
+            assert f"cbtool find-codes {e[5]}" in card.locator(".cmd").text_content()
+            assert e[1] in card.locator(".expl").text_content()
+            page.select_option("#expl", "")
+            page.fill("#q", re.escape(e[0] + ": " + e[1]))  # search covers the explanation
+            page.wait_for_function("document.getElementById('count').textContent.includes('match')")
+            found = page.locator(".card .ref").all_text_contents()
+            assert refs[0] in found and all(by_ref[r]["e"][1] == e[1] for r in found)
+            site = data["store"]["sites"][1]["site"]
+            page.fill("#q", "")
+            page.locator(f'#included a[data-site-name="{site}"]').click()  # census row -> that site's cards
+            assert page.input_value("#site") == "1"
+            assert {r.rsplit(":", 1)[0] for r in page.locator(".card .ref").all_text_contents()} == {site}
+            assert errors == []
+        finally:
+            browser.close()

@@ -3,7 +3,6 @@ with `--fsm` the TokFSM automaton recovered from each site's codes (cbtool/autom
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from cbtool.explanations import (
     DEFAULT_MIN_PRECISION,
     FAMILIES,
     check_explained,
+    shell_query,
 )
 from cbtool.explanations import explain as explain_store
 
@@ -85,13 +85,6 @@ def explain(
         if low:
             raise CheckFailed(f"{len(low)} site(s) explain less than {require_explained:.1%} of their live codes "
                               f"at precision >= {min_precision}: {', '.join(low[:8])}{' ...' if len(low) > 8 else ''}")
-
-
-def shell_query(query: dict[str, Any]) -> str:
-    """A row's find-codes query as shell arguments to paste after `cbtool find-codes STORE`."""
-    if "labels" in query:
-        return f"--labels {shlex.quote(query['labels'])} --label {shlex.quote(query['label'])}"
-    return f"--regex {shlex.quote(query['regex'])}"
 
 
 def _share(x: float | None) -> str:

@@ -50,7 +50,8 @@ def report(
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
     out_path: Path | None = typer.Option(None, "--out", help="HTML file to write (default RUN/report.html)."),
     include: list[Path] = typer.Option([], "--include", help="A --json output of another command to show "
-                                       "(intervene --fsm-eval, intervene, find-codes, ...); repeatable."),
+                                       "(intervene --fsm-eval, intervene, explain: on the code cards, "
+                                       "find-codes, ...); repeatable."),
     labels: str | None = typer.Option(None, "--labels", help="Labels for the label table and label filters: a "
                                       "stored label name or a file, as find-codes (default: the store's own)."),
     codes_per_site: int = typer.Option(LIMITS.codes_per_site, "--codes-per-site",
@@ -61,12 +62,13 @@ def report(
 ) -> None:
     """One self-contained HTML file (no server, no network, opens from disk): model, sites, training
     curves, code usage per site, a searchable code browser with contexts, the TokFSM state table, and
-    included fsm-eval / steering results.
+    included fsm-eval / steering / explain results.
 
     Examples:
       cbtool report                                       # RUN/checkpoint + RUN/codes -> RUN/report.html
       cbtool report runs/a/checkpoint runs/a/codes --out a.html
       cbtool intervene --fsm-eval --json > fsm.json && cbtool report --include fsm.json
+      cbtool explain --json > explain.json && cbtool report --include explain.json   # hypotheses on the cards
     """
     if paths and len(paths) > 2:
         raise UserError(f"expected at most a checkpoint and a store, got {len(paths)} paths")
