@@ -475,7 +475,7 @@ JS = r"""
     if (c.e) {
       ctx.appendChild(el("h4", null, "explanation (cbtool explain)" + (c.e[6] ? "" : ": below its --min-precision")));
       var ex = el("p", "expl");
-      ex.appendChild(el("b", null, c.e[0] + ": "));
+      if (c.e[1].indexOf(c.e[0] + " ") !== 0) ex.appendChild(el("b", null, c.e[0] + ": "));
       ex.appendChild(document.createTextNode(c.e[1] + " \u2014 precision " + c.e[2].toFixed(3) + ", recall " +
         c.e[3].toFixed(3) + ", F1 " + c.e[4].toFixed(3)));
       ctx.appendChild(ex);
