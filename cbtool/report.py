@@ -41,10 +41,11 @@ class Limits:
     label_rows: int = 1000  # rows of the label (TokFSM state) table
     curve_points: int = 400  # points per usage curve and per training curve
     min_count: int = 5  # a code that fired on fewer tokens is rare
+    similar: int = 5  # nearest codes by vector cosine per card (0: none)
 
     def check(self) -> None:
         for name, value in asdict(self).items():
-            low = 0 if name in ("context", "contexts", "top_tokens", "label_mix") else 1
+            low = 0 if name in ("context", "contexts", "top_tokens", "label_mix", "similar") else 1
             if value < low:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
@@ -265,6 +266,31 @@ def read_include(path: Path) -> dict[str, Any]:
     return {"file": str(path), "kind": str(doc.get("kind") or "json"), "doc": doc}
 
 
+def attach_similar(store: Store, cards: list[dict[str, Any]], n: int) -> str | None:
+    """Give each card its `n` nearest codes of the same codebook by vector cosine (`cbtool show-code --similar`'s
+    cosine column), as `n` = [[code id, cosine, fires], ...]. Returns why there are none when the store's checkpoint
+    cannot be read (then the cards have none)."""
+    if n <= 0 or not cards:
+        return None
+    from cbtool.checkpoint import load_codebooks
+    from cbtool.similar import nearest_by_cosine, unit_vectors
+
+    try:
+        store.check_checkpoint(required=True)
+        codebooks = load_codebooks(store.checkpoint_path)
+        units = {site: unit_vectors(store, site, codebooks) for site in store.sites}
+    except UserError as e:
+        return f"nearest codes by cosine are not shown: {e}"
+    sites = list(store.sites)
+    for i, site in enumerate(sites):
+        mine = [c for c in cards if c["s"] == i]
+        near = nearest_by_cosine(units[site], np.array([c["c"] for c in mine], dtype=np.int64), n)
+        fires = store.counts(site)
+        for c, nb in zip(mine, near, strict=True):
+            c["n"] = [[b, round(v, 4), int(fires[b])] for b, v in nb]
+    return None
+
+
 def attach_explanations(includes: list[dict[str, Any]], store: Store, cards: list[dict[str, Any]]) -> None:
     """Give each card the hypothesis an included `cbtool explain --json` of this store kept for its code, as
     `e` = [family, hypothesis, precision, recall, F1, find-codes arguments, explained (precision >= the run's
@@ -329,6 +355,7 @@ def build(checkpoint: Path | None, store: Store | None, includes: list[Path], li
         "label_table": label_table(reader, sites, neighbours, limits),
     }
     attach_explanations(data["includes"], store, cards)
+    data["store"]["similar_note"] = attach_similar(store, cards, limits.similar)
     data["codes"] = cards
     return data
 

@@ -339,12 +339,14 @@ def _browser(data: dict[str, Any]) -> str:
     expl_ctl = ('<label>explanation <select id="expl"><option value="">any</option><option value="yes">explained'
                 '</option><option value="no">not explained</option></select></label>') if explained else ""
     expl_sort = '<option value="f1">explanation F1</option>' if explained else ""
+    similar_note = f" ({_e(st['similar_note'])})" if st.get("similar_note") else ""
     return f"""<section id="browser"><h2>Code browser</h2>
 <p class="note">Cards for the {lim['codes_per_site']:,} most used codes of each site that fired; each card keeps its
 {lim['top_tokens']} most frequent tokens, {lim['contexts']} contexts spread evenly over its firings
 ({lim['context']} tokens each side, at most {lim['context_chars']} characters) and its {lim['label_mix']} most
 frequent label values (precision for a label is exact for those). Search is a case-insensitive regular expression
-(or plain text) over a code's top tokens, contexts and explanation.</p>
+(or plain text) over a code's top tokens, contexts and explanation. An open card lists the nearest codes of its
+codebook by vector cosine (<code>--similar</code>; click one to open it).{similar_note}</p>
 <div class="controls">
 <label>site <select id="site"><option value="-1">all</option>{site_opts}</select></label>
 <label>search <input id="q" type="search" placeholder="token or regex, e.g. 42|17" autocomplete="off"></label>
@@ -446,6 +448,11 @@ JS = r"""
     if (state.label) return labelCount(c, state.label) / c.f;
     return c.m.length ? c.m[0][1] / c.f : 0;
   }
+  var carded = null;
+  function hasCard(site, code) {
+    if (carded === null) { carded = {}; C.forEach(function (x) { carded[x.s + ":" + x.c] = true; }); }
+    return carded[site + ":" + code] === true;
+  }
   function f1(c) { return c.e ? c.e[4] : -1; }
   function matches() {
     var out = C.filter(function (c) {
@@ -504,6 +511,19 @@ JS = r"""
         tr.appendChild(td); mt.appendChild(tr);
       });
       side.appendChild(mt);
+    }
+    if (c.n && c.n.length) {
+      side.appendChild(el("h4", null, "nearest codes (vector cosine)"));
+      var nt = el("table", "num near");
+      c.n.forEach(function (nb) {
+        var tr = el("tr"), td = el("td"), name = S.sites[c.s].site + ":" + nb[0];
+        if (hasCard(c.s, nb[0])) {
+          var a = el("a", null, name); a.href = "#browser"; a.dataset.code = name; td.appendChild(a);
+        } else td.appendChild(el("span", null, name));
+        tr.appendChild(td); tr.appendChild(el("td", null, nb[1].toFixed(3)));
+        tr.appendChild(el("td", "note", nb[2].toLocaleString() + " fires")); nt.appendChild(tr);
+      });
+      side.appendChild(nt);
     }
     return body;
   }

@@ -42,20 +42,45 @@ def jaccard_neighbours(store: Store, site: str, code: int, n: int) -> list[dict[
             for j, _, b, o, i, f in rows[:n]]
 
 
-def cosine_neighbours(store: Store, site: str, code: int, n: int) -> list[dict[str, Any]]:
-    """The `n` codes of the same codebook whose vectors have the largest cosine with the code's, best first."""
-    from cbtool.checkpoint import load_codebooks
-
-    store.check_checkpoint(required=True)
+def unit_vectors(store: Store, site: str, codebooks: dict[str, Any]) -> np.ndarray:
+    """(C, dim) float64: the site's code vectors (from `cbtool.checkpoint.load_codebooks` of the store's
+    checkpoint) scaled to unit length."""
     st = store.sites[site]
-    codebooks = load_codebooks(store.checkpoint_path)
     if st.spec.tensor_name not in codebooks:
         raise UserError(f"checkpoint {store.checkpoint_path} has no codebook {st.spec.tensor_name} for {site}")
     vectors = codebooks[st.spec.tensor_name][st.group].double().numpy()
     if vectors.shape[0] != st.num_codes:
         raise UserError(f"checkpoint {store.checkpoint_path}: codebook of {site} has {vectors.shape[0]} codes, "
                         f"the store {st.num_codes}")
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_by_cosine(unit: np.ndarray, codes: np.ndarray, n: int, chunk: int = 512) -> list[list[tuple[int, float]]]:
+    """For each of `codes`, the `n` other codes of `unit` with the largest cosine, best first (ties: lower id,
+    as `cosine_neighbours` orders them). Computed in chunks of `chunk` codes at a time."""
+    n = min(n, len(unit) - 1)
+    out: list[list[tuple[int, float]]] = []
+    for lo in range(0, len(codes), chunk):
+        part = np.asarray(codes[lo : lo + chunk], dtype=np.int64)
+        cos = unit[part] @ unit.T
+        cos[np.arange(len(part)), part] = -np.inf
+        if n <= 0:
+            out += [[] for _ in part]
+            continue
+        kth = np.partition(cos, len(unit) - n, axis=1)[:, len(unit) - n]  # the n-th largest of each row
+        for row, v in zip(cos, kth, strict=True):
+            cand = np.flatnonzero(row >= v)  # ties at the boundary all compete, by id
+            best = cand[np.lexsort((cand, -row[cand]))][:n]
+            out.append([(int(b), float(row[b])) for b in best])
+    return out
+
+
+def cosine_neighbours(store: Store, site: str, code: int, n: int) -> list[dict[str, Any]]:
+    """The `n` codes of the same codebook whose vectors have the largest cosine with the code's, best first."""
+    from cbtool.checkpoint import load_codebooks
+
+    store.check_checkpoint(required=True)
+    unit = unit_vectors(store, site, load_codebooks(store.checkpoint_path))
     cos = unit @ unit[code]
     cos[code] = -np.inf
     fires = store.counts(site)

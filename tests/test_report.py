@@ -319,3 +319,57 @@ def test_browser_filters_and_sorts_by_explanation(explained_run, tmp_path):
             assert errors == []
         finally:
             browser.close()
+
+
+def test_report_cards_list_nearest_codes_by_cosine(fsm_run, tmp_path):
+    data = _data(fsm_run["html"].read_text(encoding="utf-8"))
+    sites = [s["site"] for s in data["store"]["sites"]]
+    cards = data["codes"]
+    assert all(len(c["n"]) == 5 for c in cards)
+    for c in cards[:: max(1, len(cards) // 6)]:  # the same neighbours as show-code --similar
+        ref = f"{sites[c['s']]}:{c['c']}"
+        res = run_cli("show-code", fsm_run["store"], ref, "--similar", "5", "--json")
+        assert res.exit_code == 0, res.output
+        want = json.loads(res.stdout)["similar"]["cosine"]
+        assert [(b, f) for b, _, f in c["n"]] == [(w["code_id"], w["fires"]) for w in want], ref
+        assert np.allclose([v for _, v, _ in c["n"]], [w["cosine"] for w in want], atol=1e-4)
+    res = run_cli("report", fsm_run["store"], "--similar", "0", "--out", tmp_path / "none.html")
+    assert res.exit_code == 0, res.output
+    assert all("n" not in c for c in _data((tmp_path / "none.html").read_text())["codes"])
+    assert run_cli("report", fsm_run["store"], "--similar", "-1", "--out", tmp_path / "x.html").exit_code == 2
+
+
+def test_report_without_the_checkpoint_says_why_there_are_no_neighbours(fsm_run, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(fsm_run["checkpoint"], ck)
+    res = run_cli("embed", ck, "--out", tmp_path / "codes", "--num-seqs", "8", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(ck)  # the store's checkpoint is gone
+    res = run_cli("report", tmp_path / "codes", "--out", tmp_path / "r.html")
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "nearest codes by cosine are not shown" in html and "is not available" in html
+    assert all("n" not in c for c in _data(html)["codes"])
+
+
+def test_browser_nearest_code_link_opens_its_card(fsm_run):
+    data = _data(fsm_run["html"].read_text(encoding="utf-8"))
+    first = max(data["codes"], key=lambda c: (c["f"], -c["s"], -c["c"]))  # the first card shown
+    with _browser() as p:
+        browser, page, errors = _open(p, fsm_run["html"])
+        try:
+            card = page.locator(".card").first
+            card.locator("button").click()
+            site = data["store"]["sites"][first["s"]]["site"]
+            carded = {(c["s"], c["c"]) for c in data["codes"]}
+            names = card.locator(".near td:first-child").all_text_contents()
+            assert names == [f"{site}:{b}" for b, _, _ in first["n"]]
+            linked = [f"{site}:{b}" for b, _, _ in first["n"] if (first["s"], b) in carded]
+            links = card.locator(".near a")
+            assert links.all_text_contents() == linked and linked  # codes without a card are plain text
+            target = linked[-1]
+            links.last.click()
+            page.locator(f'.card.open[data-code="{target}"]').wait_for()
+            assert errors == []
+        finally:
+            browser.close()

@@ -59,6 +59,8 @@ def report(
     contexts: int = typer.Option(LIMITS.contexts, "--contexts", help="Contexts per code card."),
     context: int = typer.Option(LIMITS.context, "--context", help="Tokens of context on each side."),
     min_count: int = typer.Option(LIMITS.min_count, "--min-count", help="Codes firing on fewer tokens are rare."),
+    similar: int = typer.Option(LIMITS.similar, "--similar", help="Nearest codes by vector cosine per code card "
+                                "(as show-code --similar; 0 = none)."),
 ) -> None:
     """One self-contained HTML file (no server, no network, opens from disk): model, sites, training
     curves, code usage per site, a searchable code browser with contexts, the TokFSM state table, and
@@ -84,7 +86,8 @@ def report(
         checkpoint = store.checkpoint_path  # unchanged since embedding (open_store checked its hash)
     if store is None:
         err.print("no code store: the report shows the checkpoint only (run `cbtool embed` for codes)")
-    limits = Limits(codes_per_site=codes_per_site, contexts=contexts, context=context, min_count=min_count)
+    limits = Limits(codes_per_site=codes_per_site, contexts=contexts, context=context, min_count=min_count,
+                    similar=similar)
     target = Path(out_path) if out_path is not None else run_dir(run) / "report.html"
     if target.is_dir():
         raise UserError(f"--out {target} is a directory; give a file name such as report.html")
