@@ -266,6 +266,9 @@ def _include(inc: dict[str, Any]) -> str:
         return head + note + _table([_e(c.replace("_", " ")) for c in cols], rows, "num")
     if kind == "explain" and isinstance(doc.get("census"), dict):
         return head + _explain_include(doc)
+    if kind == "find-codes" and isinstance(doc.get("rows"), list) and all(
+            isinstance(r, dict) and "code" in r for r in doc["rows"]):
+        return head + _find_codes_include(doc)
     if kind == "intervene":
         ivs = ", ".join(f"{iv.get('mode')} {iv.get('code')}" for iv in doc.get("interventions") or []
                         if isinstance(iv, dict)) or "--spec rows"
@@ -294,6 +297,23 @@ def _include(inc: dict[str, Any]) -> str:
 
 def _share(x: Any) -> str:
     return f"{x:.1%}" if isinstance(x, int | float) and not isinstance(x, bool) else "–"
+
+
+def _find_codes_include(doc: dict[str, Any]) -> str:
+    """The rows of a `cbtool find-codes --json` (codes link to their cards in the browser)."""
+    query = " ".join(f"--{k.replace('_', '-')} {doc[k]}" for k in ("regex", "labels", "label", "level", "match_on")
+                     if doc.get(k) is not None)
+    per_label = any("label" in r for r in doc["rows"])  # label-table mode: one row per label value
+    rows = [([_e(r.get("label")), _num(r.get("tokens"))] if per_label else [])
+            + [f'<a href="#browser" data-code="{_e(r["code"])}">{_e(r["code"])}</a>', _num(r.get("precision"), 3),
+               _num(r.get("recall"), 3), _num(r.get("f1"), 3), _num(r.get("fires")), _num(r.get("hits"))]
+            for r in doc["rows"]]
+    what = "the best code of each label value" if per_label else (
+        f"{_num(doc.get('feature_tokens'))} feature tokens, the {len(rows):,} best codes")
+    note = (f'<p class="note">find-codes {_e(query)} on {_e(doc.get("store"))}: {what}. Click a code to open its '
+            "card.</p>")
+    head = (["value", "tokens"] if per_label else []) + ["code", "precision", "recall", "F1", "fires", "hits"]
+    return note + _table(head, rows, "num")
 
 
 def _explain_include(doc: dict[str, Any]) -> str:

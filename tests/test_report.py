@@ -373,3 +373,25 @@ def test_browser_nearest_code_link_opens_its_card(fsm_run):
             assert errors == []
         finally:
             browser.close()
+
+
+def test_report_find_codes_include_is_a_table_linked_to_the_cards(fsm_run, tmp_path):
+    res = run_cli("find-codes", fsm_run["store"], "--regex", "^1", "--top", "5", "--json")
+    assert res.exit_code == 0, res.output
+    (tmp_path / "fc.json").write_text(res.stdout)
+    rows = json.loads(res.stdout)["rows"]
+    html = tmp_path / "r.html"
+    assert run_cli("report", fsm_run["store"], "--out", html, "--include", tmp_path / "fc.json").exit_code == 0
+    page_html = html.read_text(encoding="utf-8")
+    start = page_html.index('<section id="included">')
+    section = page_html[start : page_html.index("</section>", start)]
+    assert "find-codes --regex ^1" in section and "<pre>" not in section
+    assert re.findall(r'data-code="([^"]+)"', section) == [r["code"] for r in rows]
+    with _browser() as p:
+        browser, page, errors = _open(p, html)
+        try:
+            page.locator("#included a[data-code]").first.click()
+            page.locator(f'.card.open[data-code="{rows[0]["code"]}"]').wait_for()
+            assert errors == []
+        finally:
+            browser.close()
