@@ -242,15 +242,34 @@ def _explain_site(store: Store, site: str, view: TokenView, renderers: list[_Ren
 
 
 class _ExactScores:
-    """Hits of a site's codes on a regex feature, computed as find-codes computes them (the feature's tokens
-    cached per regex by the view, shared by the sites; matched by cbtool/literal_match.py)."""
+    """Hits of a site's codes on a regex feature: the tokens that hold the code and that the regex selects, as
+    find-codes counts them (the feature's tokens cached per regex by the view, shared by the sites; matched by
+    cbtool/literal_match.py). Counted from the code's own firing positions, looked up in the feature's sorted
+    positions: work in the code's firings, not in the feature's tokens x k."""
 
     def __init__(self, view: TokenView, codes: np.ndarray) -> None:
         self.view, self.codes = view, codes
+        self._order: np.ndarray | None = None
+        self._bounds = np.zeros(0, np.int64)
+
+    def firings(self, code: int) -> np.ndarray:
+        """The sorted distinct token positions where `code` fires."""
+        if self._order is None:  # once per site, on the first hypothesis that needs its regex's own numbers
+            flat = self.codes.reshape(-1)
+            self._order = np.argsort(flat, kind="stable")
+            self._bounds = np.searchsorted(flat[self._order], np.arange(int(flat.max(initial=0)) + 2))
+        if not 0 <= code < len(self._bounds) - 1:
+            return np.zeros(0, np.int64)
+        pos = self._order[self._bounds[code] : self._bounds[code + 1]] // self.codes.shape[1]
+        return pos[np.r_[True, pos[1:] != pos[:-1]]] if len(pos) else pos  # a code twice in a token's k: once
 
     def __call__(self, pattern: str, code: int, branches: list[Alternative]) -> tuple[int, int]:
         where = self.view.regex_positions(pattern, branches)
-        return int((self.codes[where] == code).any(axis=1).sum()), len(where)
+        fired = self.firings(code)
+        if not len(where) or not len(fired):
+            return 0, len(where)
+        at = np.minimum(np.searchsorted(where, fired), len(where) - 1)
+        return int((where[at] == fired).sum()), len(where)
 
 
 def _best_hypothesis(code: int, fires: int, keyed: list[tuple[_Renderer, KeyedBest]],
