@@ -107,17 +107,33 @@ def _overlapping_sorted(
     return mask
 
 
-def overlapping_positions(ts: np.ndarray, te: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def char_bounds(ts: np.ndarray, te: np.ndarray, num_chars: int) -> tuple[np.ndarray, np.ndarray]:
+    """For token starts `ts` and ends `te` in text order over `num_chars` characters: per character offset c,
+    the number of tokens ending at or before c and the number starting before c (what `overlapping_positions`
+    would search for), as two lookup tables of num_chars + 1 entries."""
+    dtype = np.int32 if len(ts) < 2**31 else np.int64
+    ended = np.cumsum(np.bincount(te, minlength=num_chars + 1)[: num_chars + 1]).astype(dtype)
+    started = np.zeros(num_chars + 1, dtype)
+    started[1:] = np.cumsum(np.bincount(ts, minlength=num_chars + 1)[:num_chars])
+    return ended, started
+
+
+def overlapping_positions(ts: np.ndarray, te: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                          bounds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The sorted indices of the non-empty tokens overlapping sorted, disjoint matches, when token starts `ts`
     and ends `te` are both in text order: the tokens overlapping match [s, e) are a run, from the first token
     ending after s to the last starting before e, less the empty ones. Work in the number of matches and
-    selected tokens, not of tokens or characters."""
+    selected tokens, not of tokens or characters. `bounds`: `char_bounds` of the same spans (a lookup per
+    match instead of two binary searches)."""
     if not len(starts):
         return np.zeros(0, np.int64)
-    if int(ends[-1]) <= np.iinfo(te.dtype).max:  # search in the spans' own dtype: no copy of them
-        starts, ends = starts.astype(te.dtype), ends.astype(te.dtype)
-    lo = np.searchsorted(te, starts, side="right").astype(np.int64)
-    hi = np.searchsorted(ts, ends, side="left").astype(np.int64)
+    if bounds is not None:
+        lo, hi = bounds[0][starts].astype(np.int64), bounds[1][ends].astype(np.int64)
+    else:
+        if int(ends[-1]) <= np.iinfo(te.dtype).max:  # search in the spans' own dtype: no copy of them
+            starts, ends = starts.astype(te.dtype), ends.astype(te.dtype)
+        lo = np.searchsorted(te, starts, side="right").astype(np.int64)
+        hi = np.searchsorted(ts, ends, side="left").astype(np.int64)
     runs = np.maximum(hi - lo, 0)
     total = int(runs.sum())
     pos = np.repeat(lo - (np.cumsum(runs) - runs), runs) + np.arange(total)

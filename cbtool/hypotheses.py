@@ -23,7 +23,7 @@ from functools import partial
 import numpy as np
 
 from cbtool.char_features import CHAR_CLASSES, char_class_ranges, position_ranges
-from cbtool.features import match_ranges, nondecreasing, overlapping_positions, tokens_overlapping
+from cbtool.features import char_bounds, match_ranges, nondecreasing, overlapping_positions, tokens_overlapping
 from cbtool.literal_match import Alternative, LiteralText
 from cbtool.regexes import UserRegex
 from cbtool.store import Store
@@ -32,6 +32,7 @@ PARITY = "+parity"  # a keyed family conjoined with the parity of the token's di
 KEYED = ("token", "prev-token", "bigram", "trigram", "label", *(f + PARITY for f in ("token", "bigram", "trigram")))
 MASKED = ("char-class", "position")
 FAMILIES = KEYED + MASKED
+MAX_BOUNDS_CHARS = 1 << 26  # per shard: char-to-token lookup tables (8 bytes a character) up to this many characters
 DENSE_BINS = 1 << 24  # count (code, key) pairs with a dense bincount up to this many bins, else np.unique
 
 
@@ -246,6 +247,7 @@ class TokenView:
         self._literal: list[LiteralText] = []
         self._strings: dict[int, str] = {}
         self._faithful: dict[int, bool] = {}
+        self._char_bounds: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
         self._keys: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray | None]] = {}
         # the positions of each token id, in position order: by_token[token_bounds[t]:token_bounds[t + 1]]
         self.by_token = np.flatnonzero(self.nonempty)[np.argsort(self.tokens[self.nonempty], kind="stable")]
@@ -364,7 +366,8 @@ class TokenView:
                 for s, sp in enumerate(self.spans):
                     starts, ends = self.literal(s).ranges(branches)
                     if self.in_order[s]:
-                        parts.append(overlapping_positions(sp[:, 0], sp[:, 1], starts, ends) + offsets[s])
+                        parts.append(overlapping_positions(sp[:, 0], sp[:, 1], starts, ends, self._bounds(s))
+                                     + offsets[s])
                     else:
                         parts.append(np.flatnonzero(tokens_overlapping(sp, starts, ends, "all")) + offsets[s])
                 where = np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -372,6 +375,14 @@ class TokenView:
                 where = np.flatnonzero(self._masks[pattern] if pattern in self._masks else self._regex_mask(pattern))
             self._positions[pattern] = where.astype(np.int32 if len(self.tokens) < 2**31 else np.int64)
         return self._positions[pattern]
+
+    def _bounds(self, shard: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """`features.char_bounds` of a shard whose spans are in text order (cached; None above
+        MAX_BOUNDS_CHARS characters, where binary searches cost less memory)."""
+        if shard not in self._char_bounds:
+            sp, n = self.spans[shard], len(self.texts[shard])
+            self._char_bounds[shard] = char_bounds(sp[:, 0], sp[:, 1], n) if n <= MAX_BOUNDS_CHARS else None
+        return self._char_bounds[shard]
 
     def _regex_mask(self, pattern: str) -> np.ndarray:
         native = self._native.get(pattern)

@@ -90,10 +90,24 @@ class LiteralText:
         first = np.r_[True, starts[1:] != starts[:-1]] if len(starts) else np.zeros(0, bool)
         starts, ends = starts[first], starts[first] + length[first]
         if len(starts) > 1 and bool(np.any(starts[1:] < ends[:-1])):
-            keep, last = [], -1
-            for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-                if s >= last:
-                    keep.append(j)
-                    last = e
-            starts, ends = starts[keep], ends[keep]
+            starts, ends = _leftmost_disjoint(starts, ends)
         return starts.astype(np.int64), ends.astype(np.int64)
+
+
+def _leftmost_disjoint(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of candidate matches sorted by start (one per start), the ones a left-to-right scan keeps: each next match
+    starts at or after the end of the last kept one. A match that starts at or after the end of every earlier
+    match is always kept (it heads a run); only the matches inside runs of overlaps are scanned one by one."""
+    free = np.r_[True, starts[1:] >= np.maximum.accumulate(ends)[:-1]]
+    keep = free.copy()
+    head = np.maximum.accumulate(np.where(free, np.arange(len(starts)), 0))  # the head of each match's run
+    inner = np.flatnonzero(~free)
+    run, last = -1, -1
+    for j, h, s, e in zip(inner.tolist(), head[inner].tolist(), starts[inner].tolist(), ends[inner].tolist(),
+                          strict=True):
+        if h != run:
+            run, last = h, int(ends[h])
+        if s >= last:
+            keep[j] = True
+            last = e
+    return starts[keep], ends[keep]

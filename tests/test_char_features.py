@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cbtool.char_features import CHAR_CLASSES, char_class_ranges, code_points, position_ranges
-from cbtool.features import match_ranges, overlapping_positions, tokens_overlapping
+from cbtool.features import char_bounds, match_ranges, overlapping_positions, tokens_overlapping
 from cbtool.hypotheses import position_buckets, position_regex
 from cbtool.regexes import UserRegex
 
@@ -71,3 +71,23 @@ def test_overlapping_positions_equal_the_mask():
         starts, ends = starts[keep], ends[keep]
         want = np.flatnonzero(tokens_overlapping(np.stack([ts, te], 1).reshape(-1, 2), starts, ends, "all"))
         assert np.array_equal(overlapping_positions(ts, te, starts, ends), want)
+        bounds = char_bounds(ts, te, int(max(n, te.max(initial=0))))  # lookup tables instead of searches
+        assert np.array_equal(overlapping_positions(ts, te, starts, ends, bounds), want)
+
+
+def test_leftmost_disjoint_is_the_left_to_right_scan():
+    """cbtool/literal_match.py keeps, of overlapping candidate matches, what a scan keeping each match that starts
+    at or after the last kept one's end keeps (only runs of overlaps are scanned)."""
+    from cbtool.literal_match import _leftmost_disjoint
+
+    rng = np.random.default_rng(5)
+    for _ in range(2000):
+        starts = np.unique(rng.integers(0, 60, int(rng.integers(1, 40))))
+        ends = starts + rng.integers(1, 7, len(starts))
+        keep, last = [], -1
+        for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            if s >= last:
+                keep.append(j)
+                last = e
+        got = _leftmost_disjoint(starts, ends)
+        assert np.array_equal(got[0], starts[keep]) and np.array_equal(got[1], ends[keep])
