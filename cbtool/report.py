@@ -296,31 +296,29 @@ def attach_explanations(includes: list[dict[str, Any]], store: Store, cards: lis
     `e` = [family, hypothesis, precision, recall, F1, find-codes arguments, explained (precision >= the run's
     --min-precision)]. An explain output of another store is refused: every row's firing count must be the
     store's own count of that code."""
-    sites = list(store.sites)
+    index = {site: i for i, site in enumerate(store.sites)}
+    counts = {site: store.counts(site) for site in store.sites}
     found: dict[tuple[int, int], list[Any]] = {}
     for inc in includes:
         if inc["kind"] != "explain":
             continue
         doc, name = inc["doc"], inc["file"]
-        rows = doc.get("rows")
-        if not isinstance(rows, list) or not isinstance(doc.get("min_precision"), (int, float)):
+        if not isinstance(doc.get("rows"), list) or not isinstance(doc.get("min_precision"), int | float):
             raise UserError(f"--include {name}: not a `cbtool explain --json` output (no rows / min_precision)")
-        counts = {s: store.counts(s) for s in sites}
-        for r in rows:
+        for r in doc["rows"]:
             try:
                 site, code, fires = r["site"], int(r["code_id"]), int(r["fires"])
-                if site not in counts or not 0 <= code < len(counts[site]) or int(counts[site][code]) != fires:
+                have = int(counts[site][code]) if site in counts and 0 <= code < len(counts[site]) else None
+                if have != fires:
                     raise UserError(f"--include {name}: an explain output of another store ({doc.get('store')}): "
                                     f"{r['code']} fires {fires:,} times there, {store.path} has "
-                                    + (f"{int(counts[site][code]):,}" if site in counts and 0 <= code <
-                                       len(counts[site]) else "no such code")
-                                    + f"; run `cbtool explain {store.path} --json`")
-                if r["family"] is None:
-                    continue
-                p = float(r["precision"])
-                found[(sites.index(site), code)] = [
-                    str(r["family"]), str(r["hypothesis"]), p, float(r["recall"]), float(r["f1"]),
-                    shell_query(r["query"]), p >= float(doc["min_precision"])]
+                                    f"{'no such code' if have is None else f'{have:,}'}; run `cbtool explain "
+                                    f"{store.path} --json`")
+                if r["family"] is not None:
+                    p = float(r["precision"])
+                    found[(index[site], code)] = [str(r["family"]), str(r["hypothesis"]), p, float(r["recall"]),
+                                                  float(r["f1"]), shell_query(r["query"]),
+                                                  p >= float(doc["min_precision"])]
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise UserError(f"--include {name}: not a `cbtool explain --json` output (a row lacks "
                                 f"{e if isinstance(e, KeyError) else 'a valid field'})") from None
