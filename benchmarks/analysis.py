@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from cbtool.checkpoint import load_checkpoint, save_checkpoint
+from cbtool.analysis.features import label_feature, regex_feature
+from cbtool.analysis.scoring import score_labels, score_mask
 from cbtool.embedding import run_embed
-from cbtool.features import label_feature, regex_feature
-from cbtool.model import ModelConfig, Transformer
-from cbtool.scoring import score_labels, score_mask
-from cbtool.sites import BuiltinLocator, CodebookModel, CodebookSpec, Site
-from cbtool.store import ShardArrays, Store, StoreWriter, site_entry
-from cbtool.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents
+from cbtool.formats.checkpoint import load_checkpoint, save_checkpoint
+from cbtool.formats.store import ShardArrays, Store, StoreWriter, site_entry
+from cbtool.model.sites import BuiltinLocator, CodebookModel, CodebookSpec, Site
+from cbtool.model.transformer import ModelConfig, Transformer
+from cbtool.tasks.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents
 
 SCORING_FLOOR_S, LABEL_FLOOR_S, EMBED_FLOOR = 3.0, 1.0, 0.85
 
@@ -135,7 +135,7 @@ def bench_scoring(tmp: Path, n_tokens: int, repeats: int) -> dict:
 
 
 def bench_labels(tmp: Path, n_tokens: int, repeats: int) -> list[dict]:
-    from cbtool.search import best_per_row
+    from cbtool.analysis.search import best_per_row
 
     out = []
     shapes = {

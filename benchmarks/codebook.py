@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn import functional as F
 
-from cbtool.codebook import DEFAULT_CHUNK_BYTES, Codebook, select_topk
+from cbtool.model.codebook import DEFAULT_CHUNK_BYTES, Codebook, select_topk
 
 FULL = {"tokens": 8192, "d": (128, 512), "C": (1024, 16384, 65536), "k": (1, 8)}
 QUICK = {"tokens": 2048, "d": (64,), "C": (1024, 8192), "k": (1, 8)}

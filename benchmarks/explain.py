@@ -6,7 +6,8 @@ text (a Zipfian vocabulary of `--vocab` words, capitalised words, numbers, punct
 the token (most firings), the previous token or the position in the document, with noise, so the best
 hypotheses are spread over the families and over many distinct tokens, as in a trained dictionary.
 
-Timed: `cbtool.explain` (cbtool/explanations.py) (every family, the census, each row rendered as a find-codes query).
+Timed: `cbtool.explain` (cbtool/explanations/explainer.py) (every family, the census, each row rendered as a
+find-codes query).
 Baseline in the same run: one bincount over every stored id of every site (the least a pass over the codes
 costs). Floor: explain <= 30 s. Also printed: the CPU time of explain (one thread), which on a shared machine
 is closer to what an idle one would take than the wall time.
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cbtool.corpus import Document
-from cbtool.explanations import explain
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import documents_to_arrays, write_store
+from cbtool.explanations.explainer import explain
+from cbtool.formats.store import documents_to_arrays, write_store
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.base import Document
 
 FLOOR_S = 30.0
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         store_path = synthetic_store(tmp / "codes", args.tokens, args.sites, args.codes, args.vocab)
         build_s = time.perf_counter() - t0
-        from cbtool.store import Store
+        from cbtool.formats.store import Store
 
         store = Store(store_path)
         t0 = time.perf_counter()

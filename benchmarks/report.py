@@ -9,7 +9,7 @@ Timed: `report.build` + `report.write_report` (what the command does after parsi
 wall time (the floor) and as this process's CPU time (which a loaded machine inflates less).
 Baseline in the same run: one pass over every site's stored ids (a bincount per site and shard), the least
 any per-site statistic costs. Also printed: the HTML size and the number of code cards (the size limits are
-`cbtool.report.Limits`).
+`cbtool.report.build.Limits`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from benchmarks.analysis import _bincount_all, _min_time, build_store
-from cbtool.checkpoint import META
-from cbtool.report import Limits, build, write_report
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import Store
+from cbtool.formats.checkpoint import META
+from cbtool.formats.store import Store
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.report.build import Limits, build, write_report
 
 FLOOR_S = 10.0
 

@@ -6,7 +6,7 @@ masked tokens' ids -> precision/recall of all 16,384 codes), each run in a fresh
 tokens/s and peak resident set (VmHWM):
 
 1. verify: the first search of the store, which checks every file it reads against its sha256 and records
-   that it did (cbtool/verified.py; the records are deleted first, so this is always the checking run);
+   that it did (cbtool/formats/verified.py; the records are deleted first, so this is always the checking run);
 2. search: a fresh process on the checked store -- the issue's figure (target: >= 50M tokens/s, <= 1 GiB) --
    and the same query repeated in that process (the store's arrays already mapped);
 3. 2 ranks (torch.distributed, gloo; RANK/WORLD_SIZE as torchrun sets them) must give the same document. On a
@@ -32,15 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import ShardArrays, StoreWriter, site_entry
-from cbtool.verified import RECORD
+from cbtool.formats.store import ShardArrays, StoreWriter, site_entry
+from cbtool.formats.verified import RECORD
+from cbtool.model.sites import CodebookSpec, Site
 
 C, K, DOC = 16384, 8, 1000
 QUERY = "q[a-e]"  # ~0.7% of tokens
 SEARCH = """
 import json, resource, sys, time
-from cbtool import distributed, find_codes, open_store
+from cbtool.util import distributed
+from cbtool import find_codes, open_store
 distributed.init()
 store = open_store(sys.argv[1])
 t0 = time.perf_counter()

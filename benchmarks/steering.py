@@ -2,7 +2,7 @@
 
 The model is the built-in default (4 layers, d 128, codebooks on every attention head and MLP, C=1000,
 k=1: 20 sites) with random weights, or a checkpoint given with --checkpoint; throughput does not depend
-on training. All three configurations run through the same KV-cache sampler (cbtool.steering); the
+on training. All three configurations run through the same KV-cache sampler (cbtool.steering.interventions); the
 unsteered one installs no intervention. Timings are interleaved in rounds (one run of each per round,
 min over rounds) so that a change of load from other processes hits all of them alike.
 Floors: steered >= 0.9x unsteered at batch 32; batch 32 >= 8x the tokens/s of batch 1.
@@ -16,17 +16,17 @@ import time
 
 import torch
 
-from cbtool.generate import left_pad
-from cbtool.model import ModelConfig, Transformer
-from cbtool.sites import BuiltinLocator, CodebookModel, parse_sites_option
-from cbtool.steering import Intervention, sample_steered, sample_uniforms, steering
+from cbtool.model.generate import left_pad
+from cbtool.model.sites import BuiltinLocator, CodebookModel, parse_sites_option
+from cbtool.model.transformer import ModelConfig, Transformer
+from cbtool.steering.interventions import Intervention, sample_steered, sample_uniforms, steering
 
 STEER_FLOOR, BATCH_FLOOR = 0.9, 8.0
 
 
 def build_model(checkpoint: str | None, device: torch.device) -> CodebookModel:
     if checkpoint:
-        from cbtool.checkpoint import load_checkpoint
+        from cbtool.formats.checkpoint import load_checkpoint
 
         return load_checkpoint(checkpoint, device=device).model
     torch.manual_seed(0)

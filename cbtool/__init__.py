@@ -13,25 +13,25 @@ from cbtool.version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "load_checkpoint": "cbtool.checkpoint",
-    "load_codebooks": "cbtool.checkpoint",
-    "Checkpoint": "cbtool.checkpoint",
+    "load_checkpoint": "cbtool.formats.checkpoint",
+    "load_codebooks": "cbtool.formats.checkpoint",
+    "Checkpoint": "cbtool.formats.checkpoint",
     "train_model": "cbtool.api",
-    "TrainConfig": "cbtool.train",
-    "PRESETS": "cbtool.train",
+    "TrainConfig": "cbtool.training.config",
+    "PRESETS": "cbtool.training.config",
     "embed": "cbtool.api",
-    "open_store": "cbtool.store",
-    "Store": "cbtool.store",
-    "find_codes": "cbtool.search",
-    "dead_codes": "cbtool.usage",
-    "code_contexts": "cbtool.contexts",
-    "explain": "cbtool.explanations",
-    "recover_automaton": "cbtool.automaton",
-    "steer": "cbtool.steer_jobs",
-    "Task": "cbtool.task",
-    "TokFSM": "cbtool.tokfsm",
-    "TextTask": "cbtool.text",
-    "Document": "cbtool.corpus",
+    "open_store": "cbtool.formats.store",
+    "Store": "cbtool.formats.store",
+    "find_codes": "cbtool.analysis.search",
+    "dead_codes": "cbtool.analysis.usage",
+    "code_contexts": "cbtool.analysis.contexts",
+    "explain": "cbtool.explanations.explainer",
+    "recover_automaton": "cbtool.explanations.automaton",
+    "steer": "cbtool.steering.jobs",
+    "Task": "cbtool.tasks.base",
+    "TokFSM": "cbtool.tasks.tokfsm",
+    "TextTask": "cbtool.tasks.text",
+    "Document": "cbtool.tasks.base",
     "UserError": "cbtool.errors",
     "CheckFailed": "cbtool.errors",
 }
@@ -43,20 +43,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from cbtool.analysis.contexts import code_contexts
+    from cbtool.analysis.search import find_codes
     from cbtool.api import embed, train_model
-    from cbtool.automaton import recover_automaton
-    from cbtool.checkpoint import Checkpoint, load_checkpoint, load_codebooks
-    from cbtool.contexts import code_contexts
-    from cbtool.corpus import Document
     from cbtool.errors import CheckFailed, UserError
-    from cbtool.explanations import explain
-    from cbtool.search import find_codes
-    from cbtool.steer_jobs import steer
-    from cbtool.store import Store, open_store
-    from cbtool.task import Task
-    from cbtool.text import TextTask
-    from cbtool.tokfsm import TokFSM
-    from cbtool.train import PRESETS, TrainConfig
+    from cbtool.explanations.automaton import recover_automaton
+    from cbtool.explanations.explainer import explain
+    from cbtool.formats.checkpoint import Checkpoint, load_checkpoint, load_codebooks
+    from cbtool.formats.store import Store, open_store
+    from cbtool.steering.jobs import steer
+    from cbtool.tasks.base import Document, Task
+    from cbtool.tasks.text import TextTask
+    from cbtool.tasks.tokfsm import TokFSM
+    from cbtool.training.config import PRESETS, TrainConfig
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,7 @@
 """The Python API: the commands' work as functions that take and return Python objects (docs/api.md).
 
-Each function is what one command does, without the printing: `train_model` (`cbtool train`; the
-name `train` is the module cbtool/train.py), `embed`
-(`cbtool embed`), `find_codes`, `dead_codes`, `code_contexts` (`cbtool show-code`) and `steer`
+Each function is what one command does, without the printing: `train_model` (`cbtool train`), `embed` (`cbtool
+embed`), `find_codes`, `dead_codes`, `code_contexts` (`cbtool show-code`) and `steer`
 (`cbtool intervene`). Bad input raises `cbtool.UserError` with the message the CLI would print.
 """
 
@@ -14,10 +13,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cbtool.checkpoint import Checkpoint, load_checkpoint
 from cbtool.embedding import plan_embed
-from cbtool.store import Store
-from cbtool.train import start_training
+from cbtool.formats.checkpoint import Checkpoint, load_checkpoint
+from cbtool.formats.store import Store
+from cbtool.training.start import start_training
 
 
 def _checkpoint(checkpoint: Checkpoint | str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -29,9 +28,9 @@ def train_model(out: str | Path, preset: str | None = None, *, device: str = "cp
     """Train a model with codebooks and return its checkpoint (written to `out`).
 
     `preset`: "default" (None: "default", or with `resume` the stored run's), "paper" or "tiny" (seconds on
-    a CPU); `options`: any TrainConfig field (cbtool/train.py), e.g. `num_codes=64, sites="mlp", task="text",
-    corpus="notes.txt"`; with `resume` they must agree with the stored run but for those cbtool/resume.py
-    lets change. The held-out results are in `checkpoint.meta["training"]["results"]`. `verbose`: the
+    a CPU); `options`: any TrainConfig field (docs/train.md), e.g. `num_codes=64, sites="mlp", task="text",
+    corpus="notes.txt"`; with `resume` they must agree with the stored run but for those docs/train.md
+    says may change. The held-out results are in `checkpoint.meta["training"]["results"]`. `verbose`: the
     training log on stderr."""
     log = Console(stderr=True, quiet=not verbose, highlight=False)
     trainer = start_training(Path(out), preset, resume=resume, overwrite=overwrite, device=device, log=log,

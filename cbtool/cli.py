@@ -20,14 +20,13 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as cx
 
 import cbtool
-from cbtool import progress, signals
 from cbtool.commands.common import err
-from cbtool.error_classes import environment_error
-from cbtool.errors import CbtoolWarning, CheckFailed, UserError
-from cbtool.numbers import check_option
+from cbtool.errors import CbtoolWarning, CheckFailed, UserError, environment_error
+from cbtool.util import progress, signals
+from cbtool.util.limits import check_option
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
-# commands that run as one job over the ranks of `torchrun` (cbtool/distributed.py); others are refused there
+# commands that run as one job over the ranks of `torchrun` (cbtool/util/distributed.py); others are refused there
 DISTRIBUTED = ("train", "embed", "find-codes", "dead-codes", "show-code")
 
 
@@ -44,7 +43,7 @@ class _Group(TyperGroup):
         name, cmd, rest = super().resolve_command(ctx, args)
         if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
             return name, cmd, rest
-        from cbtool import distributed
+        from cbtool.util import distributed
 
         if distributed.requested_size() > 1:  # launched by torchrun: join the other ranks first
             if name not in DISTRIBUTED:
@@ -66,7 +65,7 @@ class _Group(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         progress.enable(err)  # commands show progress; library callers in the same process stay quiet after
         _plain_flags(self)
-        restore = signals.install()  # SIGTERM ends a command as Ctrl-C does (cbtool/signals.py)
+        restore = signals.install()  # SIGTERM ends a command as Ctrl-C does (cbtool/util/signals.py)
         try:
             with warnings.catch_warnings():  # the library's CbtoolWarnings: one line each, every time
                 warnings.simplefilter("always", CbtoolWarning)
@@ -116,7 +115,7 @@ class _Group(TyperGroup):
 
 
 def _check_numbers(group: TyperGroup) -> None:
-    """Every command checks each parsed option value (cbtool/numbers.py) before it runs: no NaN, no
+    """Every command checks each parsed option value (docs/cli.md) before it runs: no NaN, no
     infinity, no integer beyond int64, seeds within 0..2^32-1."""
     for cmd in group.commands.values():
         if getattr(cmd.callback, "_numbers_checked", False):
@@ -162,7 +161,7 @@ _python_showwarning = warnings.showwarning
 
 
 def _fail(message: str, code: int, kind: str = "error: ") -> None:
-    dist = sys.modules.get("cbtool.distributed")  # under torchrun: which rank speaks
+    dist = sys.modules.get("cbtool.util.distributed")  # under torchrun: which rank speaks
     rank = dist.tag() if dist is not None else ""
     sys.stderr.write(f"cbtool: {kind}{rank}{' '.join(message.split())}\n")
     sys.stderr.flush()

@@ -1,6 +1,6 @@
 """Embedding: a corpus -> documents -> batched forward passes -> code store shards (`cbtool embed`).
 
-The documents come from the checkpoint's task (`Task.corpus`, cbtool/task.py): TokFSM embeds fresh
+The documents come from the checkpoint's task (`Task.corpus`, cbtool/tasks/base.py): TokFSM embeds fresh
 sequences of a held-out stream labelled with their states; text embeds a corpus (or the training
 corpus) tokenised with the checkpoint's tokenizer. `plan_embed` opens (or reopens) the store and
 `EmbedJob.run` writes the shards this worker owns; `embed` does both.
@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cbtool.checkpoint import Checkpoint
-from cbtool.corpus import Corpus, Document
 from cbtool.errors import UserError
-from cbtool.store import (
+from cbtool.formats.checkpoint import Checkpoint
+from cbtool.formats.store import (
     ShardArrays,
     StoreWriter,
     checkpoint_ref,
@@ -31,6 +30,7 @@ from cbtool.store import (
     match_sites,
     site_entry,
 )
+from cbtool.tasks.base import Corpus, Document
 
 DEFAULT_SHARD_TOKENS = 1_000_000
 
@@ -117,11 +117,6 @@ def plan_embed(
     writer = StoreWriter.open(Path(out), plan, overwrite=overwrite)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     return EmbedJob(checkpoint, writer, docs, chosen, shard_tokens, max_tokens, batch_size, dev, worker)
-
-
-def embed(checkpoint: Checkpoint, out: Path, corpus: Path | None = None, **options: Any) -> dict[str, Any]:
-    """Embed a corpus into a code store at `out` (options as `plan_embed`); returns the summary."""
-    return plan_embed(checkpoint, out, corpus, **options).run()
 
 
 def truncate(doc: Document, n: int) -> Document:

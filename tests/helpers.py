@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cbtool.cli import app
-from cbtool.metrics_log import read_metrics
-from cbtool.verified import RECORD
+from cbtool.formats.verified import RECORD
+from cbtool.training.metrics_log import read_metrics
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under `root`, less the records of sha256 checks that passed (a cache a store reader keeps:
-    cbtool/verified.py), so "nothing was written" means nothing but that."""
+    cbtool/formats/verified.py), so "nothing was written" means nothing but that."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != RECORD}
 

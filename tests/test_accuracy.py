@@ -1,4 +1,4 @@
-"""First-transition accuracy (cbtool/tokfsm.py) and per-site codebook sizes (`train --site-codes`)."""
+"""First-transition accuracy (cbtool/tasks/tokfsm.py) and per-site codebook sizes (`train --site-codes`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.model import ModelConfig, Transformer
-from cbtool.sites import BuiltinLocator, CodebookModel
-from cbtool.tokfsm import BOS, TokFSM, first_transition_accuracy, next_state_distribution
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.model.sites import BuiltinLocator, CodebookModel
+from cbtool.model.transformer import ModelConfig, Transformer
+from cbtool.tasks.tokfsm import BOS, TokFSM, first_transition_accuracy, next_state_distribution
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

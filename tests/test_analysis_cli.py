@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import Store, documents_to_arrays, write_store
-from cbtool.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.formats.store import Store, documents_to_arrays, write_store
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents
 from tests.helpers import run_cli
 
 NUM_SEQS = 48

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_all_names_resolve_and_train_model_is_not_shadowed():
-    import cbtool.train  # noqa: F401 - the submodule must not hide the API function
+    import cbtool.training.config  # noqa: F401 - the submodule must not hide the API function
 
     for name in cbtool.__all__:
         assert getattr(cbtool, name) is not None, name

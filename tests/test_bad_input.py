@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from cbtool.files import sha256_file
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import Store, documents_to_arrays, write_store
-from cbtool.tokfsm import fsm_document
+from cbtool.formats.store import Store, documents_to_arrays, write_store
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.tokfsm import fsm_document
+from cbtool.util.files import sha256_file
 from tests.helpers import run_cli, snapshot
 
 # -- artefacts, built once per module ----------------------------------------------------------------
@@ -164,7 +164,7 @@ def _fail_on(pred: Callable[..., bool], target: str, attr: str) -> Callable[[pyt
 
         module, _, sub = target.partition(":")
         mod = importlib.import_module(module)
-        if sub:  # "cbtool.store:os" patches os.open for everyone, so the predicate must be narrow
+        if sub:  # "cbtool.formats.store:os" patches os.open for everyone, so the predicate must be narrow
             mod = getattr(mod, sub)
         real = getattr(mod, attr)
 
@@ -239,13 +239,13 @@ case("train-base-model-missing", "train", *TINY, "--out", "{w}/new", "--base-mod
 case("train-base-model-file", "train", *TINY, "--out", "{w}/new", "--base-model", "{w}/afile")
 case("train-gguf-without-base", "train", *TINY, "--out", "{w}/new", "--task", "text", "--gguf-file", "x.gguf")
 case("train-disk-full-on-save", "train", *TINY, "--checkpoint-every", "1", "--out", "{w}/new", needle="No space left",
-     logs_ok=True, patch=_fail_on(lambda tensors, path, *a: path.endswith("codebooks.safetensors"), "cbtool.checkpoint",
-                    "save_file"))
+     logs_ok=True, patch=_fail_on(lambda tensors, path, *a: path.endswith("codebooks.safetensors"),
+                                  "cbtool.formats.checkpoint", "save_file"))
 case("train-overwrite-swap-fails", "train", *TINY, "--checkpoint-every", "1", "--out", "{ck}", "--overwrite",
      needle="No space left",
      logs_ok=True,
-     patch=_fail_on(lambda src, dst, *a: ".tmp-" in str(src) and str(dst).endswith("/ck"), "cbtool.checkpoint:os",
-                    "rename"))
+     patch=_fail_on(lambda src, dst, *a: ".tmp-" in str(src) and str(dst).endswith("/ck"),
+                    "cbtool.formats.checkpoint:os", "rename"))
 # train --resume on damaged checkpoints (damage for info/eval: test_checkpoint.py)
 case("resume-bitflip-train-state", "train", "--resume", "--out", "{ck}", needle="sha256",
      setup=lambda w: _flip(w["ck"] / "train_state.safetensors"))
@@ -319,11 +319,11 @@ case("embed-overwrite-non-store", "embed", "{ck}", "--out", "{w}/adir2", "--over
      "--device", "cpu", setup=lambda w: ((w["w"] / "adir2").mkdir(), (w["w"] / "adir2" / "notes.txt").write_text("x")))
 case("embed-disk-full-mid-store", "embed", "{ck}", "--out", "{w}/new", "--num-seqs", "4", "--shard-tokens", "200",
      "--device", "cpu", needle="No space left", new_files_ok=True,
-     logs_ok=True, patch=_fail_on(lambda path, *a: "shard-000001" in str(path), "cbtool.store", "save_npy"))
+     logs_ok=True, patch=_fail_on(lambda path, *a: "shard-000001" in str(path), "cbtool.formats.store", "save_npy"))
 case("embed-disk-full-on-manifest", "embed", "{ck}", *EMB, needle="No space left",
-     patch=_fail_on(lambda path, *a: str(path).endswith("manifest.json"), "cbtool.store", "atomic_write_text"))
+     patch=_fail_on(lambda path, *a: str(path).endswith("manifest.json"), "cbtool.formats.store", "atomic_write_text"))
 case("embed-disk-full-on-lock", "embed", "{ck}", *EMB, needle="No space left", new_files_ok=True,
-     patch=_fail_on(lambda path, *a: str(path).endswith(".lock"), "cbtool.store:os", "open"))
+     patch=_fail_on(lambda path, *a: str(path).endswith(".lock"), "cbtool.formats.store:os", "open"))
 
 # the three store readers: damaged stores
 READERS = {

@@ -1,7 +1,7 @@
-"""cbtool/char_features.py against the regex engine: for every character class and position bucket `explain`
+"""cbtool/explanations/char_classes.py against the regex engine: for every character class and position bucket `explain`
 uses, on random texts of tricky characters (Unicode digits, letters and spaces, line separators other than
 \\n, combining marks, empty documents), the characters the numpy ranges cover are those the engine's matches
-cover, document by document, and so are the tokens they select; and cbtool/features.py's position lists
+cover, document by document, and so are the tokens they select; and cbtool/analysis/features.py's position lists
 equal its masks."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbtool.char_features import CHAR_CLASSES, char_class_ranges, code_points, position_ranges
-from cbtool.features import char_bounds, match_ranges, overlapping_positions, tokens_overlapping
-from cbtool.hypotheses import position_buckets, position_regex
-from cbtool.regexes import UserRegex
+from cbtool.analysis.features import char_bounds, match_ranges, overlapping_positions, tokens_overlapping
+from cbtool.explanations.char_classes import CHAR_CLASSES, char_class_ranges, code_points, position_ranges
+from cbtool.explanations.hypotheses import position_buckets, position_regex
+from cbtool.util.regexes import UserRegex
 
 ALPHABET = ["A", "Ab", "Zz", "b", "q", "É", "é", "ǅ", "\u0301", "_", "1", "42", "٣", "²", "\r", "\n", "\r\n",
             "\x85", "\u2028", "\x0b", "\t", " ", "\u00a0", ",", "—", "'", "x"]
@@ -76,9 +76,9 @@ def test_overlapping_positions_equal_the_mask():
 
 
 def test_leftmost_disjoint_is_the_left_to_right_scan():
-    """cbtool/literal_match.py keeps, of overlapping candidate matches, what a scan keeping each match that starts
-    at or after the last kept one's end keeps (only runs of overlaps are scanned)."""
-    from cbtool.literal_match import _leftmost_disjoint
+    """cbtool/explanations/literal_match.py keeps, of overlapping candidate matches, what a scan keeping each match that
+    starts at or after the last kept one's end keeps (only runs of overlaps are scanned)."""
+    from cbtool.explanations.literal_match import _leftmost_disjoint
 
     rng = np.random.default_rng(5)
     for _ in range(2000):

@@ -75,7 +75,7 @@ def test_consistent_edit_with_rehash_still_refused_by_shape(tiny_checkpoint):
 
 def test_failed_write_keeps_existing_checkpoint(tiny_checkpoint, monkeypatch):
     """A write error (disk full) while saving over a checkpoint: exit 2, the old one intact."""
-    import cbtool.checkpoint as ck
+    import cbtool.formats.checkpoint as ck
 
     real = ck.save_file
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbtool.codebook import Codebook, Selection, gather_mean, select_topk
-from cbtool.kmeans_init import init_codebook
+from cbtool.model.codebook import Codebook, Selection, gather_mean, select_topk
+from cbtool.training.kmeans import init_codebook
 
 
 def naive(x: torch.Tensor, codes: torch.Tensor, k: int, commit: float = 0.0):

@@ -17,8 +17,8 @@ import pytest
 
 import cbtool
 from cbtool.errors import UserError
-from cbtool.files import sha256_file
-from cbtool.store import Store
+from cbtool.formats.store import Store
+from cbtool.util.files import sha256_file
 from tests.helpers import run_cli
 
 CLI = [sys.executable, "-m", "cbtool"]
@@ -72,7 +72,7 @@ def test_second_writer_of_a_held_shard_is_refused(tiny_checkpoint_master, tmp_pa
     assert res.exit_code == 0, res.output
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time, json\n"
-        "from cbtool.store import StoreWriter, read_manifest\n"
+        "from cbtool.formats.store import StoreWriter, read_manifest\n"
         f"w = StoreWriter({str(out)!r}, read_manifest({str(out)!r}))\n"
         "with w.claim(0):\n"
         "    print('held', flush=True)\n"

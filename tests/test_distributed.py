@@ -29,10 +29,11 @@ from tests.helpers import run_cli
 TOLERANCE = 1e-3  # max |difference| of any weight, 2 ranks vs 1 process (weights are O(1)); see above
 TRAIN_JOB = """
 import os, signal, sys
-from cbtool import distributed
+from cbtool.util import distributed
 from cbtool.cli import _fail
 from cbtool.errors import UserError
-from cbtool.train import Trainer, start_training
+from cbtool.training.trainer import Trainer
+from cbtool.training.start import start_training
 die_at = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 if die_at:  # this rank is SIGKILLed once step `die_at`'s checkpoint is written
     save = Trainer.save
@@ -52,7 +53,8 @@ except UserError as e:  # as `cbtool train` ends (cbtool/cli.py): one line, exit
 """
 SEARCH_JOB = """
 import json, sys
-from cbtool import code_contexts, dead_codes, distributed, find_codes, open_store
+from cbtool import code_contexts, dead_codes, find_codes, open_store
+from cbtool.util import distributed
 distributed.init()
 store = open_store(sys.argv[1])
 docs = [find_codes(store, labels="state"), find_codes(store, regex="4[0-9]", top=0),

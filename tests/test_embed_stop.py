@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cbtool.checkpoint import load_checkpoint
 from cbtool.embedding import plan_embed
-from cbtool.store import Store
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.formats.store import Store
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

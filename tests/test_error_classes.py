@@ -2,11 +2,11 @@
 
 Every generated input must give exit 2 (or 0 where it is valid) with exactly one `cbtool: error:` line, no
 traceback, and leave every pre-existing file byte-identical. Classes: metadata of the wrong shape in any
-field of cbtool.json / manifest.json (cbtool/schema.py), NaN / infinity / overflow in any numeric option
-(cbtool/numbers.py), JSON nested too deeply or holding lone surrogates (cbtool/strict_json.py), files that
-are not regular files (a FIFO, /dev/zero), catastrophic regexes (cbtool/regexes.py), a full disk (a real
+field of cbtool.json / manifest.json (cbtool/formats/schema.py), NaN / infinity / overflow in any numeric option
+(cbtool/util/limits.py), JSON nested too deeply or holding lone surrogates (cbtool/util/strict_json.py), files that
+are not regular files (a FIFO, /dev/zero), catastrophic regexes (cbtool/util/regexes.py), a full disk (a real
 tmpfs), and a checkpoint directory that holds the user's own files or is a symlink, or is being written by
-another `train` (cbtool/locks.py).
+another `train` (cbtool/util/locks.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cbtool.cli import app
-from cbtool.train import start_training
+from cbtool.training.start import start_training
 from tests.helpers import run_cli, snapshot
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -1,5 +1,6 @@
 """`cbtool explain`: every hypothesis family against a brute-force reference on a random store, and every
-explanation reproduced by `find-codes` (cbtool/explanations.py, cbtool/hypotheses.py, cbtool/automaton.py)."""
+explanation reproduced by `find-codes` (cbtool/explanations/explainer.py,
+cbtool/explanations/hypotheses.py, cbtool/explanations/automaton.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import pytest
 import torch
 
 import cbtool
-from cbtool.automaton import recover_automaton
-from cbtool.corpus import Document
-from cbtool.explanations import explain
-from cbtool.hypotheses import (
+from cbtool.explanations.automaton import recover_automaton
+from cbtool.explanations.explainer import explain
+from cbtool.explanations.hypotheses import (
     CHAR_CLASSES,
     TokenView,
     best_key_sets,
@@ -25,9 +25,10 @@ from cbtool.hypotheses import (
     position_buckets,
     position_regex,
 )
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import Store, documents_to_arrays, write_store
-from cbtool.tokfsm import FSMSpec, TokFSM
+from cbtool.formats.store import Store, documents_to_arrays, write_store
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.base import Document
+from cbtool.tasks.tokfsm import FSMSpec, TokFSM
 from tests.helpers import run_cli
 
 FIXTURE_STORE = Path(__file__).resolve().parent.parent / "fixtures" / "store"
@@ -172,7 +173,7 @@ def test_keyed_family_matches_brute_force(rstore, family, site, min_precision, m
     ref = _reference_best(codes, _reference_keys(rstore, family), rstore.sites[site].num_codes, max_set,
                           min_precision, max_size)
     if family == "label":
-        decode = cbtool.features.label_feature(rstore, "state").values.__getitem__
+        decode = cbtool.analysis.features.label_feature(rstore, "state").values.__getitem__
     elif grams is not None:
         decode = lambda m: tuple(int(t) for t in grams[m])  # noqa: E731
     else:
@@ -264,7 +265,7 @@ def test_kept_hypothesis_follows_the_precise_rule_by_brute_force(tmp_path):
         codes = np.asarray(store.codes(0, site))
         n = store.sites[site].num_codes
         cands: dict[int, list[tuple[int, int]]] = {c: [] for c in range(n)}  # (hits, size)
-        for family in cbtool.explanations.KEYED:
+        for family in cbtool.explanations.explainer.KEYED:
             keys = _reference_keys(store, family)
             for c, prefixes in _reference_prefixes(codes, keys, n, 1 if family == "label" else MAX_SET).items():
                 cands[c] += [(h, s) for h, s, _ in prefixes]
@@ -310,7 +311,7 @@ def test_no_hypothesis_covers_more_than_max_coverage(rstore):
 
 
 def test_each_family_alone_is_reproduced(rstore):
-    for family in cbtool.explanations.FAMILIES:
+    for family in cbtool.explanations.explainer.FAMILIES:
         doc = explain(rstore, min_count=2, families=family)
         assert {r["family"] for r in doc["rows"]} <= {family, None}
         _same_as_find_codes(rstore, doc["rows"])
@@ -344,7 +345,7 @@ def test_table_query_column_pastes_into_a_shell(rstore):
     reprs, with doubled backslashes, before)."""
     import shlex
 
-    from cbtool.explanations import shell_query
+    from cbtool.explanations.explainer import shell_query
 
     rows = [r for r in explain(rstore, min_count=1)["rows"] if r["query"]]
     assert any("\\" in r["query"].get("regex", "") for r in rows)  # backslashes to keep
@@ -356,7 +357,7 @@ def test_table_query_column_pastes_into_a_shell(rstore):
 
 
 def test_api_names_are_the_functions():
-    import cbtool.explanations  # noqa: F401 - the submodule must not hide the API function
+    import cbtool.explanations.explainer  # noqa: F401 - the submodule must not hide the API function
 
     assert cbtool.explain is explain and callable(cbtool.recover_automaton)
 
@@ -402,7 +403,7 @@ def test_automaton_recovered_from_state_codes(tmp_path):
 
 
 def test_similar_codes_by_jaccard_and_cosine(rstore):
-    from cbtool.similar import similar_codes
+    from cbtool.analysis.similar import similar_codes
 
     codes = {s: np.asarray(rstore.codes(0, s)) for s in rstore.sites}
     fire_sets = {(s, c): {i for i, row in enumerate(codes[s].tolist()) if c in row}
@@ -424,8 +425,8 @@ def test_similar_codes_by_jaccard_and_cosine(rstore):
 def test_cosine_neighbours_read_the_code_vectors_without_building_the_model(monkeypatch):
     """The cosines are those of the checkpoint's code vectors, read without loading its model (on a pretrained
     base that load took 13 of show-code --similar's 16 s)."""
-    from cbtool import checkpoint
-    from cbtool.similar import cosine_neighbours
+    from cbtool.analysis.similar import cosine_neighbours
+    from cbtool.formats import checkpoint
 
     store = cbtool.open_store(FIXTURE_STORE)
     site = store.sites["0.mlp"]
@@ -459,14 +460,15 @@ def test_find_codes_at_document_level(rstore):
 
 
 def test_literal_matcher_gives_the_regex_engines_ranges():
-    """cbtool/literal_match.py against `finditer` per document (cbtool/features.py) on random texts with
-    overlapping, bordered and nested literals, lookbehinds across document starts and parity lookaheads; and
+    """cbtool/explanations/literal_match.py against `finditer` per document (cbtool/analysis/features.py) on random
+    texts with overlapping, bordered and nested literals, lookbehinds across document starts and parity lookaheads;
+    and
     the tokens its ranges select (`features.overlapping_positions`, what explain uses) against `tokens_overlapping`
     of the engine's ranges."""
-    from cbtool.explanations import PARITY_LOOKAHEAD
-    from cbtool.features import match_ranges, overlapping_positions, tokens_overlapping
-    from cbtool.literal_match import Alternative, LiteralText
-    from cbtool.regexes import UserRegex
+    from cbtool.analysis.features import match_ranges, overlapping_positions, tokens_overlapping
+    from cbtool.explanations.explainer import PARITY_LOOKAHEAD
+    from cbtool.explanations.literal_match import Alternative, LiteralText
+    from cbtool.util.regexes import UserRegex
 
     rng = np.random.default_rng(7)
     pieces = ["a", "b", "ab", "aa", "ba", "\n", "é"]
@@ -494,7 +496,7 @@ def test_literal_matcher_gives_the_regex_engines_ranges():
 def test_leading_pairs_in_rounds_equal_the_full_sort(max_set):
     """key_prefixes with `max_set` (pairs picked in rounds) gives each code's first `max_set` pairs of the full
     search order, with many ties of h / s and of h."""
-    from cbtool.hypotheses import key_prefixes
+    from cbtool.explanations.hypotheses import key_prefixes
 
     rng = np.random.default_rng(max_set)
     for _ in range(20):
@@ -540,13 +542,13 @@ def test_explain_reports_progress_in_a_log(rstore, monkeypatch):
     """A long explain says how far it is: plain `explain:` lines on a stderr that is not a terminal, ending at
     every live code of the chosen sites."""
     monkeypatch.setenv("CBTOOL_PROGRESS_SECONDS", "0.01")
-    hypothesis = cbtool.explanations._best_hypothesis
+    hypothesis = cbtool.explanations.explainer._best_hypothesis
 
     def slow(*args, **kwargs):  # a code that takes longer than the heartbeat, as on a large store
         time.sleep(0.005)
         return hypothesis(*args, **kwargs)
 
-    monkeypatch.setattr(cbtool.explanations, "_best_hypothesis", slow)
+    monkeypatch.setattr(cbtool.explanations.explainer, "_best_hypothesis", slow)
     res = run_cli("explain", rstore.path, "--min-count", "1", "--json")
     assert res.exit_code == 0, res.output
     live = sum(int((rstore.counts(s) >= 1).sum()) for s in rstore.sites)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from cbtool.corpus import Document
-from cbtool.features import regex_feature, tokens_overlapping
-from cbtool.scoring import score_labels, score_mask
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import Store, documents_to_arrays, write_store
-from cbtool.tokfsm import fsm_document
+from cbtool.analysis.features import regex_feature, tokens_overlapping
+from cbtool.analysis.scoring import score_labels, score_mask
+from cbtool.formats.store import Store, documents_to_arrays, write_store
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.base import Document
+from cbtool.tasks.tokfsm import fsm_document
 from tests.helpers import run_cli
 
 

@@ -15,11 +15,10 @@ import typer
 from rich.console import Console
 from safetensors.torch import load_file
 
-from cbtool import progress
 from cbtool.cli import app
-from cbtool.fsm_text import group_context, group_states, valid_transitions
-from cbtool.sites import CodebookModel
-from cbtool.tokfsm import FSMSpec, TokFSM
+from cbtool.model.sites import CodebookModel
+from cbtool.tasks.tokfsm import FSMSpec, TokFSM, group_context, group_states, valid_transitions
+from cbtool.util import progress
 from tests.helpers import run_cli
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

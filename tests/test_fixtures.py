@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cbtool.checkpoint import FORMAT_VERSION, load_checkpoint
-from cbtool.store import FORMAT_VERSION as STORE_VERSION
-from cbtool.store import open_store
-from cbtool.text import TextTask
-from cbtool.tokfsm import TokFSM
+from cbtool.formats.checkpoint import FORMAT_VERSION, load_checkpoint
+from cbtool.formats.store import FORMAT_VERSION as STORE_VERSION
+from cbtool.formats.store import open_store
+from cbtool.tasks.text import TextTask
+from cbtool.tasks.tokfsm import TokFSM
 from tests.helpers import run_cli
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

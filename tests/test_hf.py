@@ -17,11 +17,12 @@ pytest.importorskip("tokenizers", reason="the `hf` extra (tokenizers) is not ins
 
 import transformers  # noqa: E402
 
-from cbtool import hf  # noqa: E402
-from cbtool.checkpoint import load_checkpoint  # noqa: E402
-from cbtool.generate import left_pad, sample  # noqa: E402
-from cbtool.sites import CodebookModel  # noqa: E402
-from cbtool.text import Source, train_bpe  # noqa: E402
+from cbtool.formats.checkpoint import load_checkpoint  # noqa: E402
+from cbtool.model import hf  # noqa: E402
+from cbtool.model.generate import left_pad, sample  # noqa: E402
+from cbtool.model.sites import CodebookModel  # noqa: E402
+from cbtool.tasks.corpora import Source  # noqa: E402
+from cbtool.tasks.text import train_bpe
 from tests.helpers import run_cli  # noqa: E402
 
 TEXT = ("In January the snow lay deep; in February the rivers froze. Thou art fair, and thy voice is sweet. "
@@ -299,8 +300,8 @@ def test_device_map_auto_trains_like_one_device(model_dirs, corpus, tmp_path):
     lands on the CPU, so no dispatch hooks are added): the codebooks sit on their layers' devices and the run
     equals the one without a device map."""
     pytest.importorskip("accelerate", reason="the `hf` extra (accelerate) is not installed")
-    from cbtool import placement
-    from cbtool.train import start_training
+    from cbtool.model import devices
+    from cbtool.training.start import start_training
 
     common = {"base_model": str(model_dirs["llama"]), "corpus": str(corpus), "sites": "0.attn-heads,0.attn,1.mlp",
               "steps": 3, "device": "cpu"}
@@ -308,7 +309,7 @@ def test_device_map_auto_trains_like_one_device(model_dirs, corpus, tmp_path):
     loc = trainer.model.locator
     hooked = {"attn_heads": loc.head_projection, "attn": loc.attention, "mlp": loc.mlp}
     for spec, cb in trainer.model.items():
-        assert cb.codes.device == placement.module_device(hooked[spec.component](spec.layer))
+        assert cb.codes.device == devices.module_device(hooked[spec.component](spec.layer))
     trainer.run()
     assert run_cli("train", "--preset", "tiny", "--out", tmp_path / "plain", *[
         a for k, v in common.items() for a in (f"--{k.replace('_', '-')}", v)]).exit_code == 0

@@ -1,4 +1,4 @@
-"""Real signals sent to real `cbtool` processes, and a real closed pipe (cbtool/signals.py).
+"""Real signals sent to real `cbtool` processes, and a real closed pipe (cbtool/util/signals.py).
 
 Ctrl-C (SIGINT) or SIGTERM: exit 130 / 143, one line saying what was saved and how to continue, no
 traceback, no lock or temp file left, and what is on disk loads. `cbtool ... | head -1`: exit 0, nothing on
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cbtool.checkpoint import load_checkpoint
+from cbtool.formats.checkpoint import load_checkpoint
 from tests.helpers import run_cli
 
 CLI = [sys.executable, "-m", "cbtool"]

@@ -23,10 +23,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from cbtool.checkpoint import MODEL, TRAIN_STATE, load_checkpoint
 from cbtool.errors import UserError
-from cbtool.store import Store
-from cbtool.train import Trainer, apply_preset
+from cbtool.formats.checkpoint import MODEL, TRAIN_STATE, load_checkpoint
+from cbtool.formats.store import Store
+from cbtool.training.config import apply_preset
+from cbtool.training.trainer import Trainer
 from tests.helpers import run_cli
 
 CLI = [sys.executable, "-m", "cbtool"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cbtool.kmeans_init import kmeans_codes, torch_kmeans_codes
-from cbtool.sites import parse_sites_option
+from cbtool.model.sites import parse_sites_option
+from cbtool.training.kmeans import kmeans_codes, torch_kmeans_codes
 
 
 def _clusters(n_clusters: int = 40, per: int = 50, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from cbtool.files import sha256_file
-from cbtool.metrics_log import FILE, fsm_valid_rate, read_metrics
-from cbtool.tokfsm import FSMSpec, TokFSM
-from cbtool.train import Trainer, apply_preset
+from cbtool.tasks.tokfsm import FSMSpec, TokFSM
+from cbtool.training.config import apply_preset
+from cbtool.training.metrics_log import FILE, fsm_valid_rate, read_metrics
+from cbtool.training.trainer import Trainer
+from cbtool.util.files import sha256_file
 from tests.helpers import assert_same_training, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend

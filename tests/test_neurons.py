@@ -1,4 +1,4 @@
-"""Codes vs neurons (cbtool.neurons): the matched-recall threshold against a brute-force reference, the
+"""Codes vs neurons (cbtool.analysis.neurons): the matched-recall threshold against a brute-force reference, the
 activations it reads, and `find-codes --baseline neurons` end to end."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.neurons import Query, collect, match_block, neuron_groups, neuron_name
-from cbtool.store import Store
+from cbtool.analysis.neurons import Query, collect, match_block, neuron_groups, neuron_name
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.formats.store import Store
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

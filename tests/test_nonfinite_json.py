@@ -1,4 +1,4 @@
-"""No NaN or Infinity literal is ever written (cbtool/strict_json.py `dumps`): a diverged run stops with one
+"""No NaN or Infinity literal is ever written (cbtool/util/strict_json.py `dumps`): a diverged run stops with one
 line and leaves its last checkpoint readable; a metric that is not a finite number is stored as null and
 `info` reads it back."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import math
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.strict_json import loads
-from cbtool.train import start_training
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.training.start import start_training
+from cbtool.util.strict_json import loads
 from tests.helpers import run_cli
 
 

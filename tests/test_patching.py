@@ -1,4 +1,4 @@
-"""State patching (cbtool.patching): the JSD definition on hand-checkable toys, and the CLI table."""
+"""State patching (cbtool.steering.patching): the JSD definition on hand-checkable toys, and the CLI table."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from cbtool.fsm_steering import jsd_bits
-from cbtool.model import ModelConfig, Transformer
-from cbtool.patching import (
+from cbtool.model.sites import BuiltinLocator, CodebookModel
+from cbtool.model.transformer import ModelConfig, Transformer
+from cbtool.steering.patching import (
     DEFAULT_ROWS,
     pair_jsd,
     parse_rows,
@@ -18,8 +18,8 @@ from cbtool.patching import (
     state_prompts,
     walk_tokens,
 )
-from cbtool.sites import BuiltinLocator, CodebookModel
-from cbtool.tokfsm import FSMSpec, TokFSM
+from cbtool.tasks.tokfsm import FSMSpec, TokFSM
+from cbtool.util.stats import jsd_bits
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

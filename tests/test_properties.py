@@ -9,13 +9,13 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cbtool.corpus import Document
+from cbtool.analysis.features import match_ranges, tokens_overlapping
+from cbtool.analysis.scoring import SiteScores, score_labels, score_mask
 from cbtool.errors import UserError
-from cbtool.features import match_ranges, tokens_overlapping
-from cbtool.refs import parse_code_ref, resolve_site
-from cbtool.scoring import SiteScores, score_labels, score_mask
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import documents_to_arrays, write_store
+from cbtool.formats.store import documents_to_arrays, write_store
+from cbtool.model.refs import parse_code_ref, resolve_site
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.base import Document
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbtool.store import Store
+from cbtool.formats.store import Store
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only contend
@@ -238,7 +238,7 @@ def explained_run(fsm_run):
 
 
 def test_report_puts_each_explanation_on_its_code_card(explained_run):
-    from cbtool.explanations import shell_query
+    from cbtool.explanations.explainer import shell_query
 
     doc = explained_run["doc"]
     html = explained_run["html"].read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""`train --resume` with options (cbtool/resume.py): every stored option given with a different value is
+"""`train --resume` with options (cbtool/training/resume.py): every stored option given with a different value is
 refused (exit 2, one line naming it, the checkpoint untouched) but for those that may change, which are
 applied and announced; options equal to the stored run's are accepted."""
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cbtool.resume import MAY_CHANGE
-from cbtool.train import TrainConfig, cli_fields, start_training
+from cbtool.training.config import TrainConfig, cli_fields
+from cbtool.training.resume import MAY_CHANGE
+from cbtool.training.start import start_training
 from tests.helpers import run_cli
 
 

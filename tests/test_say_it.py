@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cbtool import text as textmod
+from cbtool.tasks import corpora
 from tests.helpers import run_cli
 
 pytest.importorskip("tokenizers", reason="the `text` extra (tokenizers) is not installed")
@@ -32,7 +32,7 @@ def test_text_checkpoint_records_its_corpus_hash_and_eval_embed_warn_when_it_cha
     assert res.exit_code == 0, res.output
     meta_file = ck / "cbtool.json"
     recorded = json.loads(meta_file.read_text())["task"]["corpus_sha256"]
-    assert recorded == textmod.corpus_sha256(str(corpus)) and len(recorded) == 64
+    assert recorded == corpora.corpus_sha256(str(corpus)) and len(recorded) == 64
 
     def eval_() -> list[str]:
         r = run_cli("eval", ck, "--blocks", "2", "--device", "cpu", "--json")
@@ -53,7 +53,7 @@ def test_text_checkpoint_records_its_corpus_hash_and_eval_embed_warn_when_it_cha
     r = run_cli("train", "--resume", "--out", ck, "--steps", "3", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert len(_warnings(r.stderr)) == 1
-    assert json.loads(meta_file.read_text())["task"]["corpus_sha256"] == textmod.corpus_sha256(str(corpus))
+    assert json.loads(meta_file.read_text())["task"]["corpus_sha256"] == corpora.corpus_sha256(str(corpus))
     assert eval_() == []
     # a checkpoint from before the field: nothing to compare, no warning
     meta = json.loads(meta_file.read_text())
@@ -65,13 +65,13 @@ def test_text_checkpoint_records_its_corpus_hash_and_eval_embed_warn_when_it_cha
 def test_corpus_hash_follows_names_and_bytes(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text("one", encoding="utf-8")
-    first = textmod.corpus_sha256(str(tmp_path / "c"))
+    first = corpora.corpus_sha256(str(tmp_path / "c"))
     os.rename(tmp_path / "c" / "a.txt", tmp_path / "c" / "b.txt")
-    assert textmod.corpus_sha256(str(tmp_path / "c")) != first
+    assert corpora.corpus_sha256(str(tmp_path / "c")) != first
     os.rename(tmp_path / "c" / "b.txt", tmp_path / "c" / "a.txt")
-    assert textmod.corpus_sha256(str(tmp_path / "c")) == first
+    assert corpora.corpus_sha256(str(tmp_path / "c")) == first
     (tmp_path / "c" / "notes.md").write_text("not read by the text task", encoding="utf-8")
-    assert textmod.corpus_sha256(str(tmp_path / "c")) == first  # only the files the task reads count
+    assert corpora.corpus_sha256(str(tmp_path / "c")) == first  # only the files the task reads count
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

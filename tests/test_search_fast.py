@@ -1,6 +1,6 @@
-"""The fast regex-feature path of `find-codes` (cbtool/features.py: one timed search per document, the
+"""The fast regex-feature path of `find-codes` (cbtool/analysis/features.py: one timed search per document, the
 tokens of a match found by binary search on the spans) against a brute-force count, and the record of
-sha256 checks that lets later readers skip re-hashing unchanged files (cbtool/verified.py)."""
+sha256 checks that lets later readers skip re-hashing unchanged files (cbtool/formats/verified.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import os
 import numpy as np
 import pytest
 
-import cbtool.store as store_module
-from cbtool.corpus import Document
-from cbtool.search import find_codes
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import Store, documents_to_arrays, shard_name, write_store
-from cbtool.verified import RECORD
+import cbtool.formats.store as store_module
+from cbtool.analysis.search import find_codes
+from cbtool.formats.store import Store, documents_to_arrays, shard_name, write_store
+from cbtool.formats.verified import RECORD
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.base import Document
 from tests.helpers import run_cli
 from tests.test_find_codes import _brute_regex
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cbtool.errors import UserError
-from cbtool.model import ModelConfig, Transformer
-from cbtool.refs import parse_code_ref, resolve_site
-from cbtool.sites import BuiltinLocator, CodebookModel, parse_sites_option
+from cbtool.model.refs import parse_code_ref, resolve_site
+from cbtool.model.sites import BuiltinLocator, CodebookModel, parse_sites_option
+from cbtool.model.transformer import ModelConfig, Transformer
 
 CFG = ModelConfig(vocab_size=11, block_size=32, n_layer=3, n_head=4, d_model=32, d_mlp=64)
 

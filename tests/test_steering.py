@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.codebook import select_topk
-from cbtool.fsm_steering import (
-    best_codes_per_state,
-    fsm_state_steering,
-    jsd_bits,
-    patched_next_state,
-    true_next_state,
-)
-from cbtool.generate import left_pad
-from cbtool.model import ModelConfig, Transformer
-from cbtool.sites import BuiltinLocator, CodebookModel
-from cbtool.steering import (
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.model.codebook import select_topk
+from cbtool.model.generate import left_pad
+from cbtool.model.sites import BuiltinLocator, CodebookModel
+from cbtool.model.transformer import ModelConfig, Transformer
+from cbtool.steering.fsm import best_codes_per_state, fsm_state_steering, patched_next_state, true_next_state
+from cbtool.steering.interventions import (
     Intervention,
     SampleJob,
     generate_with_twins,
@@ -25,9 +19,9 @@ from cbtool.steering import (
     sample_steered,
     sample_uniforms,
     steering,
-    wilson_interval,
 )
-from cbtool.tokfsm import TokFSM
+from cbtool.tasks.tokfsm import TokFSM
+from cbtool.util.stats import jsd_bits, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

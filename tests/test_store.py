@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from cbtool.errors import UserError
-from cbtool.files import sha256_file
-from cbtool.sites import CodebookSpec, Site
-from cbtool.store import Store, StoreWriter, code_dtype, documents_to_arrays, shard_name, write_store
-from cbtool.tokfsm import fsm_document
+from cbtool.formats.store import Store, StoreWriter, code_dtype, documents_to_arrays, shard_name, write_store
+from cbtool.model.sites import CodebookSpec, Site
+from cbtool.tasks.tokfsm import fsm_document
+from cbtool.util.files import sha256_file
 from tests.helpers import run_cli
 
 

@@ -8,11 +8,11 @@ from dataclasses import fields
 
 import pytest
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.task import Task
-from cbtool.text import TextTask
-from cbtool.tokfsm import TokFSM
-from cbtool.train import TrainConfig, cli_fields, make_config
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.tasks.base import Task
+from cbtool.tasks.text import TextTask
+from cbtool.tasks.tokfsm import TokFSM
+from cbtool.training.config import TrainConfig, cli_fields, make_config
 from tests.helpers import run_cli
 
 pytest.importorskip("tokenizers", reason="the `text` extra (tokenizers) is not installed")

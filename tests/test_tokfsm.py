@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cbtool.tokfsm import BOS, FSMSpec, TokFSM
+from cbtool.tasks.tokfsm import BOS, FSMSpec, TokFSM
 
 
 def states_of(tokens: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from cbtool.checkpoint import load_checkpoint
-from cbtool.train import TrainConfig, Trainer, apply_preset
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.training.config import TrainConfig, apply_preset
+from cbtool.training.trainer import Trainer
 from tests.helpers import assert_same_training, run_cli
 
 

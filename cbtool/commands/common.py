@@ -10,8 +10,8 @@ from typing import Any
 
 from rich.console import Console
 
-from cbtool import strict_json
-from cbtool.store import Store, open_store
+from cbtool.formats.store import Store, open_store
+from cbtool.util import strict_json
 
 SCHEMA_VERSION = 1
 
@@ -24,7 +24,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # logs: stderr, one
 
 
 def _closed_stdout() -> None:
-    """rich would exit 1 when the reader of stdout is gone; the CLI ends quietly with 0 (cbtool/signals.py)."""
+    """rich would exit 1 when the reader of stdout is gone; the CLI ends quietly with 0 (docs/cli.md)."""
     out.quiet = True
     raise BrokenPipeError(errno.EPIPE, "stdout was closed")
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cbtool import distributed, plots
+from cbtool.analysis.usage import check_options
+from cbtool.analysis.usage import dead_codes as dead_codes_of
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, err, open_run_store, out
 from cbtool.errors import CheckFailed
-from cbtool.plots import check_plot_path
-from cbtool.usage import check_options
-from cbtool.usage import dead_codes as dead_codes_of
+from cbtool.report import plots
+from cbtool.report.plots import check_plot_path
+from cbtool.util import distributed
 
 
 def dead_codes(

@@ -9,8 +9,6 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from cbtool import distributed, progress, signals
-from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import (
     DEVICE_HELP,
     RUN_OPTION_HELP,
@@ -22,8 +20,10 @@ from cbtool.commands.common import (
 )
 from cbtool.embedding import DEFAULT_SHARD_TOKENS, EmbedJob, plan_embed
 from cbtool.errors import UserError
-from cbtool.store import SHARD_META, code_dtype, read_manifest
-from cbtool.train import resolve_device
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.formats.store import SHARD_META, code_dtype, read_manifest
+from cbtool.model.devices import resolve_device
+from cbtool.util import distributed, progress, signals
 
 
 def _parse_worker(text: str | None) -> tuple[int, int]:
@@ -94,7 +94,7 @@ def embed(
                        seed, split, sites, batch_size, max_tokens, shard_tokens, str(dev), overwrite],
                       "the embed arguments")
     ckpt = load_checkpoint(ckpt_dir, device=dev)
-    with signals.describing(lambda: _saved(target)):  # an interrupt's one line (cbtool/signals.py)
+    with signals.describing(lambda: _saved(target)):  # an interrupt's one line (cbtool/util/signals.py)
         # rank 0 creates (or replaces) the store, then the other ranks reopen it
         job = distributed.main_first(lambda: plan_embed(
             ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split, sites=sites,

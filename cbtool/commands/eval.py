@@ -7,13 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cbtool import metrics_log, plots
-from cbtool.checkpoint import Checkpoint, load_checkpoint
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
-from cbtool.limits import MAX_SAMPLES
-from cbtool.plots import check_plot_path
-from cbtool.train import resolve_device
+from cbtool.formats.checkpoint import Checkpoint, load_checkpoint
+from cbtool.model.devices import resolve_device
+from cbtool.report import plots
+from cbtool.report.plots import check_plot_path
+from cbtool.training import metrics_log
+from cbtool.util.limits import MAX_SAMPLES
 
 
 def evaluate(

@@ -1,5 +1,5 @@
-"""`cbtool explain`: the best symbolic hypothesis of every live code and the census (cbtool/explanations.py), and
-with `--fsm` the TokFSM automaton recovered from each site's codes (cbtool/automaton.py)."""
+"""`cbtool explain`: the best symbolic hypothesis of every live code and the census, and
+with `--fsm` the TokFSM automaton recovered from each site's codes (docs/explain.md)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cbtool.automaton import DEFAULT_MIN_EDGE_COUNT, recover_automaton
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
-from cbtool.explanations import (
+from cbtool.explanations.automaton import DEFAULT_MIN_EDGE_COUNT, recover_automaton
+from cbtool.explanations.explainer import (
     DEFAULT_MAX_COVERAGE,
     DEFAULT_MAX_SET,
     DEFAULT_MIN_COUNT,
@@ -23,7 +23,7 @@ from cbtool.explanations import (
     check_explained,
     shell_query,
 )
-from cbtool.explanations import explain as explain_store
+from cbtool.explanations.explainer import explain as explain_store
 
 
 def explain(

@@ -1,4 +1,4 @@
-"""`cbtool find-codes`: precision/recall of every stored code against a regex or label feature (cbtool/search.py)."""
+"""`cbtool find-codes`: precision/recall of every stored code against a regex or label feature (docs/analyse.md)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from cbtool import distributed, plots
+from cbtool.analysis.search import GOOD_PRECISION, check_query, feature_title
+from cbtool.analysis.search import find_codes as search
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, emit_json, emit_jsonl, err, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
-from cbtool.plots import check_plot_path
-from cbtool.search import GOOD_PRECISION, check_query, feature_title
-from cbtool.search import find_codes as search
+from cbtool.report import plots
+from cbtool.report.plots import check_plot_path
+from cbtool.util import distributed
 
 
 def _fmt(x: float) -> str:
@@ -77,7 +78,7 @@ def find_codes(
         raise UserError("choose one of --json and --jsonl")
     dev: Any = "cpu"
     if baseline:
-        from cbtool.train import resolve_device
+        from cbtool.model.devices import resolve_device
 
         dev = resolve_device(device)
     store = open_run_store(store_path, run)

@@ -9,11 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cbtool import metrics_log
-from cbtool.checkpoint import load_checkpoint
 from cbtool.commands.common import RUN_OPTION_HELP, default_checkpoint, emit_json, out
-from cbtool.store import MANIFEST, checkpoint_status, read_manifest
-from cbtool.task import format_metrics
+from cbtool.formats.checkpoint import load_checkpoint
+from cbtool.formats.store import MANIFEST, checkpoint_status, read_manifest
+from cbtool.tasks.base import format_metrics
+from cbtool.training import metrics_log
 
 
 def info(

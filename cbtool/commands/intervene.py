@@ -1,6 +1,6 @@
 # ruff: noqa: B008  (typer declares options as call defaults)
 """`cbtool intervene`: batch-steered generation beside an unsteered baseline; `--fsm-eval` runs the
-paper's TokFSM state-patching experiment (cbtool/patching.py; `--fsm-mode steering`: cbtool/fsm_steering.py)."""
+paper's TokFSM state-patching experiment (docs/steer.md)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cbtool import plots
-from cbtool.checkpoint import Checkpoint, load_checkpoint
-from cbtool.code_meaning import code_meaning, matching_store
 from cbtool.commands.common import (
     DEVICE_HELP,
     RUN_OPTION_HELP,
@@ -26,13 +23,15 @@ from cbtool.commands.common import (
     out,
 )
 from cbtool.errors import CheckFailed, UserError
-from cbtool.fsm_text import group_states
-from cbtool.patching import DEFAULT_ROWS, ROW_HELP
-from cbtool.plots import check_plot_path
-from cbtool.steer_jobs import check_options, steer
-from cbtool.steer_jobs import codes_from as steer_codes_from
-from cbtool.tokfsm import TokFSM
-from cbtool.train import resolve_device
+from cbtool.explanations.explainer import code_meaning, matching_store
+from cbtool.formats.checkpoint import Checkpoint, load_checkpoint
+from cbtool.model.devices import resolve_device
+from cbtool.report import plots
+from cbtool.report.plots import check_plot_path
+from cbtool.steering.jobs import check_options, steer
+from cbtool.steering.jobs import codes_from as steer_codes_from
+from cbtool.steering.patching import DEFAULT_ROWS, ROW_HELP
+from cbtool.tasks.tokfsm import TokFSM, group_states
 
 
 def intervene(
@@ -224,7 +223,7 @@ def _tokfsm_checkpoint(path: Path | None, run: Path | None, dev, extra: Any) -> 
 
 def _fsm_patching(path: Path | None, run: Path | None, dev, prefix_states: int, rows: str, seed: int,
                   as_json: bool, extra: Any) -> None:
-    from cbtool.patching import PATCHING_NOTE, parse_rows, patching_table, state_patching
+    from cbtool.steering.patching import PATCHING_NOTE, parse_rows, patching_table, state_patching
 
     ckpt = _tokfsm_checkpoint(path, run, dev, extra)
     res = state_patching(ckpt.model, ckpt.task, dev, parse_rows(rows, ckpt.model), prefix_states, seed)
@@ -238,7 +237,7 @@ def _fsm_patching(path: Path | None, run: Path | None, dev, prefix_states: int, 
 
 def _fsm_eval(path: Path | None, run: Path | None, dev, pairs: int, patch: str, code_seqs: int, seed: int,
               temperature: float, as_json: bool, extra: Any) -> dict[str, Any]:
-    from cbtool.fsm_steering import fsm_state_steering
+    from cbtool.steering.fsm import fsm_state_steering
 
     if pairs < 1 or code_seqs < 1:
         raise UserError("--pairs and --code-seqs must be >= 1")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import typer
 
-from cbtool.checkpoint import META
 from cbtool.commands.common import (
     RUN_OPTION_HELP,
     default_checkpoint,
@@ -19,8 +18,9 @@ from cbtool.commands.common import (
     run_dir,
 )
 from cbtool.errors import UserError
-from cbtool.report import Limits, build, write_report
-from cbtool.store import MANIFEST
+from cbtool.formats.checkpoint import META
+from cbtool.formats.store import MANIFEST
+from cbtool.report.build import Limits, build, write_report
 
 LIMITS = Limits()
 

@@ -1,4 +1,4 @@
-"""`cbtool show-code`: the contexts a code fires on, with the firing token highlighted (cbtool/contexts.py)."""
+"""`cbtool show-code`: the contexts a code fires on, with the firing token highlighted (docs/analyse.md)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from cbtool.analysis.contexts import code_contexts
+from cbtool.analysis.similar import similar_codes
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, open_run_store, out
-from cbtool.contexts import code_contexts
 from cbtool.errors import UserError
-from cbtool.fsm_text import group_context
-from cbtool.similar import similar_codes
+from cbtool.tasks.tokfsm import group_context
 
 
 def show_code(

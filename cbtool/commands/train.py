@@ -9,10 +9,12 @@ from typing import Any, get_args, get_type_hints
 
 import typer
 
-from cbtool import signals
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
-from cbtool.resume import saved_line
-from cbtool.train import TrainConfig, Trainer, cli_fields, cli_help, start_training
+from cbtool.training.config import TrainConfig, cli_fields, cli_help
+from cbtool.training.resume import saved_line
+from cbtool.training.start import start_training
+from cbtool.training.trainer import Trainer
+from cbtool.util import signals
 
 
 def train(
@@ -22,7 +24,7 @@ def train(
                                "trained with the model from step 0: TokFSM for a GPU; text, MLP codebooks, ~3 min "
                                "on a CPU), tiny (seconds). The "
                                "defaults shown below are the TokFSM default preset's; --task text and --base-model "
-                               "runs have their own presets (cbtool/train.py)."),
+                               "runs have their own presets (docs/train.md)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     device_map: str | None = typer.Option(None, "--device-map",
                                           help="auto: spread a --base-model too large for one device over the "
@@ -52,7 +54,7 @@ def train(
     given = ctx.get_parameter_source("preset").name not in ("DEFAULT", "DEFAULT_MAP")  # type: ignore[union-attr]
     started: list[Trainer] = []
 
-    def saved() -> str:  # an interrupt's one line (cbtool/signals.py)
+    def saved() -> str:  # an interrupt's one line (cbtool/util/signals.py)
         t = started[0] if started else None
         return saved_line(target, t.saved_step if t else None, t.total_steps if t else None, resume)
 

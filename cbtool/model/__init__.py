@@ -1,0 +1,2 @@
+"""The model: codebooks, sites, the built-in transformer, Hugging Face bases, device placement, generation and code
+references."""

@@ -1,0 +1,253 @@
+"""Sites: where codebooks sit in a model, what they are called, and the hooks that insert them.
+
+A *codebook module* is one `Codebook` at (layer, component), component one of
+`attn_heads` (all heads of a layer, batched; before the attention output projection),
+`attn` (attention output) or `mlp` (MLP output). A *site* is what users name: `L.mlp`, `L.attn`,
+or `L.attn.hH` for head H of an `attn_heads` module. Codebooks are inserted with module hooks at
+points a `Locator` provides, so the built-in model and Hugging Face models share this code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from cbtool.errors import UserError
+from cbtool.model.codebook import Codebook
+from cbtool.util.limits import MAX_CODES, MAX_ELEMENTS
+
+COMPONENTS = ("attn_heads", "attn", "mlp")
+_COMPONENT_WORDS = {"attn-heads": "attn_heads", "attn_heads": "attn_heads", "heads": "attn_heads",
+                    "attn": "attn", "mlp": "mlp"}
+
+
+@dataclass(frozen=True)
+class CodebookSpec:
+    """One codebook module: (layer, component) with its size. Serialised in cbtool.json."""
+
+    layer: int
+    component: str
+    groups: int
+    dim: int
+    num_codes: int
+    k: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.attn.heads" if self.component == "attn_heads" else f"{self.layer}.{self.component}"
+
+    @property
+    def tensor_name(self) -> str:
+        return f"{self.key}.codes"
+
+    @property
+    def site_names(self) -> list[str]:
+        if self.component == "attn_heads":
+            return [f"{self.layer}.attn.h{h}" for h in range(self.groups)]
+        return [self.key]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CodebookSpec:
+        """A spec from its serialised form (cbtool.json "codebooks", manifest.json "sites"; other keys are
+        ignored), checked: ValueError, TypeError or KeyError when an entry is malformed or absurdly large."""
+        spec = cls(int(d["layer"]), str(d["component"]), int(d["groups"]), int(d["dim"]), int(d["num_codes"]),
+                   int(d["k"]))
+        if spec.component not in ("attn_heads", "attn", "mlp") or min(
+            spec.groups, spec.dim, spec.num_codes, spec.k
+        ) < 1 or spec.k > spec.num_codes:
+            raise ValueError(f"bad codebook entry {d}")
+        if spec.num_codes > MAX_CODES or spec.groups * spec.num_codes * spec.dim > MAX_ELEMENTS:
+            raise ValueError(f"codebook {spec.groups}x{spec.num_codes}x{spec.dim} is absurdly large")
+        return spec
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(key=self.key, sites=self.site_names, tensor=self.tensor_name, similarity="cosine")
+        return d
+
+
+@dataclass(frozen=True)
+class Site:
+    """A user-visible site: a codebook module and the group (head) within it."""
+
+    name: str
+    spec: CodebookSpec
+    group: int
+
+    @property
+    def num_codes(self) -> int:
+        return self.spec.num_codes
+
+
+class Locator(Protocol):
+    """Where the hook points of a model are."""
+
+    n_layer: int
+    n_head: int
+    d_model: int
+
+    def head_projection(self, layer: int) -> nn.Module: ...  # input = heads side by side
+    def attention(self, layer: int) -> nn.Module: ...  # output (or its first element) = attn output
+    def mlp(self, layer: int) -> nn.Module: ...  # output = MLP output
+    def check_sites(self, chosen: list[tuple[int, str]]) -> None: ...  # UserError for sites it cannot host
+
+
+class BuiltinLocator:
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        self.model, self.n_layer, self.n_head, self.d_model = model, cfg.n_layer, cfg.n_head, cfg.d_model
+
+    def head_projection(self, layer: int) -> nn.Module:
+        return self.model.layers[layer].attn.proj
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.model.layers[layer].attn
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.model.layers[layer].mlp
+
+    def check_sites(self, chosen: list[tuple[int, str]]) -> None:
+        """Every site fits the built-in model (its heads always split d_model evenly)."""
+
+
+def middle_sites(n_layer: int) -> set[tuple[int, str]]:
+    """MLP outputs at 1/3, 1/2, 2/3 of the depth, attention outputs at 1/2 and 2/3 (`--sites middle`)."""
+    third, half, two_thirds = n_layer // 3, n_layer // 2, (2 * n_layer) // 3
+    return {(third, "mlp"), (half, "mlp"), (two_thirds, "mlp"), (half, "attn"), (two_thirds, "attn")}
+
+
+def parse_sites_option(text: str, n_layer: int) -> list[tuple[int, str]]:
+    """`--sites`: comma-separated items, each COMPONENT (every layer), LAYERS.COMPONENT or LAYERS,
+    where COMPONENT is attn-heads|attn|mlp and LAYERS is `2` or `0-2`; a bare LAYERS means
+    attn-heads and mlp at those layers. The item `middle` (the pretrained-base default) means the MLP
+    outputs at 1/3, 1/2 and 2/3 of the depth and the attention outputs at 1/2 and 2/3 (SmolLM2's 30 layers:
+    10.mlp, 15.mlp, 20.mlp, 15.attn, 20.attn). Returns sorted unique (layer, component)."""
+    out: set[tuple[int, str]] = set()
+    if "middle" in (t.strip() for t in text.split(",")):
+        out.update(middle_sites(n_layer))
+        text = ",".join(t for t in text.split(",") if t.strip() != "middle")
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        m = re.fullmatch(r"(?:([0-9]{1,9})(?:-([0-9]{1,9}))?)?\.?([a-z_-]+)?", item)
+        if not m or (m.group(1) is None and m.group(3) is None):
+            raise UserError(f"bad --sites item {item!r}: use mlp, attn, attn-heads, 2.mlp, 0-1.attn or 0,2")
+        lo, hi, word = m.group(1), m.group(2), m.group(3)
+        if word is not None and word not in _COMPONENT_WORDS:
+            raise UserError(f"unknown site component {word!r} in --sites: use attn-heads, attn or mlp")
+        if lo is None:
+            layers = range(n_layer)
+        else:
+            a, b = int(lo), int(hi) if hi is not None else int(lo)
+            if b < a or b >= n_layer:
+                raise UserError(f"--sites layer {item!r} out of range: the model has layers 0-{n_layer - 1}")
+            layers = range(a, b + 1)
+        comps = [_COMPONENT_WORDS[word]] if word else ["attn_heads", "mlp"]
+        out.update((layer, c) for layer in layers for c in comps)
+    if not out:
+        raise UserError("--sites selects no site")
+    return sorted(out, key=lambda lc: (lc[0], COMPONENTS.index(lc[1])))
+
+
+def parse_site_codes(text: str, chosen: list[tuple[int, str]], n_layer: int) -> dict[tuple[int, str], int]:
+    """`--site-codes`: comma-separated SITES=C items, SITES as in `--sites` (`0.mlp=4000`, `mlp=2000`);
+    later items win. Every item must name at least one chosen module."""
+    out: dict[tuple[int, str], int] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        where, eq, count = item.partition("=")
+        if not eq or not count.strip().isdigit():
+            raise UserError(f"bad --site-codes item {item!r}: use SITES=C, e.g. 0.mlp=4000 or mlp=2000")
+        try:
+            modules = [m for m in parse_sites_option(where, n_layer) if m in chosen]
+        except UserError as e:
+            raise UserError(f"--site-codes item {item!r}: {e}") from None
+        if not modules:
+            raise UserError(f"--site-codes item {item!r} names no codebook of --sites")
+        out.update((m, int(count)) for m in modules)
+    return out
+
+
+class CodebookModel(nn.Module):
+    """A base model with codebooks hooked in at its sites."""
+
+    def __init__(self, base: nn.Module, locator: Locator, specs: list[CodebookSpec]) -> None:
+        super().__init__()
+        self.base, self.locator = base, locator
+        self.specs = list(specs)
+        self.codebooks = nn.ModuleDict(
+            {_module_key(s): Codebook(s.dim, s.num_codes, s.k, s.groups) for s in self.specs}
+        )
+        self._handles = [self._hook(s) for s in self.specs]
+        self.sites: dict[str, Site] = {
+            name: Site(name, s, g) for s in self.specs for g, name in enumerate(s.site_names)
+        }
+
+    @classmethod
+    def build(cls, base: nn.Module, locator: Locator, chosen: list[tuple[int, str]],
+              num_codes: int, k: int, site_codes: dict[tuple[int, str], int] | None = None) -> CodebookModel:
+        """`site_codes`: C for some (layer, component) modules instead of `num_codes`."""
+        specs = []
+        for layer, comp in chosen:
+            if comp == "attn_heads":
+                groups, dim = locator.n_head, locator.d_model // locator.n_head
+            else:
+                groups, dim = 1, locator.d_model
+            c = (site_codes or {}).get((layer, comp), num_codes)
+            specs.append(CodebookSpec(layer, comp, groups, dim, c, k))
+        return cls(base, locator, specs)
+
+    def codebook(self, spec: CodebookSpec) -> Codebook:
+        return self.codebooks[_module_key(spec)]
+
+    def items(self) -> list[tuple[CodebookSpec, Codebook]]:
+        return [(s, self.codebook(s)) for s in self.specs]
+
+    def forward(self, *args, **kwargs):
+        return self.base(*args, **kwargs)
+
+    def set_enabled(self, enabled: bool) -> None:
+        for cb in self.codebooks.values():
+            cb.enabled = enabled
+
+    def set_record(self, record: bool) -> None:
+        for cb in self.codebooks.values():
+            cb.record = record
+            cb.last = None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [cb.aux_loss for cb in self.codebooks.values() if cb.aux_loss is not None]
+        for cb in self.codebooks.values():
+            cb.aux_loss = None
+        return torch.stack([x.to(losses[0].device) for x in losses]).sum() if losses else None  # any devices
+
+    def _hook(self, spec: CodebookSpec):
+        cb = self.codebook(spec)
+        if spec.component == "attn_heads":
+            h = spec.groups
+
+            def pre_hook(_module, args):
+                x = args[0]
+                y = cb(x.reshape(*x.shape[:-1], h, x.shape[-1] // h)).reshape(x.shape)
+                return (y, *args[1:])
+
+            return self.locator.head_projection(spec.layer).register_forward_pre_hook(pre_hook)
+
+        def post_hook(_module, _args, output):
+            if isinstance(output, tuple):
+                return (cb(output[0].unsqueeze(-2)).squeeze(-2), *output[1:])
+            return cb(output.unsqueeze(-2)).squeeze(-2)
+
+        target = self.locator.attention if spec.component == "attn" else self.locator.mlp
+        return target(spec.layer).register_forward_hook(post_hook)
+
+
+def _module_key(spec: CodebookSpec) -> str:
+    return spec.key.replace(".", "_")

@@ -1,0 +1,1 @@
+"""Steering: interventions on codes, steering jobs, TokFSM steering and state patching (docs/steer.md)."""

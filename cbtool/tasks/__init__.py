@@ -1,0 +1,1 @@
+"""Tasks: the Task protocol and documents, TokFSM, text corpora and tokenizers, and evaluation."""

@@ -1,0 +1,79 @@
+"""Continuing a training run: which options `train --resume` may change, and what an interrupted run tells
+the user (README.md "Exit codes").
+
+`--resume` continues the run stored in the checkpoint. An option given with it either agrees with the stored
+run, or is one that may change (MAY_CHANGE: how long phase 2 lasts, how often to save and log, whether the
+final save keeps the optimizer) and is applied and announced, or conflicts: the whole command is refused
+with one line naming every conflicting option (exit 2). Only options the user gave count; the CLI passes
+only those (cbtool/commands/train.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cbtool.errors import UserError
+
+# TrainConfig fields a resumed run may change: none alters what the steps already taken computed
+MAY_CHANGE = ("steps", "checkpoint_every", "log_every", "keep_optimizer")
+PATH_OPTIONS = ("corpus", "base_model")  # stored resolved: compared as resolved paths
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same(name: str, given: Any, stored: Any) -> bool:
+    if name in PATH_OPTIONS and isinstance(given, str) and isinstance(stored, str) and Path(given).exists():
+        return str(Path(given).resolve()) == str(Path(stored).resolve())
+    if isinstance(given, float) or isinstance(stored, float):
+        return isinstance(stored, int | float) and not isinstance(stored, bool) and float(given) == float(stored)
+    return given == stored
+
+
+def reconcile(training: dict[str, Any], preset: str | None, options: dict[str, Any]) -> tuple[dict[str, Any],
+                                                                                                list[str]]:
+    """The stored run's `training` metadata (cbtool.json) against the options given with --resume: the
+    changes to apply (TrainConfig field -> value) and one announcement per change. A conflicting option,
+    or a --steps that ends before the step already reached, is refused with one UserError line."""
+    config = training.get("config") if isinstance(training.get("config"), dict) else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    conflicts = []
+    if preset is not None and preset != training.get("preset"):
+        stored = training.get("preset")
+        conflicts.append(f"--preset {preset} (the run's: {stored})" if stored is not None
+                         else f"--preset {preset} (the checkpoint does not record its preset)")
+    changes: dict[str, Any] = {}
+    for name, value in given.items():
+        if name not in config or _same(name, value, config[name]):
+            continue
+        if name in MAY_CHANGE:
+            changes[name] = value
+        else:
+            conflicts.append(f"{_flag(name)} {value} (the run's: {config[name]})")
+    if conflicts:
+        raise UserError(f"--resume continues the stored run; these options conflict with it: {'; '.join(conflicts)}. "
+                        f"Only {', '.join(map(_flag, MAY_CHANGE))} may change on --resume; train a new run "
+                        f"(--overwrite, or another --out) to change the others")
+    notes = []
+    if "steps" in changes:
+        step, base = training.get("step"), config.get("base_steps")
+        if isinstance(step, int) and isinstance(base, int) and base + changes["steps"] < step:
+            raise UserError(f"--steps {changes['steps']} ends at step {base + changes['steps']}, but the run is "
+                            f"already at step {step}; give at least {step - base}")
+        notes.append(f"--steps {config['steps']} -> {changes['steps']} (the codebook phase's learning-rate "
+                     f"schedule follows the new length from here on)")
+    notes += [f"{_flag(k)} {config[k]} -> {v}" for k, v in changes.items() if k != "steps"]
+    return changes, notes
+
+
+def saved_line(target: Path, saved_step: int | None, total_steps: int | None, resuming: bool) -> str:
+    """What an interrupted `train` left at `target` and how to continue (cbtool/util/signals.py prints it)."""
+    again = f"cbtool train --resume --out {target}"
+    if saved_step is None:
+        if resuming:
+            return f"the checkpoint at {target} is as it was; continue with: {again}"
+        return f"nothing was saved yet (no checkpoint written to {target} by this run)"
+    if total_steps is not None and saved_step >= total_steps:
+        return f"the finished checkpoint is at {target}"
+    return f"the last checkpoint, step {saved_step}/{total_steps}, is at {target}; continue with: {again}"

@@ -1,0 +1,105 @@
+"""File helpers shared by checkpoints (cbtool/formats/checkpoint.py), code stores (cbtool/formats/store.py) and
+Hugging Face
+bases (cbtool/model/hf.py): hashing, atomic writes (docs/formats.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbtool.errors import UserError
+
+BLOCK = 1 << 20  # bytes read at a time while hashing
+
+
+def hash_file_into(h: Any, path: Path) -> None:
+    """Feed a file's bytes to a hashlib object, a block at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(BLOCK), b""):
+            h.update(block)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    hash_file_into(h, path)
+    return h.hexdigest()
+
+
+def content_hash(files: list[tuple[str, Path]]) -> str:
+    """sha256 over (name, bytes) of files in the given order: one hash for a set of files (a pretrained base's,
+    cbtool/model/hf.py; a text corpus's, cbtool/tasks/text.py), so renaming a file changes it as editing one does."""
+    h = hashlib.sha256()
+    for name, f in files:
+        h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        hash_file_into(h, f)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temp file in the same directory and an atomic rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file via a temp file in the same directory and an atomic rename; its permissions follow the
+    umask, as a plain open() would (mkstemp alone makes 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """A plain .npy file (never pickled), flushed to disk."""
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_bytes(path: Path, what: str = "file") -> bytes:
+    """A regular file's bytes; anything else (a FIFO, a device such as /dev/zero, a folder) is refused
+    without blocking on it. One UserError line for every failure."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{what} {path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """A regular file's UTF-8 text (see `read_bytes`)."""
+    data = read_bytes(path, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
