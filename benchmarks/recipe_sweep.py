@@ -8,7 +8,7 @@ and evaluates on the held-out documents, so its line is what `cbtool train` with
 
 With no --base-model the built-in text model is used: its plain phase is trained ONCE (the text default's
 `base_steps`) and every variant starts from that same base, which is what makes a sweep of the built-in
-model affordable on a CPU. A variant is `field=value,...` over TrainConfig fields (cbtool/training/);
+model affordable on a CPU. A variant is `field=value,...` over TrainConfig fields (cbtool/training/config.py);
 `sites` takes `;` in place of `,` inside a variant (e.g. `sites=12.mlp;20.mlp`).
 Output: one line per variant (and `--json-out FILE`: the rows).
 """

@@ -19,11 +19,11 @@ try:  # typer >= 0.2x vendors click
 except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as cx
 
-import cbtool
 from cbtool.commands.common import err
 from cbtool.errors import CbtoolWarning, CheckFailed, UserError, environment_error
 from cbtool.util import progress, signals
 from cbtool.util.limits import check_option
+from cbtool.version import __version__
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
 # commands that run as one job over the ranks of `torchrun` (cbtool/util/distributed.py); others are refused there
@@ -185,7 +185,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"cbtool {cbtool.__version__}")
+        typer.echo(f"cbtool {__version__}")
         raise typer.Exit()
 
 

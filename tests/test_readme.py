@@ -166,7 +166,8 @@ def _reader_files(tmp: Path) -> None:
 def _hf_models(tmp: Path) -> None:
     """./pythia-70m and ./gpt2 as tiny random models of those families (6 layers), made offline."""
     transformers = pytest.importorskip("transformers")
-    from cbtool.text import Source, train_bpe
+    from cbtool.tasks.corpora import Source
+    from cbtool.tasks.text import train_bpe
 
     tok = train_bpe([Source("t", (tmp / "notes.txt").read_text())], 300)
     configs = {
@@ -263,7 +264,7 @@ def test_skipped_install_examples_are_still_right():
 
 
 def _labels_from_store(tmp: Path) -> None:
-    from cbtool.store import Store
+    from cbtool.formats.store import Store
 
     store = Store(tmp / "cbtool-run" / "codes")
     labels = np.concatenate([np.asarray(store.labels(s, "state")) for s in range(store.num_shards)])

@@ -223,7 +223,7 @@ def _tokfsm_checkpoint(path: Path | None, run: Path | None, dev, extra: Any) -> 
 
 def _fsm_patching(path: Path | None, run: Path | None, dev, prefix_states: int, rows: str, seed: int,
                   as_json: bool, extra: Any) -> None:
-    from cbtool.steering.patching import PATCHING_NOTE, parse_rows, patching_table, state_patching
+    from cbtool.steering.patching import PATCHING_NOTE, parse_rows, state_patching
 
     ckpt = _tokfsm_checkpoint(path, run, dev, extra)
     res = state_patching(ckpt.model, ckpt.task, dev, parse_rows(rows, ckpt.model), prefix_states, seed)
@@ -275,3 +275,16 @@ def _fsm_eval(path: Path | None, run: Path | None, dev, pairs: int, patch: str, 
 def register(app: typer.Typer) -> None:
     app.command("intervene")(intervene)
 
+
+def patching_table(res: dict[str, Any], title: str):
+    """The result as a rich table: raw and normalised JSD per row, bare and prefixed inputs."""
+    table = Table(title=title)
+    table.add_column("patched codes", no_wrap=True)
+    table.add_column("sites", justify="right")
+    p = res["prefix_states"]
+    for col in ("JSD bare", "norm. bare", f"JSD prefix 0..{p}", f"norm. prefix 0..{p}"):
+        table.add_column(col, justify="right")
+    for r in res["table"]:
+        table.add_row(r["row"], str(r["sites"]), f"{r['jsd_bare']:.4f}", f"{r['normalised_bare']:.3f}",
+                      f"{r['jsd_prefix']:.4f}", f"{r['normalised_prefix']:.3f}")
+    return table

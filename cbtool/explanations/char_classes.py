@@ -5,8 +5,8 @@ the position-in-document regexes, computed with numpy over a shard's code points
 Each function gives character ranges whose union is the union of the regex's matches over every document (as
 `find-codes --regex` finds them, document by document: cbtool/analysis/features.py), so the tokens overlapping them are
 the ones `find-codes` selects. Whether a character is `\\d`, `\\w` or `\\s` is asked of the `regex` module itself,
-once per distinct code point, so the Unicode definitions are the engine's own. tests/test_explain.py compares
-every feature with the engine on random texts.
+once per distinct code point, so the Unicode definitions are the engine's own.
+tests/explanations/test_explain.py compares every feature with the engine on random texts.
 """
 
 from __future__ import annotations

@@ -204,22 +204,6 @@ def state_patching(model: CodebookModel, fsm: TokFSM, device, rows: list[PatchRo
             "table": table}
 
 
-def patching_table(res: dict[str, Any], title: str):
-    """The result as a rich table: raw and normalised JSD per row, bare and prefixed inputs."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("patched codes", no_wrap=True)
-    table.add_column("sites", justify="right")
-    p = res["prefix_states"]
-    for col in ("JSD bare", "norm. bare", f"JSD prefix 0..{p}", f"norm. prefix 0..{p}"):
-        table.add_column(col, justify="right")
-    for r in res["table"]:
-        table.add_row(r["row"], str(r["sites"]), f"{r['jsd_bare']:.4f}", f"{r['normalised_bare']:.3f}",
-                      f"{r['jsd_prefix']:.4f}", f"{r['normalised_prefix']:.3f}")
-    return table
-
-
 PATCHING_NOTE = ("JSD (bits) between the next-token distribution at the last token of an input ending in state a, "
                  "with the codes the model selects at the last token of `BOS b` forced there at the row's "
                  "codebooks, and the model's own next-token distribution on `BOS b`; mean over all a != b. "

@@ -1,4 +1,4 @@
-"""Data-parallel training over the ranks of `torchrun` (cbtool/training/, docs/scaling.md).
+"""Data-parallel training over the ranks of `torchrun` (cbtool/training/trainer.py, docs/scaling.md).
 
 Every rank holds the whole model and trains on its contiguous slice of the same step-indexed batch
 (`World.rows`), so the global batch is the one-process batch. After the backward pass the gradients of

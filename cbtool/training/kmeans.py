@@ -12,7 +12,7 @@ Two implementations (`TrainConfig.kmeans`):
   clusters re-seeded at the worst-fitting points): seconds for C=16384 on a CPU. Pretrained bases use it.
   Random seeding can leave a small, isolated cluster without a code when C is close to the number of
   clusters (k-means++ avoids that but is sequential in C); with C in the thousands over activations the
-  fit is within a few per cent of scikit-learn's (tests/test_kmeans_sites.py).
+  fit is within a few per cent of scikit-learn's (tests/training/test_kmeans_sites.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A lock is a file created with O_EXCL holding {"host", "pid", "time"}; a second writer is refused with one
 `UserError` line while the holder is alive, and takes over a lock whose holder was on this host and is gone
-(a killed run). Used by cbtool/formats/store.py (one lock per shard) and cbtool/training/ (one per --out)."""
+(a killed run). Used by cbtool/formats/store.py (one lock per shard) and cbtool/training/start.py (one per --out)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from cbtool.embedding import plan_embed
 from cbtool.formats.checkpoint import load_checkpoint
 from cbtool.formats.store import Store
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def test_embed_skips_the_layers_after_its_sites_with_the_same_codes(tmp_path):

@@ -28,7 +28,7 @@ from cbtool.cli import app
 from cbtool.training.start import start_training
 from tests.helpers import run_cli, snapshot
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 TINY = ("--preset", "tiny", "--base-steps", "2", "--steps", "2", "--kmeans-seqs", "4", "--device", "cpu")
 
 
@@ -324,7 +324,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(full_disk):
 
 @pytest.mark.parametrize("kind", ["tokfsm", "text"])
 def test_every_command_on_every_checkpoint_kind(kind, fixtures_copy, tmp_path):
-    """(Pretrained bases: tests/test_hf.py test_commands_work_on_a_pretrained_base_checkpoint.)"""
+    """(Pretrained bases: tests/model/test_hf.py test_commands_work_on_a_pretrained_base_checkpoint.)"""
     if kind == "text":
         pytest.importorskip("tokenizers")
     ck, codes = fixtures_copy / kind, tmp_path / "codes"

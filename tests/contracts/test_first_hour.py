@@ -21,7 +21,7 @@ from cbtool.tasks.tokfsm import FSMSpec, TokFSM, group_context, group_states, va
 from cbtool.util import progress
 from tests.helpers import run_cli
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def test_progress_prints_a_plain_line_at_least_every_interval(monkeypatch):

@@ -31,7 +31,7 @@ from cbtool.tasks.base import Document
 from cbtool.tasks.tokfsm import FSMSpec, TokFSM
 from tests.helpers import run_cli
 
-FIXTURE_STORE = Path(__file__).resolve().parent.parent / "fixtures" / "store"
+FIXTURE_STORE = Path(__file__).resolve().parents[2] / "fixtures" / "store"
 # token 0 is a BOS with no characters; "ab" is one token whose string also occurs as "a" + "b" (not faithful)
 VOCAB = ["", "a", "b", "ab", "C", "Cd", "7", "42", " ", ",", "\n", "e"]
 # every string occurs in the text only where its token is: every hypothesis is scored by the search's counts

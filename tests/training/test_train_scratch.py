@@ -1,5 +1,5 @@
 """Training codebooks with the model from step 0 (`cbtool train --base-steps 0`, `--preset scratch`): the
-commitment and MSE weights a from-scratch run gets unless given (cbtool/training/ SCRATCH), and why: real
+commitment and MSE weights a from-scratch run gets unless given (cbtool/training/config.py SCRATCH), and why: real
 training steps through the CLI, where without a commitment term the activations run away from their codes."""
 
 from __future__ import annotations

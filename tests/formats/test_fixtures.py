@@ -15,7 +15,7 @@ from cbtool.tasks.text import TextTask
 from cbtool.tasks.tokfsm import TokFSM
 from tests.helpers import run_cli
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def test_fixtures_are_small():

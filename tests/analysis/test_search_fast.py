@@ -16,8 +16,8 @@ from cbtool.formats.store import Store, documents_to_arrays, shard_name, write_s
 from cbtool.formats.verified import RECORD
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document
+from tests.analysis.test_find_codes import _brute_regex
 from tests.helpers import run_cli
-from tests.test_find_codes import _brute_regex
 
 C, K = 23, 3
 SITES = [Site("0.mlp", CodebookSpec(0, "mlp", 1, 8, C, K), 0)]

@@ -1,5 +1,5 @@
 """One task type: info, eval, embed, show-code and intervene behave the same on TokFSM and text checkpoints
-(pretrained bases: tests/test_hf.py), and every training option is declared once (TrainConfig)."""
+(pretrained bases: tests/model/test_hf.py), and every training option is declared once (TrainConfig)."""
 
 from __future__ import annotations
 
