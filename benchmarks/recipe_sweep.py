@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-blocks", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json-out", type=Path, default=None)
-    ap.add_argument("--device", default="cpu", help="cpu (default: the figures in the README), cuda or auto")
+    ap.add_argument("--device", default="cpu", help="cpu (default: the figures in docs/results.md), cuda or auto")
     args = ap.parse_args(argv)
     log = Console(stderr=True)
     try:

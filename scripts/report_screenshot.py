@@ -1,4 +1,4 @@
-"""Screenshot a `cbtool report` page in Debian's headless chromium (the README's docs/report.png).
+"""Screenshot a `cbtool report` page in Debian's headless chromium (docs/report.png, shown in docs/report.md).
 
 usage: python scripts/report_screenshot.py REPORT.html OUT.png [SEARCH [LABEL]]
 

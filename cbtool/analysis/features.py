@@ -143,11 +143,15 @@ def overlapping_positions(ts: np.ndarray, te: np.ndarray, starts: np.ndarray, en
     return pos[np.r_[True, pos[1:] != pos[:-1]]] if len(pos) else pos  # a token overlapping two matches: once
 
 
-def regex_feature(store: Store, pattern: str, match_on: str = "all") -> list[np.ndarray]:
-    """Per-shard boolean masks of the tokens a regex selects."""
+def regex_feature(store: Store, pattern: str, match_on: str = "all", window: int | None = None) -> list[np.ndarray]:
+    """Per-shard boolean masks of the tokens a regex selects. With `window` N: the tokens that have a match's
+    first token among the N tokens before them in their document (the context after a match; `match_on` is
+    then ignored)."""
     regex = UserRegex(pattern)
     if match_on not in MATCH_ON:
         raise UserError(f"--match-on must be first or all, got {match_on!r}")
+    if window is not None:
+        check_window(store, window)
     masks = []
     for s in range(store.num_shards):
         if not distributed.world().owns(s):
@@ -155,8 +159,42 @@ def regex_feature(store: Store, pattern: str, match_on: str = "all") -> list[np.
             continue
         text = store.text(s)
         starts, ends = match_ranges(regex, text, np.asarray(store.doc_chars(s)))
-        masks.append(tokens_overlapping(np.asarray(store.spans(s)), starts, ends, match_on))
+        if window is None:
+            masks.append(tokens_overlapping(np.asarray(store.spans(s)), starts, ends, match_on))
+        else:
+            firsts = tokens_overlapping(np.asarray(store.spans(s)), starts, ends, "first")
+            masks.append(window_after(firsts, np.asarray(store.doc_offsets(s)), window))
     return masks
+
+
+def longest_document(store: Store) -> int:
+    """Tokens in the store's longest document (embed refuses documents longer than the model's block)."""
+    return max((int(np.diff(np.asarray(store.doc_offsets(s))).max(initial=0)) for s in range(store.num_shards)),
+               default=0)
+
+
+def check_window(store: Store, window: int) -> None:
+    """`--window` must be positive and no longer than the store's documents (at most the model's block)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"--window must be a positive number of tokens, got {window}")
+    longest = longest_document(store)
+    if window >= longest:
+        raise UserError(f"--window {window} reaches past every document of the store (the longest has {longest} "
+                        f"tokens, the model's block at most): use a window below {longest}")
+
+
+def window_after(firsts: np.ndarray, doc_offsets: np.ndarray, window: int) -> np.ndarray:
+    """Mask of the tokens t with a True of `firsts` at some m, t - window <= m < t, in t's document
+    (`doc_offsets`: (docs + 1,) token offsets): a difference array, no loop over tokens."""
+    n = firsts.shape[0]
+    m = np.flatnonzero(firsts)
+    if len(m) == 0:
+        return np.zeros(n, dtype=bool)
+    doc_end = doc_offsets[np.searchsorted(doc_offsets, m, side="right")]
+    diff = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(diff, m + 1, 1)
+    np.add.at(diff, np.minimum(m + 1 + window, doc_end), -1)
+    return np.cumsum(diff[:n]) > 0
 
 
 @dataclass

@@ -170,8 +170,14 @@ def check_query(
     *, regex: str | None = None, labels: str | None = None, label: str | None = None, match_on: str = "all",
     sort: str = "f1", min_precision: float = 0.0, min_recall: float = 0.0, min_count: int = 1,
     top: int | None = None, examples: int = 3, baseline: str | None = None, level: str = "token",
+    window: int | None = None,
 ) -> None:
     """Refuse a malformed query (one UserError line) before any store is read."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise UserError(f"--window must be a positive number of tokens, got {window}")
+        if regex is None or level != "token":
+            raise UserError("--window N takes --regex at token level (the N tokens after each match)")
     if level not in LEVELS:
         raise UserError(f"--level must be {' or '.join(LEVELS)}, got {level!r}")
     if level == "document" and (regex is None or baseline):
@@ -201,7 +207,7 @@ def find_codes(
     min_recall: float = 0.0, min_count: int = 1, top: int | None = None, examples: int = 3,
     baseline: str | None = None,
     checkpoint: Path | None = None, device: Any = "cpu", log: Callable[[str], None] | None = None,
-    level: str = "token",
+    level: str = "token", window: int | None = None,
 ) -> dict[str, Any]:
     """Score every code of the chosen sites (globs, None = all) against one feature: `regex`, or `labels`
     (a stored label name or a file) with one `label` value. `labels` without `label` gives the label
@@ -214,10 +220,11 @@ def find_codes(
     label table every site's best code per value is compared, summarised per site.
 
     `level="document"` scores the documents that match `regex` instead of tokens (cbtool/analysis/search.py): `fires`,
-    `hits` and `feature_documents` count documents."""
+    `hits` and `feature_documents` count documents. `window` N: the feature is the N tokens after each match
+    in its document (context codes: they fire on the text around a topic, not on its word)."""
     check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort,
                 min_precision=min_precision, min_recall=min_recall, min_count=min_count, top=top, examples=examples,
-                baseline=baseline, level=level)
+                baseline=baseline, level=level, window=window)
     if baseline and distributed.world().active:
         raise UserError("--baseline re-runs the model on the whole store: run it in one process, not under torchrun")
     chosen = store.select_sites(sites)
@@ -242,8 +249,10 @@ def find_codes(
             doc["rows"] = sorted(doc["rows"], key=lambda r: -r.get(sort, -1.0))[:top]
         return doc
     if regex is not None:
-        masks = regex_feature(store, regex, match_on)
+        masks = regex_feature(store, regex, match_on, window)
         query: dict[str, Any] = {"mode": "regex", "regex": regex, "match_on": match_on}
+        if window is not None:
+            query["window"] = window
     else:
         feat = label_feature(store, labels)  # type: ignore[arg-type]
         v = feat.value_index(label)  # type: ignore[arg-type]
@@ -295,6 +304,8 @@ def feature_title(doc: dict[str, Any]) -> str:
     """How a find-codes document names its feature: `/RE/ (match-on all)` or `NAME = VALUE`."""
     if doc.get("level") == "document":
         return f"documents matching /{doc['regex']}/"
+    if doc["mode"] == "regex" and doc.get("window") is not None:
+        return f"the {doc['window']} tokens after /{doc['regex']}/"
     if doc["mode"] == "regex":
         return f"/{doc['regex']}/ (match-on {doc['match_on']})"
     return f"{doc['labels']} = {doc['label']}"

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
+from cbtool.analysis.context_use import context_use, read_topics
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
 from cbtool.formats.checkpoint import Checkpoint, load_checkpoint
 from cbtool.model.devices import resolve_device
 from cbtool.report import plots
 from cbtool.report.plots import check_plot_path
+from cbtool.tasks.tokfsm import TokFSM
 from cbtool.training import metrics_log
 from cbtool.util.limits import MAX_SAMPLES
 
@@ -26,6 +29,11 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     blocks: int = typer.Option(256, "--blocks", help="Text checkpoints: held-out blocks for the LM loss."),
+    context_use: Path | None = typer.Option(None, "--context-use", help="Text checkpoints: also measure how much "
+                                            "the model reads topic context, for the topics in FILE ('NAME: REGEX' "
+                                            "lines, e.g. fixtures/topics/shakespeare.txt) on held-out text."),
+    context_window: int = typer.Option(100, "--context-window", help="--context-use: a topic word counts as in "
+                                       "context when another one begins within this many tokens before it."),
     plot: Path | None = typer.Option(None, "--plot", help="Also draw the training curves (metrics log) and the "
                                      "on/bypassed loss to FILE.png or FILE.svg (needs matplotlib)."),
 ) -> None:
@@ -35,6 +43,7 @@ def evaluate(
       cbtool eval
       cbtool eval runs/a/checkpoint --samples 2048 --json
       cbtool eval --plot curves.png
+      cbtool eval --context-use fixtures/topics/shakespeare.txt   # does the model read topic context?
     """
     plot = check_plot_path(plot)
     if not 1 <= samples <= MAX_SAMPLES:
@@ -43,10 +52,19 @@ def evaluate(
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if blocks < 1:
         raise UserError(f"--blocks must be >= 1, got {blocks}")
+    topics = None
+    if context_use is not None:
+        if context_window < 1:
+            raise UserError(f"--context-window must be >= 1, got {context_window}")
+        topics = read_topics(str(context_use))
     dev = resolve_device(device)
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
     task = ckpt.task
+    if topics is not None and isinstance(task, TokFSM):
+        raise UserError("--context-use measures topic words in text: give a text checkpoint")
     res = task.evaluate(ckpt.model, dev, samples=samples, seed=seed, temperature=temperature, blocks=blocks)
+    if topics is not None:
+        res["context_use"] = _context_use(ckpt, topics, context_window, dev, context_use)
     if as_json:
         emit_json("eval", {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, **res,
                            "metrics_log": metrics_log.summary(ckpt.path)})
@@ -61,7 +79,42 @@ def evaluate(
         table.add_row(f"codebooks {label}", *[f"{r[key]:{fmt}}" for key, (_, fmt) in task.metrics.items()])
     out.print(table)
     out.print(_usage_table(res["code_usage"]))
+    if "context_use" in res:
+        out.print(_context_table(res["context_use"]))
     _plot(ckpt, res, plot)
+
+
+def _context_use(ckpt: Checkpoint, topics: dict[str, str], window: int, dev: Any, source: Path) -> dict[str, Any]:
+    """Context use with codebooks on and bypassed, on the checkpoint's held-out documents."""
+    docs = list(ckpt.task.corpus(split="heldout").documents)
+    res: dict[str, Any] = {}
+    for label, enabled in (("on", True), ("bypassed", False)):
+        ckpt.model.set_enabled(enabled)
+        try:
+            res[label] = context_use(ckpt.model, docs, topics, window, dev)
+        finally:
+            ckpt.model.set_enabled(True)
+    absent = [name for name, r in res["on"]["topics"].items() if r["with"] + r["without"] == 0]
+    if absent:
+        raise UserError(f"--context-use {source}: {', '.join(absent)} never occur(s) in the held-out text with "
+                        f"{window} tokens before them; choose words the corpus has or a smaller --context-window")
+    return res
+
+
+def _context_table(cu: dict[str, Any]) -> Table:
+    table = Table(title=f"context use: log-prob of a topic word with another of its topic in the previous "
+                        f"{cu['on']['window']} tokens minus without ({cu['on']['documents']} held-out documents)")
+    for col in ("topic", "with", "without", "log-prob with", "log-prob without", "gain (bypassed)", "gain (on)"):
+        table.add_column(col, justify="left" if col == "topic" else "right")
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.3f}" if x == x else "-"
+
+    for name, r in cu["bypassed"]["topics"].items():
+        table.add_row(name, f"{r['with']:,}", f"{r['without']:,}", f(r["logprob_with"]), f(r["logprob_without"]),
+                      f(r["gain"]), f(cu["on"]["topics"][name]["gain"]))
+    table.add_row("mean", "", "", "", "", f(cu["bypassed"]["mean_gain"]), f(cu["on"]["mean_gain"]))
+    return table
 
 
 def _plot(ckpt: Checkpoint, res: dict, plot: Path | None) -> None:

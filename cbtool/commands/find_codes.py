@@ -28,6 +28,9 @@ def find_codes(
         None, "--regex", help="Feature: tokens overlapping a match in the text."
     ),
     match_on: str = typer.Option("all", "--match-on", help="Regex: 'all' tokens of a match or its 'first'."),
+    window: int | None = typer.Option(None, "--window", help="Regex: the feature is the N tokens after each "
+                                      "match in its document (context codes; rank with --sort precision "
+                                      "--min-count)."),
     labels: str | None = typer.Option(
         None,
         "--labels",
@@ -69,11 +72,12 @@ def find_codes(
       cbtool find-codes --labels state --baseline neurons   # codes vs the best single neuron
       cbtool find-codes --regex "42" --plot pr.png
       cbtool find-codes --regex "(?i)king" --level document   # topic codes: documents that match
+      cbtool find-codes --regex "(?i)\\b(sea|ships?)\\b" --window 64 --sort precision --min-count 50 --sites '0.attn.*'
     """
     plot = check_plot_path(plot)
     check_query(regex=regex, labels=labels, label=label, match_on=match_on, sort=sort, min_precision=min_precision,
                 min_recall=min_recall, min_count=min_count, top=top, examples=examples, baseline=baseline,
-                level=level)
+                level=level, window=window)
     if as_json and as_jsonl:
         raise UserError("choose one of --json and --jsonl")
     dev: Any = "cpu"
@@ -85,7 +89,7 @@ def find_codes(
     doc = search(store, regex=regex, labels=labels, label=label, sites=sites, match_on=match_on, sort=sort,
                  min_precision=min_precision, min_recall=min_recall, min_count=min_count, top=top,
                  examples=examples, baseline=baseline, checkpoint=checkpoint, device=dev,
-                 log=lambda m: err.print(f"[dim]{m}[/dim]"), level=level)
+                 log=lambda m: err.print(f"[dim]{m}[/dim]"), level=level, window=window)
     wanted = f"precision >= {min_precision}, recall >= {min_recall} and >= {min_count} fires"
     if doc["mode"] == "label-table":
         if as_json:

@@ -43,6 +43,10 @@ def intervene(
     pick: int = typer.Option(1, "--pick", help="With --codes-from: how many of its best rows to steer with."),
     per_site: bool = typer.Option(False, "--per-site", help="With --codes-from: the best --pick rows of every "
                                   "site in it (codes at several layers at once)."),
+    one_site: bool = typer.Option(False, "--one-site", help="With --codes-from: the best --pick rows of its best "
+                                  "site only (--pick k: that head's whole code set, as the paper steers topics)."),
+    best_sites: int | None = typer.Option(None, "--best-sites", help="With --codes-from: like --one-site, over "
+                                          "its N best sites (e.g. two heads)."),
     mode: str = typer.Option("force", "--mode", help="force (code joins the active set, replacing the "
                              "lowest-scoring one), add (its vector x --strength is added), ablate (removed, "
                              "next best takes its place)."),
@@ -63,6 +67,8 @@ def intervene(
     batch_size: int = typer.Option(32, "--batch-size", help="Samples per batch (each batch also runs their "
                                    "twins)."),
     regex: str | None = typer.Option(None, "--regex", help="Success = generated text matches; report rates."),
+    fluency: bool = typer.Option(False, "--fluency", help="Also score every sample and twin by the mean "
+                                 "log-probability of its new tokens under the unsteered model (nats/token)."),
     require_gain: float | None = typer.Option(None, "--require-gain", help="Exit 1 unless the steered rate "
                                               "is at least G above the baseline rate (needs --regex)."),
     fsm_eval: bool = typer.Option(False, "--fsm-eval",
@@ -102,10 +108,16 @@ def intervene(
         raise UserError("--plot draws success rates: give --regex (or use --fsm-eval)")
     if as_json and as_jsonl:
         raise UserError("--json and --jsonl are exclusive")
-    if per_site and codes_from is None:
-        raise UserError("--per-site needs --codes-from")
+    if one_site and best_sites is not None:
+        raise UserError("--one-site is --best-sites 1: give one of them")
+    best_sites = 1 if one_site else best_sites
+    for flag, given in (("--per-site", per_site), ("--one-site/--best-sites", best_sites is not None)):
+        if given and codes_from is None:
+            raise UserError(f"{flag} needs --codes-from")
+    if per_site and best_sites is not None:
+        raise UserError("--per-site takes every site, --one-site/--best-sites the best: give one of them")
     if codes_from is not None:
-        code = [*code, *steer_codes_from(codes_from, pick, per_site)]
+        code = [*code, *steer_codes_from(codes_from, pick, per_site, best_sites)]
     dev = resolve_device(device)
     if fsm_eval and fsm_mode == "patching":
         if plot is not None:
@@ -127,10 +139,13 @@ def intervene(
                   samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   batch_size=batch_size, regex=regex)
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
+    if best_sites is not None:
+        _check_pick(ckpt, code, pick)
     t0 = time.perf_counter()
     summary = steer(ckpt, code, prompt, mode=mode, strength=strength, positions=positions, samples=samples,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                    batch_size=batch_size, regex=regex, spec=spec, prompts_file=prompts_file, device=dev)
+                    batch_size=batch_size, regex=regex, spec=spec, prompts_file=prompts_file, device=dev,
+                    fluency=fluency)
     rows = summary.pop("rows")
     err.print(f"[dim]{len(rows)} steered samples + {len(rows)} twins on {dev}, batch {batch_size}: "
               f"{time.perf_counter() - t0:.2f} s[/dim]")
@@ -150,6 +165,15 @@ def intervene(
         s_rate, b_rate = summary["steered"]["rate"], summary["baseline"]["rate"]
         raise CheckFailed(f"steered rate {s_rate:.3f} is {summary['gain']:+.3f} over the baseline "
                           f"{b_rate:.3f}; --require-gain {require_gain} not met")
+
+
+def _check_pick(ckpt: Checkpoint, codes: list[str], pick: int) -> None:
+    """--one-site/--best-sites force --pick codes at a site: no more than the k slots it has."""
+    ks = {name: s.spec.k for name, s in ckpt.model.sites.items()}
+    for site in dict.fromkeys(c.rpartition(":")[0] for c in codes):
+        if site in ks and pick > ks[site]:
+            raise UserError(f"--pick {pick} is more codes than site {site} selects (k = {ks[site]}): forced codes "
+                            f"replace its k slots; use --pick {ks[site]} or fewer")
 
 
 def _describe_codes(ckpt: Checkpoint, rows: list[dict[str, Any]], run: Path | None) -> None:
@@ -198,6 +222,12 @@ def _show(rows: list[dict[str, Any]], summary: dict[str, Any], with_regex: bool,
             out.print(f"{label:>8}: {r['matches']}/{r['samples']} match /{summary['regex']}/ = "
                       f"{r['rate']:.1%} (95% CI {r['ci95'][0]:.1%}-{r['ci95'][1]:.1%})")
         out.print(f"    gain: {summary['gain']:+.1%}")
+    flu = summary.get("fluency")
+    if flu and flu["steered"]["n"] and flu["baseline"]["n"]:
+        s_f, b_f = flu["steered"], flu["baseline"]
+        out.print(f"fluency (mean log-prob of the new tokens under the unsteered model): steered "
+                  f"{s_f['mean']:.3f} (95% CI {s_f['ci95'][0]:.3f}..{s_f['ci95'][1]:.3f}), twins {b_f['mean']:.3f} "
+                  f"({b_f['ci95'][0]:.3f}..{b_f['ci95'][1]:.3f}) nats/token")
 
 
 def _twin_texts(steered: str, baseline: str, fsm_first: int | None) -> tuple[Text, Text]:

@@ -53,10 +53,13 @@ def _listing(sites: dict[str, Site], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def codes_from_results(text: str, where: str, pick: int, per_site: bool = False) -> list[str]:
+def codes_from_results(text: str, where: str, pick: int, per_site: bool = False, best_sites: int | None = None
+                       ) -> list[str]:
     """The `code` of the first `pick` rows of `find-codes` output (`--json` document or `--jsonl` rows), in the
     order find-codes ranked them: how `intervene --codes-from` takes its codes without hand-picking.
-    `per_site`: the first `pick` rows of every site instead (codes at several layers, as the paper steers)."""
+    `per_site`: the first `pick` rows of every site instead (codes at several layers, as the paper steers).
+    `best_sites` N: the first `pick` rows of each of the N first sites (in the order of their best row) that
+    have `pick` rows in the output: a head's whole code set, as the paper's topic steering replaces."""
     text = text.strip()
     if not text:
         raise UserError(f"{where}: empty; expected find-codes --json or --jsonl output")
@@ -73,6 +76,15 @@ def codes_from_results(text: str, where: str, pick: int, per_site: bool = False)
     codes = [r["code"] for r in rows if isinstance(r, dict) and isinstance(r.get("code"), str)]
     if not codes:
         raise UserError(f"{where}: no rows with a 'code' (did find-codes find any code?)")
+    if best_sites is not None:
+        by_site: dict[str, list[str]] = {}
+        for code in codes:
+            by_site.setdefault(code.rpartition(":")[0], []).append(code)
+        full = [site for site, cs in by_site.items() if len(cs) >= pick]
+        if not full:
+            raise UserError(f"{where}: no site has {pick} rows (--pick); give find-codes --top 0 (all rows) or a "
+                            f"smaller --pick")
+        return [c for site in full[:best_sites] for c in by_site[site][:pick]]
     if not per_site:
         return codes[:pick]
     seen: dict[str, int] = {}

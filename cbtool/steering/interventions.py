@@ -317,6 +317,26 @@ def generate_with_twins(
     return steered, baseline
 
 
+@torch.no_grad()
+def continuation_logprobs(model: CodebookModel, prompts: list[list[int]], continuations: list[list[int]],
+                          batch_size: int = 32, device: torch.device | str = "cpu") -> list[float]:
+    """Mean log-probability (nats/token) of each continuation after its prompt under `model` as it is, with no
+    intervention: the fluency of steered text judged by the unsteered model (`intervene --fluency`). An empty
+    continuation gets nan."""
+    device = torch.device(device)
+    means: list[float] = []
+    for lo in range(0, len(prompts), batch_size):
+        ps, cs = prompts[lo: lo + batch_size], continuations[lo: lo + batch_size]
+        idx, start = left_pad([p + c for p, c in zip(ps, cs, strict=True)])
+        logits, _ = model(idx.to(device), past=None, start=start.to(device))
+        logp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, idx[:, 1:].to(device).unsqueeze(-1))[..., 0]
+        width = idx.shape[1]
+        for row, c in enumerate(cs):
+            # the continuation's tokens are the last len(c) of the row; token t is predicted at t - 1
+            means.append(float(logp[row, width - 1 - len(c):].mean()) if c else float("nan"))
+    return means
+
+
 def _block_size(model: CodebookModel) -> int | None:
     cfg = getattr(model.base, "config", None)
     return getattr(cfg, "block_size", None)

@@ -16,7 +16,14 @@ import torch
 from cbtool.errors import UserError
 from cbtool.formats.checkpoint import Checkpoint
 from cbtool.model.refs import codes_from_results
-from cbtool.steering.interventions import MODES, POSITIONS, SampleJob, generate_with_twins, parse_interventions
+from cbtool.steering.interventions import (
+    MODES,
+    POSITIONS,
+    SampleJob,
+    continuation_logprobs,
+    generate_with_twins,
+    parse_interventions,
+)
 from cbtool.tasks.tokfsm import TokFSM, valid_transitions
 from cbtool.util import strict_json
 from cbtool.util.files import read_text
@@ -148,14 +155,16 @@ def steer(
     strength: float = 1.0, positions: str = "all", samples: int = 4, max_new_tokens: int = 32,
     temperature: float = 1.0, top_k: int | None = None, seed: int = 0, batch_size: int = 32,
     regex: str | None = None, spec: Path | None = None, prompts_file: Path | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, fluency: bool = False,
 ) -> dict[str, Any]:
     """Generate `samples` continuations of every prompt (default: the empty prompt) with the codes (`SITE:CODE`)
     forced on / added / ablated, each beside an unsteered twin with the same seed. `regex`: the share of
     steered and twin texts it matches (with Wilson 95% intervals) and the gain. `spec`: a JSONL file of rows
     {"prompt", "codes", "mode", "seed", "strength", "samples"} instead of codes and prompts.
     Returns the summary `cbtool intervene --json` prints, plus `rows`: one per sample (prompt, seed,
-    interventions, steered and baseline text)."""
+    interventions, steered and baseline text). `fluency`: each row's `steered_logprob` / `baseline_logprob`, the
+    mean log-probability of its generated tokens under the unsteered model, and their means in the summary
+    (topic words in garbled text must not pass for steering)."""
     pattern = check_options(codes=codes, prompts=prompts, prompts_file=prompts_file, spec=spec, mode=mode,
                             positions=positions, samples=samples, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, batch_size=batch_size, regex=regex)
@@ -187,6 +196,15 @@ def steer(
             label: valid_transitions(task, [p + r[label] for p, r in zip(prompts, rows, strict=True)],
                                      [len(p) for p in prompts])
             for label in ("steered", "baseline")}
+    if fluency:
+        prompt_ids = [j.prompt for j in jobs]
+        with torch.no_grad():
+            s_lp = continuation_logprobs(checkpoint.model, prompt_ids, steered, batch_size, dev)
+            b_lp = continuation_logprobs(checkpoint.model, prompt_ids, baseline, batch_size, dev)
+        for row, s_v, b_v in zip(rows, s_lp, b_lp, strict=True):
+            row["steered_logprob"], row["baseline_logprob"] = s_v, b_v
+        summary["fluency"] = {label: mean_interval([r[f"{label}_logprob"] for r in rows])
+                              for label in ("steered", "baseline")}
     if pattern is not None:
         s_hits = sum(r["steered_match"] for r in rows)
         b_hits = sum(r["baseline_match"] for r in rows)
@@ -196,16 +214,30 @@ def steer(
     return {**summary, "rows": rows}
 
 
-def codes_from(source: str, pick: int = 1, per_site: bool = False) -> list[str]:
+def mean_interval(values: list[float]) -> dict[str, Any]:
+    """Mean of finite values with a normal 95% interval: {"mean", "ci95", "n"}."""
+    v = [x for x in values if x == x]
+    n = len(v)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = sum(v) / n
+    sd = (sum((x - mean) ** 2 for x in v) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    half = 1.959963984540054 * sd / n ** 0.5
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
+def codes_from(source: str, pick: int = 1, per_site: bool = False, best_sites: int | None = None) -> list[str]:
     """The codes of the best `pick` rows of `find-codes --json`/`--jsonl` output in file `source` ("-": stdin),
     in find-codes' order: `intervene --codes-from` steers with what a search found, never hand-picked codes.
-    `per_site`: the best `pick` rows of every site in it."""
+    `per_site`: the best `pick` rows of every site in it; `best_sites` N: of its N best sites only."""
     if pick < 1:
         raise UserError(f"--pick must be >= 1, got {pick}")
+    if best_sites is not None and best_sites < 1:
+        raise UserError(f"--best-sites must be >= 1, got {best_sites}")
     if source == "-":
-        return codes_from_results(sys.stdin.read(), "stdin", pick, per_site)
+        return codes_from_results(sys.stdin.read(), "stdin", pick, per_site, best_sites)
     path = Path(source)
     if not path.is_file():
         raise UserError(f"--codes-from {source}: no such file")
     text = read_text(path, "--codes-from")
-    return codes_from_results(text, source, pick, per_site)
+    return codes_from_results(text, source, pick, per_site, best_sites)

@@ -65,3 +65,4 @@ def on_vs_bypassed(
         model.set_enabled(True)
         model.train(was_training)
     return result
+

