@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import typer
@@ -18,12 +19,16 @@ from cbtool.commands.common import (
     err,
     out,
 )
-from cbtool.embedding import DEFAULT_SHARD_TOKENS, EmbedJob, plan_embed
 from cbtool.errors import UserError
-from cbtool.formats.checkpoint import load_checkpoint
 from cbtool.formats.store import SHARD_META, code_dtype, read_manifest
-from cbtool.model.devices import resolve_device
 from cbtool.util import distributed, progress, signals
+
+if TYPE_CHECKING:
+    from cbtool.embedding import EmbedJob
+
+# cbtool.embedding.DEFAULT_SHARD_TOKENS, here without importing torch for --help (tests/contracts/test_startup.py
+# checks that they agree)
+DEFAULT_SHARD_TOKENS = 1_000_000
 
 
 def _parse_worker(text: str | None) -> tuple[int, int]:
@@ -82,6 +87,10 @@ def embed(
       cbtool embed --worker 0/2 & cbtool embed --worker 1/2   # two processes, one store
       torchrun --nproc-per-node 2 -m cbtool embed    # the same, the worker index from the rank
     """
+    from cbtool.embedding import plan_embed  # torch: imported when the command runs, not for --help
+    from cbtool.formats.checkpoint import load_checkpoint
+    from cbtool.model.devices import resolve_device
+
     world = distributed.world()
     parts = _parse_worker(worker)
     if world.active:  # under torchrun: rank R of N is worker R/N

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
-from cbtool.analysis.context_use import context_use, read_topics
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.errors import UserError
-from cbtool.formats.checkpoint import Checkpoint, load_checkpoint
-from cbtool.model.devices import resolve_device
 from cbtool.report import plots
 from cbtool.report.plots import check_plot_path
-from cbtool.tasks.tokfsm import TokFSM
-from cbtool.training import metrics_log
+from cbtool.training import metrics_file as metrics_log
 from cbtool.util.limits import MAX_SAMPLES
+
+if TYPE_CHECKING:
+    from cbtool.formats.checkpoint import Checkpoint
 
 
 def evaluate(
@@ -45,6 +44,11 @@ def evaluate(
       cbtool eval --plot curves.png
       cbtool eval --context-use fixtures/topics/shakespeare.txt   # does the model read topic context?
     """
+    from cbtool.analysis.context_use import read_topics  # torch: imported when the command runs
+    from cbtool.formats.checkpoint import load_checkpoint
+    from cbtool.model.devices import resolve_device
+    from cbtool.tasks.tokfsm import TokFSM
+
     plot = check_plot_path(plot)
     if not 1 <= samples <= MAX_SAMPLES:
         raise UserError(f"--samples must be in 1..{MAX_SAMPLES:,}, got {samples}")
@@ -86,6 +90,7 @@ def evaluate(
 
 def _context_use(ckpt: Checkpoint, topics: dict[str, str], window: int, dev: Any, source: Path) -> dict[str, Any]:
     """Context use with codebooks on and bypassed, on the checkpoint's held-out documents."""
+    from cbtool.analysis.context_use import context_use
     docs = list(ckpt.task.corpus(split="heldout").documents)
     res: dict[str, Any] = {}
     for label, enabled in (("on", True), ("bypassed", False)):

@@ -10,10 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from cbtool.commands.common import RUN_OPTION_HELP, default_checkpoint, emit_json, out
-from cbtool.formats.checkpoint import load_checkpoint
 from cbtool.formats.store import MANIFEST, checkpoint_status, read_manifest
 from cbtool.tasks.base import format_metrics
-from cbtool.training import metrics_log
+from cbtool.training import metrics_file as metrics_log
 
 
 def info(
@@ -32,6 +31,8 @@ def info(
     if path is not None and (Path(path) / MANIFEST).is_file():
         _store_info(Path(path), as_json)
         return
+    from cbtool.formats.checkpoint import load_checkpoint  # torch: a checkpoint's model, not a store's info
+
     ckpt = load_checkpoint(default_checkpoint(path, run))
     meta = ckpt.meta
     training = meta.get("training") or {}

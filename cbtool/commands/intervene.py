@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -24,14 +24,17 @@ from cbtool.commands.common import (
 )
 from cbtool.errors import CheckFailed, UserError
 from cbtool.explanations.explainer import code_meaning, matching_store
-from cbtool.formats.checkpoint import Checkpoint, load_checkpoint
-from cbtool.model.devices import resolve_device
 from cbtool.report import plots
 from cbtool.report.plots import check_plot_path
-from cbtool.steering.jobs import check_options, steer
-from cbtool.steering.jobs import codes_from as steer_codes_from
-from cbtool.steering.patching import DEFAULT_ROWS, ROW_HELP
-from cbtool.tasks.tokfsm import TokFSM, group_states
+from cbtool.tasks.fsm_text import group_states
+
+if TYPE_CHECKING:
+    from cbtool.formats.checkpoint import Checkpoint
+
+# cbtool.steering.patching's DEFAULT_ROWS and ROW_HELP, here without importing torch for --help
+# (tests/contracts/test_startup.py checks that they agree)
+DEFAULT_ROWS = ("none", "0.attn", "1.mlp", "attn", "mlp", "all")
+ROW_HELP = "none, all, attn, mlp, L.attn (all heads of layer L), L.mlp"
 
 
 def intervene(
@@ -103,6 +106,12 @@ def intervene(
       cbtool intervene --fsm-eval --fsm-mode steering  # two-digit next-state JSD to b's true transitions
       cbtool intervene --code 3.mlp:412 -n 200 --regex "^41" --plot rates.png
     """
+    from cbtool.formats.checkpoint import load_checkpoint  # torch: imported when the command runs
+    from cbtool.model.devices import resolve_device
+    from cbtool.steering.jobs import check_options, steer
+    from cbtool.steering.jobs import codes_from as steer_codes_from
+    from cbtool.tasks.tokfsm import TokFSM
+
     plot = check_plot_path(plot)
     if plot is not None and regex is None and not fsm_eval:
         raise UserError("--plot draws success rates: give --regex (or use --fsm-eval)")
@@ -243,6 +252,9 @@ def _twin_texts(steered: str, baseline: str, fsm_first: int | None) -> tuple[Tex
 
 
 def _tokfsm_checkpoint(path: Path | None, run: Path | None, dev, extra: Any) -> Checkpoint:
+    from cbtool.formats.checkpoint import load_checkpoint
+    from cbtool.tasks.tokfsm import TokFSM
+
     if extra:
         raise UserError("--fsm-eval chooses its own codes and prompts: drop --code/--prompt/--prompts/--spec")
     ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)

@@ -18,7 +18,7 @@ from cbtool.commands.common import (
     run_dir,
 )
 from cbtool.errors import UserError
-from cbtool.formats.checkpoint import META
+from cbtool.formats.checkpoint_names import META
 from cbtool.formats.store import MANIFEST
 from cbtool.report.build import Limits, build, write_report
 

@@ -13,7 +13,7 @@ from cbtool.analysis.contexts import code_contexts
 from cbtool.analysis.similar import similar_codes
 from cbtool.commands.common import RUN_OPTION_HELP, emit_json, open_run_store, out
 from cbtool.errors import UserError
-from cbtool.tasks.tokfsm import group_context
+from cbtool.tasks.fsm_text import group_context
 
 
 def show_code(

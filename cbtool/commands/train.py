@@ -5,16 +5,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
 import typer
 
 from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, default_checkpoint, emit_json, err, out
 from cbtool.training.config import TrainConfig, cli_fields, cli_help
-from cbtool.training.resume import saved_line
-from cbtool.training.start import start_training
-from cbtool.training.trainer import Trainer
 from cbtool.util import signals
+
+if TYPE_CHECKING:
+    from cbtool.training.trainer import Trainer
 
 
 def train(
@@ -50,6 +50,9 @@ def train(
       cbtool train --base-model ./big-model --device-map auto --sites 20.mlp   # layers over several GPUs
       torchrun --nproc-per-node 2 -m cbtool train   # data-parallel over 2 processes (docs/scaling.md)
     """
+    from cbtool.training.resume import saved_line  # torch: imported when a command runs, not for --help
+    from cbtool.training.start import start_training
+
     target = default_checkpoint(out_dir, run)
     given = ctx.get_parameter_source("preset").name not in ("DEFAULT", "DEFAULT_MAP")  # type: ignore[union-attr]
     started: list[Trainer] = []

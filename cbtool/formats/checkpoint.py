@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cbtool.errors import UserError
 from cbtool.formats import schema
+from cbtool.formats.checkpoint_names import CODEBOOKS, FORMAT, FORMAT_VERSION, META, MODEL, TRAIN_STATE  # noqa: F401
 from cbtool.formats.schema import read_versioned_json
 from cbtool.model.sites import BuiltinLocator, CodebookModel, CodebookSpec
 from cbtool.model.transformer import ModelConfig, Transformer
@@ -33,13 +34,6 @@ from cbtool.util import signals, strict_json
 from cbtool.util.files import atomic_write_bytes, atomic_write_text, current_umask, sha256_file
 from cbtool.util.limits import MAX_ELEMENTS
 from cbtool.version import __version__
-
-FORMAT = "cbtool-checkpoint"
-FORMAT_VERSION = 1
-META = "cbtool.json"
-CODEBOOKS = "codebooks.safetensors"
-MODEL = "model.safetensors"
-TRAIN_STATE = "train_state.safetensors"
 
 
 @dataclass

@@ -40,11 +40,11 @@ import numpy as np
 
 from cbtool.errors import UserError
 from cbtool.formats import schema
-from cbtool.formats.checkpoint import META
+from cbtool.formats.checkpoint_names import META
 from cbtool.formats.links import refuse_links_out
 from cbtool.formats.schema import read_versioned_json
 from cbtool.formats.verified import VerifiedFiles, identity
-from cbtool.model.sites import CodebookSpec, Site
+from cbtool.model.specs import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.util import distributed, strict_json
 from cbtool.util.files import atomic_write_text, current_umask, read_text, save_npy, sha256_file

@@ -6,7 +6,7 @@ import json
 import re
 
 from cbtool.errors import UserError
-from cbtool.model.sites import Site
+from cbtool.model.specs import Site
 from cbtool.util import strict_json
 from cbtool.util.limits import MAX_INT_DIGITS
 

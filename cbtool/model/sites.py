@@ -10,7 +10,6 @@ points a `Locator` provides, so the built-in model and Hugging Face models share
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
@@ -18,69 +17,7 @@ from torch import nn
 
 from cbtool.errors import UserError
 from cbtool.model.codebook import Codebook
-from cbtool.util.limits import MAX_CODES, MAX_ELEMENTS
-
-COMPONENTS = ("attn_heads", "attn", "mlp")
-_COMPONENT_WORDS = {"attn-heads": "attn_heads", "attn_heads": "attn_heads", "heads": "attn_heads",
-                    "attn": "attn", "mlp": "mlp"}
-
-
-@dataclass(frozen=True)
-class CodebookSpec:
-    """One codebook module: (layer, component) with its size. Serialised in cbtool.json."""
-
-    layer: int
-    component: str
-    groups: int
-    dim: int
-    num_codes: int
-    k: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.layer}.attn.heads" if self.component == "attn_heads" else f"{self.layer}.{self.component}"
-
-    @property
-    def tensor_name(self) -> str:
-        return f"{self.key}.codes"
-
-    @property
-    def site_names(self) -> list[str]:
-        if self.component == "attn_heads":
-            return [f"{self.layer}.attn.h{h}" for h in range(self.groups)]
-        return [self.key]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CodebookSpec:
-        """A spec from its serialised form (cbtool.json "codebooks", manifest.json "sites"; other keys are
-        ignored), checked: ValueError, TypeError or KeyError when an entry is malformed or absurdly large."""
-        spec = cls(int(d["layer"]), str(d["component"]), int(d["groups"]), int(d["dim"]), int(d["num_codes"]),
-                   int(d["k"]))
-        if spec.component not in ("attn_heads", "attn", "mlp") or min(
-            spec.groups, spec.dim, spec.num_codes, spec.k
-        ) < 1 or spec.k > spec.num_codes:
-            raise ValueError(f"bad codebook entry {d}")
-        if spec.num_codes > MAX_CODES or spec.groups * spec.num_codes * spec.dim > MAX_ELEMENTS:
-            raise ValueError(f"codebook {spec.groups}x{spec.num_codes}x{spec.dim} is absurdly large")
-        return spec
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(key=self.key, sites=self.site_names, tensor=self.tensor_name, similarity="cosine")
-        return d
-
-
-@dataclass(frozen=True)
-class Site:
-    """A user-visible site: a codebook module and the group (head) within it."""
-
-    name: str
-    spec: CodebookSpec
-    group: int
-
-    @property
-    def num_codes(self) -> int:
-        return self.spec.num_codes
+from cbtool.model.specs import _COMPONENT_WORDS, COMPONENTS, CodebookSpec, Site  # noqa: F401 - re-exported
 
 
 class Locator(Protocol):

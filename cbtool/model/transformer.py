@@ -9,25 +9,12 @@ generation and left-padded batches (a per-row start position masks the padding).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 11
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_mlp: int = 512
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
+from cbtool.model.specs import ModelConfig  # noqa: F401 - re-exported
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 

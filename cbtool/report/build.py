@@ -20,11 +20,9 @@ from cbtool.analysis.scoring import SiteScores, score_labels
 from cbtool.analysis.usage import site_usage
 from cbtool.errors import UserError
 from cbtool.explanations.explainer import shell_query
-from cbtool.formats.checkpoint import read_meta
 from cbtool.formats.store import Store
 from cbtool.report.plots import readable
-from cbtool.tasks.tokfsm import TokFSM
-from cbtool.training import metrics_log
+from cbtool.training import metrics_file as metrics_log
 from cbtool.util import strict_json
 from cbtool.util.files import atomic_write_text, read_text, sha256_file
 
@@ -53,6 +51,9 @@ class Limits:
 
 def checkpoint_part(path: Path) -> dict[str, Any]:
     """Model, sites, training summary and results, and the metrics log of a checkpoint (no weights loaded)."""
+    from cbtool.formats.checkpoint import read_meta  # torch, when a report is built (not for --help)
+    from cbtool.tasks.tokfsm import TokFSM
+
     meta = read_meta(path)
     log = metrics_log.FILE
     if log in meta["files"] and (not (path / log).is_file() or sha256_file(path / log) != meta["files"][log]):

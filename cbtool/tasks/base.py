@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a task runs, not to read a store (docs/cli.md "Start-up")
+    import torch
+
     from cbtool.model.sites import CodebookModel
 
 

@@ -9,8 +9,8 @@ from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
 from cbtool.errors import UserError
-from cbtool.model.transformer import ModelConfig
-from cbtool.training import metrics_log
+from cbtool.model.specs import ModelConfig
+from cbtool.training import metrics_file as metrics_log
 from cbtool.util.limits import MAX_CODEBOOK_BYTES, MAX_CODES, MAX_SEQ_LEN, MAX_VOCAB, check_seed
 
 

@@ -18,20 +18,15 @@ hashed in cbtool.json like the other files and `--resume` continues it. A row ho
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from cbtool.errors import UserError
 from cbtool.model.codebook import gather_mean, select_topk
 from cbtool.model.sites import CodebookModel
 from cbtool.tasks.tokfsm import TokFSM
+from cbtool.training.metrics_file import DEFAULT_EVERY, FILE, read_metrics, summary  # noqa: F401 - re-exported
 from cbtool.util import strict_json
-from cbtool.util.files import read_text
-
-FILE = "metrics.jsonl"
-DEFAULT_EVERY = 10
 
 
 def fsm_valid_rate(fsm: TokFSM, tokens: torch.Tensor, pred: torch.Tensor) -> float:
@@ -156,27 +151,3 @@ class MetricsLog:
         self.seen = {k[len(prefix):]: v.bool() for k, v in state.items() if k.startswith(prefix)}
         self.revived = int(state["metrics.revived"]) if "metrics.revived" in state else 0
         self.tokens = int(state["metrics.tokens"]) if "metrics.tokens" in state else 0
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics log file (a checkpoint's `metrics.jsonl`); [] when the checkpoint has none."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILE
-    if not path.is_file():
-        return []
-    text = read_text(path, "metrics log")
-    rows = [strict_json.loads(line, f"metrics log {path} line {i}")
-            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows):
-        raise UserError(f"{path} is not a cbtool metrics log (a row has no integer 'step')")
-    return rows
-
-
-def summary(ckpt_path: Path) -> dict[str, Any] | None:
-    """Where a checkpoint's metrics log is and what it covers (for `eval --json` and `info`)."""
-    rows = read_metrics(ckpt_path)
-    if not rows:
-        return None
-    return {"path": str(Path(ckpt_path) / FILE), "rows": len(rows), "first_step": rows[0]["step"],
-            "last_step": rows[-1]["step"], "last": rows[-1]}

@@ -25,16 +25,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from cbtool.errors import UserError, first_line
 
 TIMEOUT_ENV = "CBTOOL_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 1800)
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _dist():  # torch.distributed, imported only when ranks meet: one process never imports torch here
+    import torch.distributed as dist
+
+    return dist
 
 
 class RankFailure(UserError):
@@ -99,6 +106,9 @@ def init() -> World:
     if missing:
         raise UserError(f"WORLD_SIZE={size} but {', '.join(missing)} is not set: launch with torchrun")
     rank = int(os.environ["RANK"])
+    import torch
+
+    dist = _dist()
     backend = "gloo"
     if torch.cuda.is_available():  # CPU tensors (counts, hashes) still travel by gloo
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -118,6 +128,7 @@ def _leave() -> None:
     """At a normal exit: meet the other ranks (briefly), then close the group. Left to the interpreter's
     teardown, gloo could meet a peer that had already gone and abort the process (rc -6) after its work was
     done. A rank that fails leaves with os._exit (cbtool/cli.py) and never gets here."""
+    dist = _dist()
     if not dist.is_initialized():
         return
     try:
@@ -138,6 +149,7 @@ def tag() -> str:
 
 @contextmanager
 def _collective(what: str) -> Iterator[None]:
+    dist = _dist()
     try:
         yield
     except (RuntimeError, dist.DistError) as e:  # gloo/NCCL: a peer closed its connection or timed out
@@ -149,6 +161,7 @@ def _collective(what: str) -> Iterator[None]:
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place over all ranks: sum or max."""
     if _world.active:
+        dist = _dist()
         with _collective("an all-reduce"):
             dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
@@ -158,6 +171,8 @@ def all_reduce_np(a: np.ndarray) -> np.ndarray:
     """The sum of an integer or float array over all ranks (exact for integers)."""
     if not _world.active:
         return a
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind in "iub" else np.float64))
     return all_reduce(t.clone()).numpy().astype(a.dtype, copy=False)
 
@@ -166,20 +181,22 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In place: every rank gets rank `src`'s values."""
     if _world.active:
         with _collective("a broadcast"):
-            dist.broadcast(t, src)
+            _dist().broadcast(t, src)
     return t
 
 
 def barrier() -> None:
     if _world.active:
         with _collective("a barrier"):
-            dist.barrier()
+            _dist().barrier()
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's tensor concatenated along dim 0 in rank order (the sizes may differ)."""
     if not _world.active:
         return t
+    import torch
+
     n = all_gather_equal(torch.tensor([t.shape[0]], device=t.device))
     sizes = [int(x) for x in n.view(-1)]
     pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
@@ -192,9 +209,11 @@ def all_gather_equal(t: torch.Tensor) -> torch.Tensor:
     """(size, *t.shape): every rank's tensor of the same shape, stacked in rank order."""
     if not _world.active:
         return t.unsqueeze(0)
+    import torch
+
     out = [torch.empty_like(t) for _ in range(_world.size)]
     with _collective("an all-gather"):
-        dist.all_gather(out, t.contiguous())
+        _dist().all_gather(out, t.contiguous())
     return torch.stack(out)
 
 
@@ -202,6 +221,8 @@ def gather_json(obj: Any) -> list[Any]:
     """Every rank's JSON-able value, in rank order (sent as UTF-8 bytes: no pickle)."""
     if not _world.active:
         return [obj]
+    import torch
+
     data = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
     sizes = [int(x) for x in all_gather_equal(torch.tensor([data.numel()])).view(-1)]
     pad = torch.zeros(max(sizes), dtype=torch.uint8)
@@ -216,6 +237,8 @@ def agree(arguments: Any, what: str = "the command's arguments") -> None:
     compared by a sha256 of its JSON)."""
     if not _world.active:
         return
+    import torch
+
     digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode("utf-8")).digest()
     hashes = all_gather_equal(torch.frombuffer(bytearray(digest), dtype=torch.uint8))
     differ = [r for r in range(_world.size) if not torch.equal(hashes[r], hashes[0])]

@@ -3,7 +3,10 @@ Jensen-Shannon divergence in bits (docs/definitions.md)."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the plots use wilson_interval without torch
+    import torch
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -19,6 +22,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
 
 def jsd_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence in bits between rows of p and q (each sums to 1)."""
+    import torch
+
     m = 0.5 * (p + q)
 
     def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
