@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - older typer on real click
 
 from cbtool.commands.common import err
 from cbtool.errors import CbtoolWarning, CheckFailed, UserError, environment_error
-from cbtool.util import progress, signals
+from cbtool.util import progress, signals, threads
 from cbtool.util.limits import check_option
 from cbtool.version import __version__
 
@@ -74,6 +74,7 @@ class _Group(TyperGroup):
         finally:
             restore()
             progress.enable(None)
+            threads.restore()  # callers that run several commands in one process (tests) get their settings back
 
     def _main(self, args, prog_name, complete_var, **extra):
         debug = "--debug" in (sys.argv[1:] if args is None else list(args)) or bool(os.environ.get("CBTOOL_DEBUG"))
@@ -193,8 +194,12 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for unexpected errors."),
+    threads_: str | None = typer.Option(None, "--threads", metavar="N|auto",
+                                        help="Threads to compute with: a number, or auto for the cores not busy "
+                                        "now (default $CBTOOL_THREADS, else every core)."),
 ) -> None:
     """Codebook features: train, embed, search, steer."""
+    threads.configure(threads_)  # before torch is imported (docs/cli.md "Threads")
 
 
 def _register() -> None:
