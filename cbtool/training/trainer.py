@@ -74,6 +74,7 @@ class Trainer:
         self.lock: Lock | None = None  # start_training's claim on `out`
         self.preset: str | None = None  # recorded in cbtool.json: `train --resume --preset` is compared with it
         self.saved_step: int | None = None  # the step of the checkpoint on disk written or resumed by this run
+        self._switched = False  # k-means has run in this process (at step base_steps)
         if cfg.corpus is not None and not (cfg.corpus in corpora.NAMED_CORPORA and not Path(cfg.corpus).exists()):
             cfg.corpus = str(Path(cfg.corpus).resolve())
         torch.manual_seed(cfg.seed)
@@ -213,12 +214,21 @@ class Trainer:
         self.log.print(f"codebooks initialised by k-means from {acts[0].shape[0]} tokens "
                        f"in {time.perf_counter() - t0:.1f}s", markup=False, highlight=False)
 
+    def _switch_due(self) -> bool:
+        cfg, step = self.cfg, self.step
+        return (not self._switched and step == cfg.base_steps and (cfg.base_steps > 0 or cfg.steps > 0)
+                and step < self.total_steps)
+
+    def _enter_codebook_phase(self) -> None:
+        self._switch_to_codebooks()
+        self._make_optimizer("codebook")
+        self._switched = True
+
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step
-        if step == cfg.base_steps and (cfg.base_steps > 0 or cfg.steps > 0) and step < self.total_steps:
-            self._switch_to_codebooks()
-            self._make_optimizer("codebook")
+        if self._switch_due():
+            self._enter_codebook_phase()
         phase = self.phase(step)
         self.model.train()
         tokens = self.task.train_batch(cfg.batch_size, cfg.seed, step)[self.world.rows(cfg.batch_size)]
@@ -289,32 +299,16 @@ class Trainer:
         tokens_per_step = cfg.batch_size * (self.task.block_size - 1)
         self.log.print(self.task.summary(), markup=False, highlight=False)
         smooth: dict[str, float] = {}
-        with progress.track(self.phase(self.step), self.total_steps, "steps", done=self.step) as bar:
-            while self.step < self.total_steps:
-                self._set_usage_tracking()
+        # one tracker per phase, its total the phase's steps as the header says ("900 base + 300 codebook
+        # steps"); k-means runs between them, so a finished phase is not reprinted while it runs
+        for phase, first, end in (("base", 0, cfg.base_steps), ("codebook", cfg.base_steps, self.total_steps)):
+            if self.step >= end:
+                continue
+            if phase == "codebook" and self._switch_due():
                 t0 = time.perf_counter()
-                kmeans_before = self.phase_seconds["kmeans"]
-                row = self.train_step()
-                dt = time.perf_counter() - t0
-                self.elapsed += dt
-                self.phase_seconds[self.phase(self.step - 1)] += dt - (self.phase_seconds["kmeans"] - kmeans_before)
-                self.history.append(row)
-                self.metrics.add_step(dt, tokens_per_step, row["revived"])
-                if self.metrics.due(self.step, self.total_steps):
-                    self.metrics.record(self.step, self.phase(self.step - 1), row, self.opt.param_groups[0]["lr"],
-                                        self.model, row.get("fsm_valid"))
-                new_phase = self.step == cfg.base_steps + 1
-                bar.advance(1, phase=self.phase(self.step - 1), **_smoothed(smooth, row, new_phase))
-                bar.fields.pop("tok/s", None)  # last, after the smoothed losses
-                bar.fields["tok/s"] = f"{(bar.rate or 0) * tokens_per_step:,.0f}"
-                if not progress.live() and (self.step % 100 == 0 or self.step == self.total_steps
-                                            or time.perf_counter() - bar.last_line >= progress.heartbeat_seconds()):
-                    self.log.print(bar.describe(), markup=False, highlight=False, soft_wrap=True)
-                    bar.last_line = time.perf_counter()
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                    self.save(results=None)
-                    if on_checkpoint:
-                        on_checkpoint(self.step)
+                self._enter_codebook_phase()
+                self.elapsed += time.perf_counter() - t0
+            self._run_phase(phase, first, end, tokens_per_step, smooth, on_checkpoint)
         if not self.world.is_main:  # rank 0 evaluates and writes the checkpoint
             distributed.barrier()
             return {}
@@ -329,6 +323,36 @@ class Trainer:
         self.save(results=results)
         distributed.barrier()
         return results
+
+    def _run_phase(self, phase: str, first: int, end: int, tokens_per_step: int, smooth: dict[str, float],
+                   on_checkpoint: Callable[[int], None] | None) -> None:
+        """Steps `self.step`..`end` of one phase, its progress counted from the phase's `first` step."""
+        cfg = self.cfg
+        with progress.track(phase, end - first, "steps", done=self.step - first) as bar:
+            while self.step < end:
+                self._set_usage_tracking()
+                t0 = time.perf_counter()
+                kmeans_before = self.phase_seconds["kmeans"]
+                row = self.train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                self.phase_seconds[self.phase(self.step - 1)] += dt - (self.phase_seconds["kmeans"] - kmeans_before)
+                self.history.append(row)
+                self.metrics.add_step(dt, tokens_per_step, row["revived"])
+                if self.metrics.due(self.step, self.total_steps):
+                    self.metrics.record(self.step, self.phase(self.step - 1), row, self.opt.param_groups[0]["lr"],
+                                        self.model, row.get("fsm_valid"))
+                new_phase = self.step == cfg.base_steps + 1
+                bar.advance(1, **_smoothed(smooth, row, new_phase))
+                bar.fields.pop("tok/s", None)  # last, after the smoothed losses
+                bar.fields["tok/s"] = f"{(bar.rate or 0) * tokens_per_step:,.0f}"
+                if not progress.live() and (self.step % 100 == 0 or self.step == end):  # + the heartbeat's lines
+                    self.log.print(bar.describe(), markup=False, highlight=False, soft_wrap=True)
+                    bar.last_line = time.perf_counter()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save(results=None)
+                    if on_checkpoint:
+                        on_checkpoint(self.step)
 
     # -- checkpoints --------------------------------------------------------------------------
     def meta(self, results: dict[str, Any] | None) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class Tracker:
         count = f"{_num(self.done)}/{_num(self.total)}" if self.total is not None else _num(self.done)
         parts = [f"{self.phase}: {count} {self.unit}"]
         if self.rate is not None:
-            parts.append(f"{_num(self.rate, rate=True)} {self.unit}/s")
+            parts.append(rate(self.rate, self.unit))
         parts += [f"{k} {v}" for k, v in self.fields.items()]
         parts.append(f"elapsed {duration(self.elapsed)}")
         if self.total is not None:
@@ -110,6 +110,14 @@ class Tracker:
         if isinstance(console, Console) and not isinstance(_live.get("bar"), Progress):
             console.print(self.describe(), markup=False, highlight=False, soft_wrap=True)
         self.last_line = time.perf_counter()
+
+
+def rate(per_second: float, unit: str) -> str:
+    """`12 steps/s`, `1.5 steps/s`; below one a second, the time per item: `3.4 s/codebook`."""
+    if 0 < per_second < 1:
+        one = unit[:-1] if unit.endswith("s") and not unit.endswith("ss") else unit
+        return f"{duration(1 / per_second) if per_second < 1 / 60 else f'{1 / per_second:.1f} s'}/{one}"
+    return f"{_num(per_second, rate=True)} {unit}/s"
 
 
 def _num(x: float | None, rate: bool = False) -> str:
