@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from cbtool.formats.store import Store, open_store
 from cbtool.util import strict_json
@@ -30,6 +31,18 @@ def _closed_stdout() -> None:
 
 
 out.on_broken_pipe = _closed_stdout  # type: ignore[method-assign]
+
+
+def keep_whole(table: Table, *names: str) -> Table:
+    """Cells of the named columns (code ids, ready-to-paste queries) are never cut (`1.m…`) or wrapped: those
+    columns get the width of their longest cell and rich narrows the others. Call after adding the rows."""
+    from rich.measure import Measurement
+
+    for column in table.columns:
+        if column.header in names:
+            widths = [Measurement.get(out, out.options, cell).maximum for cell in column.cells]
+            column.no_wrap, column.min_width = True, max(widths, default=1)
+    return table
 
 
 def run_dir(run: Path | None) -> Path:

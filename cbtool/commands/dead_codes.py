@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cbtool.analysis.usage import check_options
 from cbtool.analysis.usage import dead_codes as dead_codes_of
-from cbtool.commands.common import RUN_OPTION_HELP, emit_json, err, open_run_store, out
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, err, keep_whole, open_run_store, out
 from cbtool.errors import CheckFailed
 from cbtool.report import plots
 from cbtool.report.plots import check_plot_path
@@ -54,7 +54,7 @@ def dead_codes(
             f"entropy in bits (max log2 C), perplexity = 2^entropy"
         )
         for col in ("site", "codes", "dead", f"rare<{min_count}", "alive", "entropy", "perplexity"):
-            table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
+            table.add_column(col, justify="left" if col == "site" else "right")
         for r in rows:
             table.add_row(
                 r["site"],
@@ -65,7 +65,7 @@ def dead_codes(
                 f"{r['entropy_bits']:.2f}",
                 f"{r['perplexity']:.0f}",
             )
-        out.print(table)
+        out.print(keep_whole(table, "site"))
         if top:
             for r in rows:
                 most = ", ".join(f"{m['code']} ({m['share_of_tokens']:.1%})" for m in r["most_used"])

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, open_run_store, out
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, emit_jsonl, keep_whole, open_run_store, out
 from cbtool.errors import CheckFailed, UserError
 from cbtool.explanations.automaton import DEFAULT_MIN_EDGE_COUNT, recover_automaton
 from cbtool.explanations.explainer import (
@@ -87,6 +87,25 @@ def explain(
                               f"at precision >= {min_precision}: {', '.join(low[:8])}{' ...' if len(low) > 8 else ''}")
 
 
+def _fit(cells: dict[str, list[str]], width: int) -> tuple[list[str], list[str], bool]:
+    """The columns of the code table that fit `width` beside the whole code ids and queries: the hypothesis
+    (wrapped, >= 12 wide) first, then F1, precision, recall, fires and family, each at its widest cell; and
+    whether the queries go below the table instead (one too long for a column of this width)."""
+    def wide(col: str) -> int:  # a column's widest cell, or its header's longest word; + padding and border
+        return max([len(c) for c in cells[col]] + [max(map(len, col.split()))]) + 3
+
+    below = width - 1 - wide("code") - wide("find-codes query") < 0
+    room = width - 1 - wide("code") - (0 if below else wide("find-codes query"))
+    kept = {"code"} if below else {"code", "find-codes query"}
+    for col in ("hypothesis", "F1", "precision", "recall", "fires", "family"):
+        need = min(wide(col), 15) if col == "hypothesis" else wide(col)
+        if need <= room:
+            kept.add(col)
+            room -= need
+    order = list(cells)
+    return [c for c in order if c in kept], [c for c in order if c not in kept and c != "find-codes query"], below
+
+
 def _share(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
@@ -96,13 +115,26 @@ def _print(doc: dict[str, Any], top: int) -> None:
     if top:
         rows = rows[:top]
     table = Table(title=f"best hypothesis per code (live: >= {doc['min_count']} fires), most firing first")
-    for col in ("code", "fires", "family", "hypothesis", "find-codes query", "precision", "recall", "F1"):
-        table.add_column(col, justify="right" if col in ("fires", "precision", "recall", "F1") else "left")
-    for r in rows:
-        query = shell_query(r["query"]) if r["query"] else "-"
-        table.add_row(r["code"], f"{r['fires']:,}", r["family"] or "-", escape(r["hypothesis"] or "-"), escape(query),
-                      f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}")
-    out.print(table)
+    queries = [shell_query(r["query"]) if r["query"] else "-" for r in rows]
+    cells = {"code": [r["code"] for r in rows], "fires": [f"{r['fires']:,}" for r in rows],
+             "family": [r["family"] or "-" for r in rows], "hypothesis": [r["hypothesis"] or "-" for r in rows],
+             "find-codes query": queries, "precision": [f"{r['precision']:.3f}" for r in rows],
+             "recall": [f"{r['recall']:.3f}" for r in rows], "F1": [f"{r['f1']:.3f}" for r in rows]}
+    shown, dropped, below = _fit(cells, out.width)
+    for col in shown:
+        table.add_column(col, justify="right" if col in ("fires", "precision", "recall", "F1") else "left",
+                         overflow="fold")
+    for i in range(len(rows)):
+        table.add_row(*(escape(cells[col][i]) for col in shown))
+    out.print(keep_whole(table, "code", "find-codes query"))
+    if below:  # a query longer than the table can hold: one line each, whole, to paste
+        code_w = max(map(len, cells["code"]), default=0)
+        out.print("find-codes queries, ready to paste:", markup=False)
+        for code, query in zip(cells["code"], queries, strict=True):
+            out.print(f"  {code:<{code_w}}  {query}", markup=False, highlight=False, soft_wrap=True)
+    if dropped:
+        out.print(f"(not shown at {out.width} columns, to keep every query whole on one line: {', '.join(dropped)}; "
+                  f"a wider terminal, --json or --jsonl has every field)")
     census = Table(title=f"census: live codes explained at precision >= {doc['min_precision']} "
                          f"({doc['seconds']:.1f} s)")
     for col in ("site", "live codes", "explained", "share", "firing mass", "best-F1 share", "mean F1", "by family"):
@@ -113,7 +145,7 @@ def _print(doc: dict[str, Any], top: int) -> None:
         census.add_row(site, f"{c['live_codes']:,}", f"{c['explained']:,}", _share(c["explained_share"]),
                        _share(c["firing_mass_share"]), _share(c["best_f1_explained_share"]),
                        "-" if c["mean_f1"] is None else f"{c['mean_f1']:.3f}", fams)
-    out.print(census)
+    out.print(keep_whole(census, "site"))
     if "automaton" in doc:
         at = Table(title="automaton recovered from codes (edges seen >= "
                          f"{doc['automaton'][0]['min_edge_count'] if doc['automaton'] else '-'} times)")
@@ -123,7 +155,7 @@ def _print(doc: dict[str, Any], top: int) -> None:
         for a in doc["automaton"]:
             at.add_row(a["site"], f"{a['codes']:,}", f"{a['kept_code_edges']:,}", str(a["states_mapped"]),
                        f"{a['predicted_edges']:,}", f"{a['edge_precision']:.3f}", f"{a['edge_recall']:.3f}")
-        out.print(at)
+        out.print(keep_whole(at, "site"))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,16 @@ from rich.table import Table
 
 from cbtool.analysis.search import GOOD_PRECISION, check_query, feature_title
 from cbtool.analysis.search import find_codes as search
-from cbtool.commands.common import DEVICE_HELP, RUN_OPTION_HELP, emit_json, emit_jsonl, err, open_run_store, out
+from cbtool.commands.common import (
+    DEVICE_HELP,
+    RUN_OPTION_HELP,
+    emit_json,
+    emit_jsonl,
+    err,
+    keep_whole,
+    open_run_store,
+    out,
+)
 from cbtool.errors import CheckFailed, UserError
 from cbtool.report import plots
 from cbtool.report.plots import check_plot_path
@@ -127,7 +136,7 @@ def find_codes(
             table.add_row(r["code"], _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), f"{r['fires']:,}",
                           f"{r['hits']:,}", " ".join(repr(t) for t in r.get("examples", [])),
                           *([r["neuron"], _fmt(r["neuron_precision"])] if neurons else []))
-        out.print(table)
+        out.print(keep_whole(table, "code", "best neuron"))
         if neurons:
             out.print(_beat_line(doc["baseline"]))
     _plot(doc["rows"], plot, f"candidate codes for {title}")
@@ -152,7 +161,7 @@ def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:
         else:
             table.add_row(str(row["label"]), f"{row['tokens']:,}", row["code"], _fmt(row["precision"]),
                           _fmt(row["recall"]), _fmt(row["f1"]), f"{row['fires']:,}")
-    out.print(table)
+    out.print(keep_whole(table, "code"))
     if len(doc["rows"]) < nv:
         out.print(f"{len(doc['rows'])} of {nv} values shown: those with the best codes by {sort} (--top 0 for all)")
     neurons = "baseline" in doc
@@ -166,7 +175,7 @@ def _print_label_table(doc: dict[str, Any], sort: str, wanted: str) -> None:
                    _fmt(d["mean_best_recall"]),
                    *([_fmt(d["mean_neuron_precision"]) if d["codes"] else "-",
                       f"{d['codes_beating_neuron']} / {d['codes_tying_neuron']} of {d['codes']}"] if neurons else []))
-    out.print(st)
+    out.print(keep_whole(st, "site"))
     if neurons:
         out.print(_beat_line(doc["baseline"]))
     best_good = doc["summary"][f"best_codes_with_precision_{GOOD_PRECISION}"]

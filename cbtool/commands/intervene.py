@@ -204,13 +204,20 @@ def _show(rows: list[dict[str, Any]], summary: dict[str, Any], with_regex: bool,
     table = Table(title=f"steered vs unsteered twin ({summary['samples']} samples, positions="
                         f"{summary['positions']}, T={summary['temperature']}"
                         + ("; digits grouped into states" if fsm else "") + ")")
-    for col in ("row", "seed", "prompt", "interventions"):
-        table.add_column(col, overflow="fold")
+    # at 80 columns the short columns keep their width (no prompt one character per line): row and seed never
+    # wrap, prompt and interventions keep up to 24 / 20 characters a line, and the two texts share the rest
+    shown = rows[:limit]
+    prompts = [("".join(r["prompt"].split()) if fsm else r["prompt"]) for r in shown]
+    ivss = [" ".join(f"{iv['mode']} {iv['code']}" for iv in r["interventions"]) or "-" for r in shown]
+    longest = {"prompt": max((len(group_states(p) if fsm else p) for p in prompts), default=7),
+               "interventions": max(map(len, ivss), default=1)}
+    table.add_column("row", no_wrap=True, justify="right")
+    table.add_column("seed", no_wrap=True, justify="right")
+    table.add_column("prompt", overflow="fold", min_width=max(6, min(longest["prompt"], 24)))
+    table.add_column("interventions", overflow="fold", min_width=max(13, min(longest["interventions"], 20)))
     for col in ("steered (bold: where it differs from its twin)", "baseline (twin)"):
-        table.add_column(col, no_wrap=fsm, overflow="fold")
-    for r in rows[:limit]:
-        ivs = " ".join(f"{iv['mode']} {iv['code']}" for iv in r["interventions"]) or "-"
-        prompt = "".join(r["prompt"].split()) if fsm else r["prompt"]
+        table.add_column(col, overflow="fold", min_width=10)
+    for r, prompt, ivs in zip(shown, prompts, ivss, strict=True):
         s, b = _twin_texts(r["steered"], r["baseline"], len(prompt) if fsm else None)
         if with_regex:
             s = Text(f"{'✓' if r['steered_match'] else '✗'} ").append_text(s)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cbtool.analysis.contexts import code_contexts
 from cbtool.analysis.similar import similar_codes
-from cbtool.commands.common import RUN_OPTION_HELP, emit_json, open_run_store, out
+from cbtool.commands.common import RUN_OPTION_HELP, emit_json, keep_whole, open_run_store, out
 from cbtool.errors import UserError
 from cbtool.tasks.fsm_text import group_context
 
@@ -88,7 +88,7 @@ def _print_similar(ref: str, sim: dict[str, Any]) -> None:
         for r in rows:
             table.add_row(r["code"], f"{r[key]:.3f}", f"{r['fires']:,}",
                           *((f"{r['both']:,}",) if key == "jaccard" else ()))
-        out.print(table)
+        out.print(keep_whole(table, "code"))
 
 
 def one_line(text: str) -> str:
