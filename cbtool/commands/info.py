@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -31,8 +32,6 @@ def info(
     if path is not None and (Path(path) / MANIFEST).is_file():
         _store_info(Path(path), as_json)
         return
-    from cbtool.formats.checkpoint import load_checkpoint  # torch: a checkpoint's model, not a store's info
-
     ckpt = load_checkpoint(default_checkpoint(path, run))
     meta = ckpt.meta
     training = meta.get("training") or {}
@@ -74,6 +73,14 @@ def info(
     for name, digest in meta["files"].items():
         files.add_row(name, digest)
     out.print(files)
+
+
+def load_checkpoint(path: Path, **kwargs: Any) -> Any:
+    """cbtool.formats.checkpoint.load_checkpoint, imported (with torch) only when a checkpoint is read: a
+    store's info needs neither."""
+    from cbtool.formats.checkpoint import load_checkpoint as load
+
+    return load(path, **kwargs)
 
 
 def _fields(d: dict) -> str:
