@@ -142,6 +142,7 @@ class SAEModel(nn.Module):
             ids, acts = sae.encode(flat)
             ids, acts = ids.view(b, t, -1), acts.view(b, t, -1)
             delta = torch.zeros(b, t, d, device=x.device)
+            touched = False
             for r, ivs in enumerate(rows):
                 for iv in ivs:
                     act = (acts[r] * (ids[r] == iv.latent)).sum(-1)  # (T,) the latent's activation
@@ -151,7 +152,11 @@ class SAEModel(nn.Module):
                         coef = torch.full_like(act, iv.strength)
                     else:
                         coef = float(iv.value) - act
-                    delta[r] += coef[:, None] * sae.W_dec[iv.latent].to(x.device)
+                    if bool(coef.any()):  # an inactive latent's ablation leaves x exactly as it is
+                        delta[r] += coef[:, None] * sae.W_dec[iv.latent].to(x.device)
+                        touched = True
+            if not touched:
+                return None
             if fwd._mask is not None:
                 delta = delta * fwd._mask.view(b, t, 1).to(delta.dtype)
             return (x.float() + delta).to(x.dtype)

@@ -71,9 +71,8 @@ def sparsify_dir(d: Path, k: int = 3) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sae")
+def make_world(root: Path) -> dict[str, Path]:
+    """A corpus, a tiny GPT-2, three SAE folders and a store embedded through the topk one."""
     (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
     w = {"root": root, "corpus": root / "corpus.txt", "gpt2": gpt2_dir(root),
          "topk": saelens_dir(root / "topk"), "relu": saelens_dir(root / "relu", "blocks.0.hook_mlp_out", "standard",
@@ -84,6 +83,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
                   w["store"], "--shard-tokens", "300", "--device", "cpu")
     assert res.exit_code == 0, res.output
     return w
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    return make_world(tmp_path_factory.mktemp("sae"))
 
 
 def captured(gpt2: Path, module: str, docs: list[np.ndarray]) -> torch.Tensor:
