@@ -104,6 +104,18 @@ def captured(gpt2: Path, module: str, docs: list[np.ndarray]) -> torch.Tensor:
     return torch.cat(got)
 
 
+def captured_input(gpt2: Path, module: str, docs: list[np.ndarray]) -> torch.Tensor:
+    """The input of `module` for every document (a forward pre-hook set here)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2).eval()
+    got: list[torch.Tensor] = []
+    handle = model.get_submodule(module).register_forward_pre_hook(lambda _m, args: got.append(args[0][0].detach()))
+    with torch.no_grad():
+        for toks in docs:
+            model(torch.tensor(toks.astype(np.int64))[None])
+    handle.remove()
+    return torch.cat(got)
+
+
 def store_docs(store: Store) -> list[np.ndarray]:
     out = []
     for s in range(store.num_shards):
@@ -166,6 +178,21 @@ def test_sparsify_and_relu_k_max(world, tmp_path):
     res = run_cli("embed", "--sae", world["relu"], "--base-model", world["gpt2"], "--corpus", world["corpus"],
                   "--out", tmp_path / "moved", "--site", "1.attn", "--device", "cpu")
     assert res.exit_code == 0 and list(Store(tmp_path / "moved").sites) == ["1.attn"]
+    # one head's input to the attention output projection (hook_z with a head index): 8 wide
+    head = saelens_dir(tmp_path / "head", "blocks.1.attn.hook_z", "standard", d_in=D_MODEL // 4, bias=0.05)
+    cfg = json.loads((head / "cfg.json").read_text())
+    cfg["metadata"]["hook_head_index"] = 2
+    (head / "cfg.json").write_text(json.dumps(cfg))
+    res = run_cli("embed", "--sae", head, "--base-model", world["gpt2"], "--corpus", world["corpus"],
+                  "--out", tmp_path / "head-codes", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    store = Store(tmp_path / "head-codes")
+    assert list(store.sites) == ["1.attn.h2"] and store.manifest["sites"][0]["group"] == 2
+    ids, acts = stored(store, "1.attn.h2")
+    x = captured_input(world["gpt2"], "transformer.h.1.attn.c_proj", store_docs(store))[:, 16:24]
+    want_ids, want_acts = load_sae(head).encode(x)
+    assert np.allclose(acts.astype(np.float32), want_acts.half().float().numpy(), atol=1e-3)
+    assert np.array_equal(ids[acts > 0], want_ids.numpy()[acts > 0])
 
 
 def test_analysis_commands_read_the_store(world, tmp_path):
@@ -182,6 +209,7 @@ def test_analysis_commands_read_the_store(world, tmp_path):
     ids, a = stored(store, "1.resid")
     top = np.sort(a[(ids == 3) & (a > 0)].astype(np.float32))[::-1][:5]
     assert acts == sorted(acts, reverse=True) and np.allclose(acts, top)
+    assert "strongest activations first" in run_cli("show-code", st, "1.resid:3").stdout
     res = run_cli("show-code", st, "1.resid:3", "--similar", "3", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["similar"]["cosine"], res.output
     for args in (("dead-codes", st), ("info", st), ("explain", st)):
