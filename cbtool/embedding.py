@@ -378,7 +378,7 @@ def plan_sae_embed(
         "corpus": docs.spec,
         "shard_tokens": shard_tokens,
         "max_tokens": max_tokens,
-        "sites": [sae_site_entry(name, num_codes=sae.d_sae, k=sae.k, **where)],
+        "sites": [sae_site_entry(name, latents=sae.d_sae, k=sae.k, **where)],
         "labels": docs.labels,
         "token_strings": docs.token_strings,
         "sae": {**sae.identity(), "site": name, **sae_ref(sae.path, Path(out))},
@@ -390,12 +390,10 @@ def plan_sae_embed(
     return SAEEmbedJob(sae, base, name, writer, docs, shard_tokens, max_tokens, batch_size, dev, worker)
 
 
-def fired_slots(ids: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """The ids a store keeps: a slot whose activation is 0 (fewer latents active than k) repeats the row's
-    first id, so every id in a row with any active latent is one that fired (a row with none keeps the
-    encoder's ids, all with activation 0)."""
-    first = ids[:, :1].expand_as(ids)
-    return torch.where((acts > 0) | (acts[:, :1] <= 0), ids, first)
+def fired_slots(ids: torch.Tensor, acts: torch.Tensor, padding: int) -> torch.Tensor:
+    """The ids a store keeps: a slot whose activation is 0 (fewer latents active than k) holds `padding` (= d_sae,
+    the store's extra last code, which never fires), so every other stored id is a latent that fired."""
+    return torch.where(acts > 0, ids, torch.full_like(ids, padding))
 
 
 @torch.inference_mode()
@@ -438,7 +436,7 @@ def embed_sae_shard(sae: SparseDictionary, base: SAEBase, site: str, docs: list[
         ids, acts = sae.encode(x)
         counter.add(x)
         acts = acts.clamp(max=ACT_MAX).half()  # what the store keeps; a slot fired iff its float16 act is > 0
-        id_parts.append(fired_slots(ids, acts).cpu().numpy().astype(code_dtype(sae.d_sae)))
+        id_parts.append(fired_slots(ids, acts, sae.d_sae).cpu().numpy().astype(code_dtype(sae.d_sae + 1)))
         act_parts.append(acts.cpu().numpy())
         if on_tokens is not None:
             on_tokens(sum(lengths))

@@ -65,6 +65,7 @@ def store_unit_vectors(store: Store) -> dict[str, np.ndarray]:
 
         dec = store_sae(store).W_dec.double().numpy()
         unit = dec / np.maximum(np.linalg.norm(dec, axis=1, keepdims=True), 1e-12)
+        unit = np.concatenate([unit, np.zeros((1, unit.shape[1]))])  # the padding code (formats/store.py)
         return dict.fromkeys(store.sites, unit)
     from cbtool.formats.checkpoint import load_codebooks
 

@@ -149,7 +149,7 @@ MANIFEST = Obj({
                        "text_field": Opt(STR), "split": STR, "holdout": STR})),
     "shard_tokens": INT, "max_tokens": Opt(INT),
     "sites": ListOf(Obj({"name": STR, "layer": INT, "component": STR, "group": INT, "groups": INT, "dim": INT,
-                         "num_codes": INT, "k": INT, "dtype": STR, "acts": STR},
+                         "num_codes": INT, "k": INT, "dtype": STR, "acts": STR, "latents": INT},
                         required=("name", "layer", "component", "group", "groups", "dim", "num_codes", "k"))),
     "labels": ListOf(STR), "token_strings": Opt(ListOf(STR)), "complete": BOOL,
     "sae": Opt(Obj({"format": STR, "architecture": STR, "files": MapOf(STR), "d_in": INT, "d_sae": INT, "k": INT,

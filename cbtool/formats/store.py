@@ -13,7 +13,7 @@ A store is a directory::
         labels.NAME.npy      (n,) per-token labels (-1 = none), e.g. labels.state.npy for TokFSM
         codes.SITE.npy       (n, k) top-k code ids, smallest unsigned dtype that fits C
         acts.SITE.npy        (n, k) float16 activations of those ids (SAE stores only: sites whose entry has
-                             "acts"); a slot whose activation is 0 is no firing and repeats the row's first id
+                             "acts"); a slot whose activation is 0 holds the padding code d_sae (C = d_sae + 1)
         counts.SITE.npy      (C,) how many tokens each code fired on (SAE stores: with a nonzero activation)
     shard-000001/ ...
     shard-000002.lock        a writer's claim on a shard it is writing (host, pid)
@@ -119,12 +119,14 @@ def site_entry(site: Site) -> dict[str, Any]:
     }
 
 
-def sae_site_entry(name: str, layer: int, component: str, group: int, groups: int, dim: int, num_codes: int,
+def sae_site_entry(name: str, layer: int, component: str, group: int, groups: int, dim: int, latents: int,
                    k: int) -> dict[str, Any]:
-    """The manifest entry of a site read through an SAE: its latents are the codes, and each selected id also
-    has its activation (`acts.SITE.npy`, float16)."""
+    """The manifest entry of a site read through an SAE of `latents` latents: they are codes 0..latents-1, and code
+    `latents` (C = latents + 1) pads the slots of tokens with fewer than k active latents; it never fires (count
+    0). Each stored id also has its activation (`acts.SITE.npy`, float16)."""
     return {"name": name, "layer": layer, "component": component, "group": group, "groups": groups, "dim": dim,
-            "num_codes": num_codes, "k": k, "dtype": code_dtype(num_codes).name, "acts": "float16"}
+            "num_codes": latents + 1, "latents": latents, "k": k, "dtype": code_dtype(latents + 1).name,
+            "acts": "float16"}
 
 
 def match_sites(names: list[str], pattern: str | None, what: str = "the store") -> list[str]:
@@ -477,16 +479,6 @@ class Store:
             raise UserError(f"store {self.path}: acts of {site} in {shard_name(shard)} have shape {a.shape} "
                             f"and dtype {a.dtype} (corrupt store)")
         return a
-
-    def fired(self, shard: int, site: str) -> np.ndarray:
-        """(n, k) ids with the slots that did not fire (activation 0, SAE stores) set to C, past every code."""
-        ids = np.asarray(self.codes(shard, site))
-        acts = self.acts(shard, site)
-        if acts is None:
-            return ids
-        out = ids.astype(code_dtype(self.sites[site].num_codes + 1))
-        out[np.asarray(acts) <= 0] = self.sites[site].num_codes
-        return out
 
     def tokens(self, shard: int) -> np.ndarray:
         return self._checked(shard, "tokens.npy")

@@ -189,13 +189,13 @@ def site_part(reader: StoreReader, site: str, index: int, limits: Limits) -> tup
     chosen = order[: min(limits.codes_per_site, int((counts > 0).sum()))]
     if not len(chosen):
         return usage, []
-    ids = np.concatenate([np.asarray(store.fired(s, site)) for s in range(store.num_shards)])
+    ids = np.concatenate([np.asarray(store.codes(s, site)) for s in range(store.num_shards)])
     k = ids.shape[1]
-    flat = ids.reshape(-1).astype(np.int64)  # SAE stores: slots that did not fire hold C, past every code
+    flat = ids.reshape(-1).astype(np.int64)
     pos_of = np.argsort(flat, kind="stable")  # firings grouped by code, in token order
     starts = np.searchsorted(flat[pos_of], chosen)
     fires = counts[chosen]
-    slot = np.full(len(counts) + 1, -1, dtype=np.int64)
+    slot = np.full(len(counts), -1, dtype=np.int64)
     slot[chosen] = np.arange(len(chosen))
     # top tokens: counts of (code, token) pairs over the chosen codes' firings, the best few per code
     sel = np.flatnonzero(slot[flat] >= 0)

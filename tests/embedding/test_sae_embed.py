@@ -140,11 +140,9 @@ def check_against_encode(store: Store, sae_dir: Path, module: str, gpt2: Path, k
     np.testing.assert_allclose(acts.astype(np.float32), want_acts.astype(np.float32), rtol=2e-3, atol=1e-3)
     fired = acts > 0
     assert np.array_equal(ids[fired], want_ids.numpy()[fired])
-    # a slot that did not fire repeats the row's first id (rows where something fired)
-    some = fired[:, 0]
-    assert np.array_equal(np.where(fired, ids, ids[:, :1])[some], ids[some])
+    assert (ids[~fired] == D_SAE).all()  # a slot that did not fire holds the padding code
     counts = store.counts(site)
-    assert np.array_equal(counts, np.bincount(ids[fired], minlength=D_SAE)) and counts[DEAD] == 0
+    assert np.array_equal(counts, np.bincount(ids[fired], minlength=D_SAE + 1)) and counts[DEAD] == counts[D_SAE] == 0
 
 
 def test_topk_store_equals_encode(world):
@@ -215,6 +213,8 @@ def test_analysis_commands_read_the_store(world, tmp_path):
     for args in (("dead-codes", st), ("info", st), ("explain", st)):
         res = run_cli(*args)
         assert res.exit_code == 0, (args, res.output)
+    usage = json.loads(run_cli("dead-codes", st, "--json").stdout)
+    assert usage["sites"][0]["codes"] == D_SAE and DEAD in usage["sites"][0]["dead_codes"]
     assert f"{D_SAE} latents at 1.resid" in run_cli("info", st).stdout
     res = run_cli("report", st, "--out", tmp_path / "r.html")
     assert res.exit_code == 0 and "nearest codes by cosine are not shown" not in res.output, res.output
