@@ -154,6 +154,12 @@ def test_topk_store_equals_encode(world):
     assert man["sae"]["truncation"]["dropped_latent_share"] == 0.0 and man["base_model"]["kind"] == "hf"
     assert man["sites"][0]["dtype"] == "uint8" and man["sites"][0]["acts"] == "float16"
     check_against_encode(store, world["topk"], "transformer.h.1", world["gpt2"])
+    args = ("embed", "--base-model", world["gpt2"], "--corpus", world["corpus"], "--out", world["store"],
+            "--shard-tokens", "300", "--device", "cpu")
+    res = run_cli(*args, "--sae", world["topk"])  # the same again: complete, nothing written
+    assert res.exit_code == 0 and "is complete; nothing to do" in res.stderr, res.output
+    res = run_cli(*args, "--sae", world["root"] / "run")  # another SAE into the same store: refused
+    assert res.exit_code == 2 and "was written with a different" in res.stderr, res.output
 
 
 def test_sparsify_and_relu_k_max(world, tmp_path):
