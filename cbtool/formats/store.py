@@ -12,7 +12,9 @@ A store is a directory::
         spans.npy            (n, 2) character [start, end) of every token in the decoded text
         labels.NAME.npy      (n,) per-token labels (-1 = none), e.g. labels.state.npy for TokFSM
         codes.SITE.npy       (n, k) top-k code ids, smallest unsigned dtype that fits C
-        counts.SITE.npy      (C,) how many tokens each code fired on
+        acts.SITE.npy        (n, k) float16 activations of those ids (SAE stores only: sites whose entry has
+                             "acts"); a slot whose activation is 0 holds the padding code d_sae (C = d_sae + 1)
+        counts.SITE.npy      (C,) how many tokens each code fired on (SAE stores: with a nonzero activation)
     shard-000001/ ...
     shard-000002.lock        a writer's claim on a shard it is writing (host, pid)
 
@@ -32,7 +34,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,8 @@ class ShardArrays:
     spans: np.ndarray  # (n, 2), offsets into `text`
     labels: dict[str, np.ndarray]  # name -> (n,)
     codes: dict[str, np.ndarray]  # site -> (n, k)
+    acts: dict[str, np.ndarray] = field(default_factory=dict)  # site -> (n, k) activations (SAE stores)
+    meta: dict[str, Any] = field(default_factory=dict)  # extra keys of shard.json (SAE: truncation counts)
 
 
 def documents_to_arrays(docs: list[Document], label_name: str = "state") -> ShardArrays:
@@ -113,6 +117,16 @@ def site_entry(site: Site) -> dict[str, Any]:
         "k": s.k,
         "dtype": code_dtype(s.num_codes).name,
     }
+
+
+def sae_site_entry(name: str, layer: int, component: str, group: int, groups: int, dim: int, latents: int,
+                   k: int) -> dict[str, Any]:
+    """The manifest entry of a site read through an SAE of `latents` latents: they are codes 0..latents-1, and code
+    `latents` (C = latents + 1) pads the slots of tokens with fewer than k active latents; it never fires (count
+    0). Each stored id also has its activation (`acts.SITE.npy`, float16)."""
+    return {"name": name, "layer": layer, "component": component, "group": group, "groups": groups, "dim": dim,
+            "num_codes": latents + 1, "latents": latents, "k": k, "dtype": code_dtype(latents + 1).name,
+            "acts": "float16"}
 
 
 def match_sites(names: list[str], pattern: str | None, what: str = "the store") -> list[str]:
@@ -164,9 +178,9 @@ class StoreWriter:
             shutil.rmtree(path)
         if man_path.is_file():
             old = read_manifest(path)
-            keys = ("checkpoint", "corpus", "shard_tokens", "max_tokens", "sites")
+            keys = ("checkpoint", "corpus", "shard_tokens", "max_tokens", "sites", "sae", "base_model")
             for key in keys:
-                if old.get(key) != plan.get(key):
+                if _resumable(old.get(key)) != _resumable(plan.get(key)):
                     raise UserError(
                         f"store {path} was written with a different {key} "
                         f"(use --overwrite to start over, or --out for a new store)"
@@ -238,13 +252,22 @@ class StoreWriter:
                     raise ValueError(f"shard {index}: codes of {name} have shape {ids.shape}")
                 ids = ids.astype(entry["dtype"])
                 save_npy(tmp / f"codes.{name}.npy", ids)
-                counts = np.bincount(ids.reshape(-1).astype(np.int64), minlength=entry["num_codes"])
+                fired = ids.reshape(-1)
+                if entry.get("acts"):
+                    acts = arrays.acts[name]
+                    if acts.shape != ids.shape:
+                        raise ValueError(f"shard {index}: acts of {name} have shape {acts.shape}")
+                    acts = acts.astype(np.float16)
+                    save_npy(tmp / f"acts.{name}.npy", acts)
+                    fired = fired[acts.reshape(-1) > 0]
+                counts = np.bincount(fired.astype(np.int64), minlength=entry["num_codes"])
                 save_npy(tmp / f"counts.{name}.npy", counts.astype(np.int64))
             meta = {
                 "index": index,
                 "tokens": n,
                 "docs": len(arrays.doc_offsets) - 1,
                 "chars": len(arrays.text),
+                **arrays.meta,
                 # a sha256 per file: readers refuse a truncated or bit-flipped array (exit 2)
                 "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             }
@@ -267,6 +290,12 @@ class StoreWriter:
             if stale.exists() and lock_is_stale(read_lock(stale)):
                 stale.unlink(missing_ok=True)
         metas = [_read_shard_meta(self.path, i) for i in range(num_shards)]
+        sae = self.manifest.get("sae")
+        if isinstance(sae, dict) and all(isinstance(m.get("truncation"), dict) for m in metas):
+            from cbtool.formats.sae import TruncationCounter
+
+            merged = TruncationCounter.merge([m["truncation"] for m in metas])
+            sae["truncation"] = TruncationCounter.stats(merged, int(sae["k"]), bool(sae["k_fixed"]))
         self.manifest.update(
             complete=True,
             num_shards=num_shards,
@@ -279,6 +308,14 @@ class StoreWriter:
         except OSError as e:
             raise UserError(f"cannot write {self.path / MANIFEST}: {e.strerror or e}") from None
         return True
+
+
+def _resumable(value: Any) -> Any:
+    """A manifest value as a resumed store must match it: an SAE record without the truncation stats that
+    `finalize` adds."""
+    if isinstance(value, dict) and "truncation" in value:
+        return {k: v for k, v in value.items() if k != "truncation"}
+    return value
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -429,6 +466,20 @@ class Store:
         self._in_range.add((shard, site))  # a whole pass over the ids: once per Store
         return a
 
+    def has_acts(self, site: str) -> bool:
+        """Whether the store holds activations for the site (an SAE store); older stores have none."""
+        return bool(self.site_entries[site].get("acts"))
+
+    def acts(self, shard: int, site: str) -> np.ndarray | None:
+        """(n, k) float16 activations of the ids `codes` returns (0: the slot is no firing); None without them."""
+        if not self.has_acts(site):
+            return None
+        a = self._checked(shard, f"acts.{site}.npy")
+        if a.shape != (self.shard_tokens[shard], self.sites[site].spec.k) or a.dtype != np.float16:
+            raise UserError(f"store {self.path}: acts of {site} in {shard_name(shard)} have shape {a.shape} "
+                            f"and dtype {a.dtype} (corrupt store)")
+        return a
+
     def tokens(self, shard: int) -> np.ndarray:
         return self._checked(shard, "tokens.npy")
 
@@ -520,6 +571,32 @@ def checkpoint_status(path: Path, manifest: dict[str, Any]) -> str:
     if not meta.is_file():
         return "not available"
     return "unchanged" if sha256_file(meta) == ck.get("sha256") else "CHANGED since embedding"
+
+
+def sae_ref(sae_dir: Path, store: Path) -> dict[str, str]:
+    """Where a store's SAE is: relative to the store and absolute (as `checkpoint_ref`)."""
+    d = Path(sae_dir).resolve()
+    return {"path": os.path.relpath(d, Path(store).resolve()), "absolute_path": str(d)}
+
+
+def store_sae(store: Store, k_max: int | None = None) -> Any:
+    """The SAE a store was embedded with (`SparseDictionary`), re-read from the folder its manifest names and
+    refused (UserError) unless every file still has the sha256 recorded then."""
+    from cbtool.formats.sae import load_sae
+
+    rec = store.manifest.get("sae")
+    if not isinstance(rec, dict):
+        raise UserError(f"store {store.path} was not embedded through an SAE")
+    found = Path(str(rec.get("path") or ""))
+    found = found if found.is_absolute() else store.path / found
+    if not found.is_dir() and isinstance(rec.get("absolute_path"), str):
+        found = Path(rec["absolute_path"])
+    if not found.is_dir():
+        raise UserError(f"the SAE of store {store.path} is not available at {found}")
+    sae = load_sae(found, None if rec.get("k_fixed") else (k_max or rec.get("k")))
+    if sae.files != rec.get("files"):
+        raise UserError(f"SAE {found} has changed since store {store.path} was embedded (sha256 mismatch)")
+    return sae
 
 
 def write_store(

@@ -308,7 +308,9 @@ def generate_with_twins(
             rows = [j.interventions for j in chunk] + [[] for _ in chunk]
             uniforms = sample_uniforms([j.seed for j in chunk] * 2, max_new_tokens)
             idx, start = left_pad(prompts)
-            with steering(model, rows, positions, device) as fwd:
+            own = getattr(model, "steering", None)  # an SAE model installs its own (cbtool/steering/sae.py)
+            with (own(rows, positions, device) if own is not None else steering(model, rows, positions, device)) \
+                    as fwd:
                 new = sample_steered(fwd, idx.to(device), start, uniforms, temperature, top_k).cpu()
             n = len(chunk)
             steered.extend(new[:n].tolist())
