@@ -48,7 +48,7 @@ from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.util import distributed, strict_json
 from cbtool.util.files import atomic_write_text, current_umask, read_text, save_npy, sha256_file
-from cbtool.util.locks import acquire, lock_is_stale, read_lock
+from cbtool.util.locks import acquire, remove_if_stale
 from cbtool.version import __version__
 
 FORMAT = "cbtool-codes"
@@ -263,9 +263,7 @@ class StoreWriter:
         if not all(self.is_complete(i) for i in range(num_shards)):
             return False
         for i in range(num_shards):  # a claim left by a writer killed after its shard was whole
-            stale = self.path / f"{shard_name(i)}.lock"
-            if stale.exists() and lock_is_stale(read_lock(stale)):
-                stale.unlink(missing_ok=True)
+            remove_if_stale(self.path / f"{shard_name(i)}.lock")
         metas = [_read_shard_meta(self.path, i) for i in range(num_shards)]
         self.manifest.update(
             complete=True,
