@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from cbtool.errors import UserError
-from cbtool.files import read_text, sha256_file
+from cbtool.util.files import read_text, sha256_file
 
 FORMATS = ("saelens", "sparsify")
 CFG = "cfg.json"
