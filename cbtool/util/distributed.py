@@ -20,8 +20,8 @@ import atexit
 import hashlib
 import json
 import os
+import select
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +37,7 @@ from cbtool.errors import UserError, first_line
 from cbtool.util.limits import env_int, env_seconds
 
 MAX_WORLD = 2**20  # ranks of one job
+WAIT_NOTE_S = 5.0  # joining the other ranks: say so when it takes longer than this
 TIMEOUT_ENV = "CBTOOL_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 1800)
 T = TypeVar("T")
 
@@ -107,11 +108,10 @@ def init() -> World:
     if torch.cuda.is_available():  # CPU tensors (counts, hashes) still travel by gloo
         torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
-    sys.stderr.write(f"cbtool: rank {rank}/{size}: waiting for the other ranks at {os.environ['MASTER_ADDR']}:"
-                     f"{os.environ['MASTER_PORT']} (up to {timeout.total_seconds():g} s, ${TIMEOUT_ENV})\n")
-    sys.stderr.flush()
+    note = (f"cbtool: rank {rank}/{size}: waiting for the other ranks at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} (up to {timeout.total_seconds():g} s, ${TIMEOUT_ENV}; Ctrl-C stops)\n")
     try:
-        _interruptible(lambda: dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout))
+        _interruptible(lambda: dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout), note)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot join the process group of {size} ranks: {first_line(e)}") from None
     _world = World(rank, size)
@@ -120,10 +120,11 @@ def init() -> World:
     return _world
 
 
-def _interruptible(wait: Callable[[], None]) -> None:
-    """Run `wait` (a blocking call inside torch that Python signal handlers cannot interrupt); SIGINT or SIGTERM
-    meanwhile ends the process at once with one line and exit 130 / 143 (the C-level handler still writes the
-    signal's number to the wake-up fd, which a thread watches)."""
+def _interruptible(wait: Callable[[], None], note: str) -> None:
+    """Run `wait` (a blocking call inside torch that Python signal handlers cannot interrupt), printing `note`
+    on stderr when it takes more than WAIT_NOTE_S; SIGINT or SIGTERM meanwhile ends the process at once with
+    one line and exit 130 / 143 (the C-level handler still writes the signal's number to the wake-up fd,
+    which a thread watches)."""
     if threading.current_thread() is not threading.main_thread():
         wait()
         return
@@ -132,6 +133,8 @@ def _interruptible(wait: Callable[[], None]) -> None:
     done = threading.Event()
 
     def watch() -> None:
+        if not select.select([r], [], [], WAIT_NOTE_S)[0] and not done.is_set():
+            os.write(2, note.encode())
         while True:
             data = os.read(r, 1)
             if done.is_set() or not data:
