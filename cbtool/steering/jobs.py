@@ -36,7 +36,7 @@ SPEC_KEYS = {"prompt", "codes", "mode", "seed", "strength", "samples"}
 
 def read_prompts(path: Path) -> list[str]:
     text = read_text(path, "prompt file")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in strict_json.lines(text) if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {path} is empty")
     return prompts
@@ -44,7 +44,7 @@ def read_prompts(path: Path) -> list[str]:
 
 def read_spec(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """JSONL rows -> (line number, row), each checked; errors name the row (line) number."""
-    lines = read_text(path, "spec file").splitlines()
+    lines = strict_json.lines(read_text(path, "spec file"))
     rows = []
     for no, line in enumerate(lines, 1):
         if not line.strip():

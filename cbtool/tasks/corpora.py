@@ -31,7 +31,7 @@ def _read_utf8(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Source]:
-    for i, line in enumerate(_read_utf8(path).splitlines(), 1):
+    for i, line in enumerate(strict_json.lines(_read_utf8(path)), 1):
         if not line.strip():
             continue
         row = strict_json.loads(line, f"{path}:{i}")

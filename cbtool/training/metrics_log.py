@@ -167,7 +167,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return []
     text = read_text(path, "metrics log")
     rows = [strict_json.loads(line, f"metrics log {path} line {i}")
-            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+            for i, line in enumerate(strict_json.lines(text), 1) if line.strip()]
     if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows):
         raise UserError(f"{path} is not a cbtool metrics log (a row has no integer 'step')")
     return rows
