@@ -92,6 +92,9 @@ def save_checkpoint(
         if train_state is not None:
             save_file({k: v.cpu().contiguous() for k, v in train_state.items()}, str(tmp / TRAIN_STATE))
             files.append(TRAIN_STATE)
+        mode = 0o666 & ~current_umask()
+        for name in files:  # the safetensors writer makes its files 0600 (a temp file renamed): follow the umask
+            os.chmod(tmp / name, mode)
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
