@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 # $COLUMNS) instead of the 80 columns rich assumes, so headers and samples are not cut or wrapped.
 PIPED_WIDTH = 200
 out = Console(highlight=False, soft_wrap=True,
-              width=None if sys.stdout.isatty() else env_columns() or PIPED_WIDTH)
+              width=None if sys.stdout is not None and sys.stdout.isatty() else env_columns() or PIPED_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # logs: stderr, one line per message
 
 

@@ -6,7 +6,6 @@ The interventions and the batched sampling are in cbtool/steering/interventions.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from cbtool.steering.interventions import (
 )
 from cbtool.tasks.tokfsm import TokFSM, valid_transitions
 from cbtool.util import strict_json
-from cbtool.util.files import read_text
+from cbtool.util.files import read_stdin_text, read_text
 from cbtool.util.limits import MAX_SAMPLES, MAX_SEQ_LEN, check_number
 from cbtool.util.regexes import UserRegex
 from cbtool.util.stats import wilson_interval
@@ -235,7 +234,7 @@ def codes_from(source: str, pick: int = 1, per_site: bool = False, best_sites: i
     if best_sites is not None and best_sites < 1:
         raise UserError(f"--best-sites must be >= 1, got {best_sites}")
     if source == "-":
-        return codes_from_results(sys.stdin.read(), "stdin", pick, per_site, best_sites)
+        return codes_from_results(read_stdin_text("--codes-from -"), "stdin", pick, per_site, best_sites)
     path = Path(source)
     if not path.is_file():
         raise UserError(f"--codes-from {source}: no such file")

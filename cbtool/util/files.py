@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -113,6 +114,22 @@ def read_text(path: Path, what: str = "file") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+
+
+def read_stdin_text(what: str) -> str:
+    """Standard input's UTF-8 text, read to its end; closed or unreadable standard input (`0<&-`) or text that
+    is not UTF-8 is one UserError line naming `what`."""
+    stream = sys.stdin
+    if stream is None or stream.closed:
+        raise UserError(f"{what}: standard input is closed; give a file instead")
+    try:
+        data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8", "surrogatepass")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: cannot read standard input: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what}: standard input is not UTF-8 text (byte {e.start})") from None
 
 
 def refuse_overwriting_inputs(target: Path, option: str, files: Iterable[Path] = (), dirs: Iterable[Path] = (),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -54,3 +55,16 @@ class SafeConsole(Console):
 
     def render_str(self, text: str, **kwargs: Any):  # type: ignore[override]
         return super().render_str(visible(text, layout=True) if not is_safe(text) else text, **kwargs)
+
+
+def say(line: str) -> None:
+    """Write one line to stderr, made `visible`; a closed or full stderr (`2>&-`, `2>/dev/full`) loses the line
+    but never changes the exit code: the stream is swapped for /dev/null so that Python's flush at exit does not
+    fail again (which would exit 120)."""
+    try:
+        if sys.stderr is None:
+            raise ValueError("stderr is closed")
+        sys.stderr.write(visible(line) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
