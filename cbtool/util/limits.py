@@ -35,6 +35,17 @@ def check_number(value: Any, what: str) -> None:
         raise UserError(f"{what} is out of range: {_digits(value)} (the limit is 2^63 - 1)")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_representable(value: float, what: str, largest: float = FLOAT32_MAX, dtype: str = "float32") -> None:
+    """Refuse a number the tensors it feeds cannot hold (`largest`: the finite maximum of their dtype): 1e39
+    would become infinity in float32 and NaN after the first multiplication by zero."""
+    check_number(value, what)
+    if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > largest:
+        raise UserError(f"{what} {value:g} is too large for {dtype} (at most {largest:.4g})")
+
+
 def check_seed(value: Any, what: str) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_SEED:
         raise UserError(f"{what} must be in 0..{MAX_SEED} (2^32 - 1), got {_digits(value)}")

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+from cbtool.formats.schema import METRICS_ROW, STR
 from cbtool.formats.store import Store, documents_to_arrays, write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.tokfsm import fsm_document
@@ -261,6 +263,78 @@ case("resume-config-bad-model", "train", "--resume", "--out", "{ck}",
      setup=_unfinished(lambda m: m["training"]["config"]["model"].update(n_head=3)))
 case("resume-state-missing-step", "train", "--resume", "--out", "{ck}", setup=_drop_train_state_key)
 case("resume-state-wrong-shape", "train", "--resume", "--out", "{ck}", setup=_wrong_opt_shape)
+
+# numbers in the precision used: tensors a model cannot compute with, re-hashed so only their values are wrong
+BAD_VALUES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "nan": lambda t: t.clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("nan")).reshape(t.shape),
+    "inf": lambda t: t.clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("inf")).reshape(t.shape),
+    "complex": lambda t: t.to(torch.complex64),
+    "int64": lambda t: t.round().to(torch.int64),
+}
+
+
+def _damage(file: str, pick: Callable[[str], bool], fn: Callable[[torch.Tensor], torch.Tensor],
+            unfinished: bool = False) -> Callable[[dict[str, Path]], None]:
+    def setup(w: dict[str, Path]) -> None:
+        f = w["ck"] / file
+        state = load_file(str(f))
+        key = next(k for k in sorted(state) if pick(k))
+        state[key] = fn(state[key]).contiguous()
+        save_file(state, str(f))
+        _rehash(w["ck"], file)
+        if unfinished:
+            _edit_json(w["ck"] / "cbtool.json", lambda m: m["training"].update(step=10, finished=False))
+
+    return setup
+
+
+for _file in ("codebooks.safetensors", "model.safetensors"):
+    for _kind, _fn in BAD_VALUES.items():
+        case(f"load-{_file.split('.')[0]}-{_kind}", "info", "{ck}", setup=_damage(_file, lambda k: True, _fn),
+             needle="NaN or infinite" if _kind in ("nan", "inf") else "real floating-point")
+RESUME_STATE = {
+    "elapsed-inf": (lambda k: k == "trainer.elapsed", BAD_VALUES["inf"]),
+    "elapsed-nan": (lambda k: k == "trainer.elapsed", BAD_VALUES["nan"]),
+    "elapsed-negative": (lambda k: k == "trainer.elapsed", lambda t: -t - 1),
+    "usage-nan": (lambda k: k.startswith("usage."), BAD_VALUES["nan"]),
+    "usage-complex": (lambda k: k.startswith("usage."), BAD_VALUES["complex"]),
+    "usage-wrong-shape": (lambda k: k.startswith("usage."), lambda t: t.reshape(-1)[:5].clone()),
+    "usage-3d": (lambda k: k.startswith("usage."), lambda t: t[None]),
+    "opt-inf": (lambda k: k.endswith(".exp_avg"), BAD_VALUES["inf"]),
+    "revived-vector": (lambda k: k == "metrics.revived", lambda t: torch.stack([t, t])),
+}
+for _name, (_pick, _fn) in RESUME_STATE.items():
+    case(f"resume-state-{_name}", "train", "--resume", "--out", "{ck}", needle="malformed training state",
+         setup=_damage("train_state.safetensors", _pick, _fn, unfinished=True))
+for _strength in ("1e39", "-1e39", "3.5e38"):
+    case(f"intervene-strength-{_strength}", "intervene", "{ck}", *INT, "--strength", _strength,
+         needle="too large for float32")
+
+# metrics.jsonl rows: one schema per row (formats/schema.py METRICS_ROW), a wrong type in each of its keys
+
+
+def _metrics_row(fn: Callable[[dict], object]) -> Callable[[dict[str, Path]], None]:
+    def setup(w: dict[str, Path]) -> None:
+        f = w["ck"] / "metrics.jsonl"
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        fn(rows[-1])
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _rehash(w["ck"], f.name)
+
+    return setup
+
+
+REPORT = ("report", "{ck}", "--out", "{w}/r.html")  # the report first says it has no code store: logs_ok
+for _key, _spec in METRICS_ROW.keys.items():
+    _bad = 5 if _spec is STR else ("x" if _key != "sites" else ["0.mlp"])
+    case(f"report-metrics-{_key}-wrong-type", *REPORT, needle=_key, logs_ok=True,
+         setup=_metrics_row(lambda r, k=_key, v=_bad: r.update({k: v})))
+case("report-metrics-unknown-site", *REPORT, needle="'9.mlp'", logs_ok=True,
+     setup=_metrics_row(lambda r: r["sites"].update({"9.mlp": {"mse": 0.1, "live": 1, "dead": 0}})))
+case("report-metrics-site-live-string", *REPORT, needle="live", logs_ok=True,
+     setup=_metrics_row(lambda r: r["sites"]["0.mlp"].update(live="many")))
+case("report-metrics-step-missing", *REPORT, needle="step", logs_ok=True,
+     setup=_metrics_row(lambda r: r.pop("step")))
 
 # eval / info: arguments and paths (damaged checkpoints: test_checkpoint.py)
 case("eval-samples-0", "eval", "{ck}", "--samples", "0", "--device", "cpu")
