@@ -405,6 +405,7 @@ READERS = {
     "find-codes-regex": ("find-codes", "{codes}", "--regex", "12"),
     "dead-codes": ("dead-codes", "{codes}"),
     "show-code": ("show-code", "{codes}", "0.mlp:1"),
+    "find-codes-window": ("find-codes", "{codes}", "--regex", "12", "--window", "2"),  # reads doc_offsets
 }
 ALL = ("find-codes", "dead-codes", "show-code")
 CODES = ("find-codes", "find-codes-regex", "show-code")  # the readers of codes.0.mlp.npy (dead-codes: counts only)
@@ -437,7 +438,7 @@ STORE_DAMAGE: dict[str, tuple[Callable[[dict[str, Path]], None], str, tuple[str,
     "shards-wrong-type": (_man(lambda m: m.update(shards=7)), "malformed", ALL),
     "shard-docs-wrong-type": (_man(lambda m: m["shards"][0].update(docs="four")), "malformed", ALL),
     "tokens-wrong-type": (_man(lambda m: m.update(tokens="many")), "malformed", ALL),
-    "shard-tokens-wrong": (_man(lambda m: m["shards"][0].update(tokens=999)), "rows", CODES),
+    "shard-tokens-wrong": (_man(lambda m: m["shards"][0].update(tokens=999)), "add up", CODES),
     "incomplete": (_man(lambda m: m.update(complete=False)), "incomplete", ALL),
     "k-changed": (_man(lambda m: [s.update(k=2) for s in m["sites"]]), "shape", CODES),
     "num-codes-changed": (_man(lambda m: [s.update(num_codes=32) for s in m["sites"]]), "", ALL),
@@ -475,6 +476,51 @@ STORE_DAMAGE: dict[str, tuple[Callable[[dict[str, Path]], None], str, tuple[str,
     "unhashed-text-not-utf8": (_unhashed(_save("text.npy", np.full(508, 0xFF, np.uint8))), "UTF-8",
                                ("find-codes-regex",)),
 }
+
+
+def _edit_npy(name: str, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[dict[str, Path]], None]:
+    """A store written before per-file hashes with one array of shard 0 changed by `fn`."""
+    def edit(d: Path) -> None:
+        a = np.load(d / name, allow_pickle=False)
+        np.save(d / name, fn(a), allow_pickle=False)
+
+    return _unhashed(edit)
+
+
+def _at(a: np.ndarray, i: int, v: int) -> np.ndarray:
+    a = a.copy()
+    a[i] = v
+    return a
+
+
+# every structural rule of docs/formats.md for the arrays a shard holds, broken one at a time
+REGEX, WINDOW = ("find-codes-regex",), ("find-codes-window",)
+STORE_DAMAGE.update({
+    "tokens-2d": (_edit_npy("tokens.npy", lambda a: a[:, None]), "tokens.npy", REGEX),
+    "tokens-float": (_edit_npy("tokens.npy", lambda a: a.astype(np.float32)), "tokens.npy", REGEX),
+    "doc-offsets-decreasing": (_edit_npy("doc_offsets.npy", lambda a: _at(a, 1, a[2] + 1)), "never decrease", WINDOW),
+    "doc-offsets-past-tokens": (_edit_npy("doc_offsets.npy", lambda a: _at(a, -1, a[-1] + 5)), "offsets end",
+                                WINDOW),
+    "doc-offsets-2d": (_edit_npy("doc_offsets.npy", lambda a: a[:, None]), "doc_offsets", WINDOW),
+    "doc-offsets-float": (_edit_npy("doc_offsets.npy", lambda a: a.astype(np.float64)), "doc_offsets", WINDOW),
+    "doc-offsets-one-short": (_edit_npy("doc_offsets.npy", lambda a: a[:-1]), "doc_offsets", WINDOW),
+    "doc-chars-decreasing": (_edit_npy("doc_chars.npy", lambda a: _at(a, 1, a[2] + 1)), "never decrease", REGEX),
+    "doc-chars-not-from-0": (_edit_npy("doc_chars.npy", lambda a: a + 1), "start at 0", REGEX),
+    "spans-3-columns": (_edit_npy("spans.npy", lambda a: np.concatenate([a, a[:, :1]], 1)), "spans", REGEX),
+    "spans-past-text": (_edit_npy("spans.npy", lambda a: _at(a, 3, [0, 10**6])), "within", ("show-code",)),
+    "spans-reversed": (_edit_npy("spans.npy", lambda a: _at(a, 3, [5, 2])), "start <= end", ("show-code",)),
+    "spans-signed-negative": (_edit_npy("spans.npy", lambda a: _at(a.astype(np.int64), 3, [-4, 2])), "within",
+                              ("show-code",)),
+    "labels-2d": (_edit_npy("labels.state.npy", lambda a: a[:, None]), "labels.state", ("find-codes",)),
+    "labels-complex": (_edit_npy("labels.state.npy", lambda a: a.astype(np.complex64)), "labels.state",
+                       ("find-codes",)),
+    "counts-float": (_edit_npy("counts.0.mlp.npy", lambda a: a.astype(np.float32)), "counts", ("dead-codes",)),
+    "counts-negative": (_edit_npy("counts.0.mlp.npy", lambda a: _at(a, 0, -3)), "negative", ("dead-codes",)),
+    "counts-2d": (_edit_npy("counts.0.mlp.npy", lambda a: a[:, None]), "counts", ("dead-codes",)),
+    "text-int64": (_edit_npy("text.npy", lambda a: a.astype(np.int64)), "text.npy", REGEX),
+    "totals-do-not-add-up": (_man(lambda m: m.update(tokens=m["tokens"] + 1)), "add up", ALL),
+    "shard-docs-negative": (_man(lambda m: m["shards"][0].update(docs=-1)), "malformed", ALL),
+})
 for _damage, (_setup, _needle, _readers) in STORE_DAMAGE.items():
     for _reader in _readers:
         case(f"{_reader}-{_damage}", *READERS[_reader], setup=_setup, needle=_needle)

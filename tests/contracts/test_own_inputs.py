@@ -87,3 +87,28 @@ def test_checkpoint_files_follow_the_umask(tmp_path, umask):
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, (p.name, oct(p.stat().st_mode))
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("where", ["file", "inside-folder"])
+@pytest.mark.parametrize("command", ["train", "embed"])
+def test_corpus_path_that_is_not_utf8_refused_up_front(tmp_path, where, command):
+    """A corpus name the file system allows but JSON cannot record: refused before anything is written."""
+    root = os.fsencode(tmp_path)
+    bad = root + b"/caf\xe9.txt" if where == "file" else root + b"/corpus"
+    if where == "inside-folder":
+        os.mkdir(bad)
+        with open(bad + b"/caf\xe9.txt", "w") as f:
+            f.write("some text to train on\n" * 50)
+    else:
+        with open(bad, "w") as f:
+            f.write("some text to train on\n" * 50)
+    out = tmp_path / "out"
+    args = (["train", "--task", "text", "--preset", "tiny", "--steps", "1", "--device", "cpu"] if command == "train"
+            else ["embed", str(Path(__file__).parents[2] / "fixtures" / "text"), "--device", "cpu"])
+    res = subprocess.run([sys.executable.encode(), b"-m", b"cbtool", *[a.encode() for a in args], b"--corpus", bad,
+                          b"--out", os.fsencode(out)], capture_output=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = res.stderr.decode("utf-8")  # the error line itself is valid UTF-8: the name is shown escaped
+    assert res.returncode == 2, err
+    assert err.count("\n") == 1 and "not valid UTF-8" in err and "caf\\xe9" in err, err
+    assert not out.exists()
