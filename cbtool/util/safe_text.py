@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
+from rich.segment import Segment
 
 from cbtool.util.limits import env_columns
 
@@ -45,7 +47,8 @@ def is_safe(text: str) -> bool:
 class SafeConsole(Console):
     """A rich Console that never sends a control character from a printed string to the terminal: every
     string it renders (print arguments, table cells, markup) passes through `visible` first, keeping
-    newlines and tabs, which rich lays out itself. Styles that rich adds are unaffected."""
+    newlines and tabs, which rich lays out itself; `Text` objects built directly are made visible as they are
+    written. Styles and cursor controls that rich adds are unaffected."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("width") is None and "COLUMNS" in os.environ and env_columns() is None:
@@ -55,6 +58,13 @@ class SafeConsole(Console):
 
     def render_str(self, text: str, **kwargs: Any):  # type: ignore[override]
         return super().render_str(visible(text, layout=True) if not is_safe(text) else text, **kwargs)
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        # the last gate, for renderables built without render_str (a `Text` assembled from generated text):
+        # every segment of text made visible; control segments (rich's own cursor moves) and styles untouched
+        return super()._render_buffer(
+            seg if seg.control or is_safe(seg.text) else Segment(visible(seg.text, layout=True), seg.style, None)
+            for seg in buffer)
 
 
 def say(line: str) -> None:

@@ -104,3 +104,28 @@ def test_visible_leaves_nothing_a_terminal_obeys(s):
             assert v == s  # ordinary text is shown as it is
     assert visible(s, layout=True).count("\n") == s.count("\n")
     assert "\n" not in visible(s)
+
+
+def test_text_objects_built_directly_are_made_visible_too():
+    """intervene assembles generated text as rich `Text` (its bold differences): no render_str on that path."""
+    import io
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from cbtool.util.safe_text import SafeConsole
+
+    buf = io.StringIO()
+    console = SafeConsole(file=buf, force_terminal=True, width=120, color_system="truecolor")
+    table = Table("sample")
+    t = Text()
+    for ch in "ok\x1b]0;PWNED\x07\x1b[31mEVIL\u202e":
+        t.append(ch, style="bold" if ch == "E" else "")
+    table.add_row(t)
+    console.print(table)
+    console.print(Text("\x9b31m plain \x1b[2J"))
+    got = buf.getvalue().encode()
+    for raw in RAW + [b"\x1b[2J"]:
+        assert raw not in got, (raw, got)
+    assert b"\\x1b]0;PWN" in got and b"\\u202e" in got and b"\\x9b31m" in got
+    assert b"\x1b[1m" in got  # rich's own styles still reach the terminal
