@@ -24,6 +24,7 @@ from cbtool.formats.checkpoint import load_checkpoint
 from cbtool.formats.store import SHARD_META, code_dtype, read_manifest
 from cbtool.model.devices import resolve_device
 from cbtool.util import distributed, progress, signals
+from cbtool.util.files import refuse_overwriting_inputs
 
 
 def _parse_worker(text: str | None) -> tuple[int, int]:
@@ -116,6 +117,7 @@ def embed(
     distributed.agree([str(Path(ckpt_dir).resolve()), str(Path(target).resolve()), str(corpus), text_field, num_seqs,
                        seed, split, sites, batch_size, max_tokens, shard_tokens, str(dev), overwrite],
                       "the embed arguments")
+    refuse_overwriting_inputs(target, "--out", files=[ckpt_dir, *([corpus] if corpus else [])], replaced_dir=True)
     ckpt = load_checkpoint(ckpt_dir, device=dev)
     with signals.describing(lambda: _saved(target)):  # an interrupt's one line (cbtool/util/signals.py)
         # rank 0 creates (or replaces) the store, then the other ranks reopen it

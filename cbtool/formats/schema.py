@@ -161,6 +161,14 @@ MANIFEST = Obj({
 }, required=("format", "format_version", "checkpoint", "sites"))
 
 
+# one row of a checkpoint's metrics.jsonl (cbtool/training/metrics_log.py)
+METRICS_ROW = Obj({
+    "step": INT, "phase": STR, "loss": Opt(NUM), "accuracy": Opt(NUM), "mse": Opt(NUM), "lr": Opt(NUM),
+    "tokens_per_s": Opt(NUM), "seconds": Opt(NUM), "revived": Opt(INT), "fsm_valid": Opt(NUM),
+    "sites": MapOf(Obj({"mse": Opt(NUM), "live": INT, "dead": INT})),
+}, required=("step",))
+
+
 def validate(doc: Any, schema: Spec, where: str) -> None:
     """Refuse `doc` (read from `where`) unless it has the declared shape: one UserError line."""
     schema.check(doc, "", where)

@@ -50,7 +50,7 @@ from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.util import distributed, strict_json
 from cbtool.util.files import atomic_write_text, current_umask, read_text, save_npy, sha256_file
-from cbtool.util.locks import acquire, lock_is_stale, read_lock
+from cbtool.util.locks import acquire, remove_if_stale
 from cbtool.version import __version__
 
 FORMAT = "cbtool-codes"
@@ -286,9 +286,7 @@ class StoreWriter:
         if not all(self.is_complete(i) for i in range(num_shards)):
             return False
         for i in range(num_shards):  # a claim left by a writer killed after its shard was whole
-            stale = self.path / f"{shard_name(i)}.lock"
-            if stale.exists() and lock_is_stale(read_lock(stale)):
-                stale.unlink(missing_ok=True)
+            remove_if_stale(self.path / f"{shard_name(i)}.lock")
         metas = [_read_shard_meta(self.path, i) for i in range(num_shards)]
         sae = self.manifest.get("sae")
         if isinstance(sae, dict) and all(isinstance(m.get("truncation"), dict) for m in metas):
@@ -374,11 +372,16 @@ class Store:
             if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
                 raise UserError(f"{self.path / MANIFEST}: name {name!r} would point outside the store")
         self.num_shards = len(self.shard_tokens)
+        if min([*self.shard_tokens, *self.shard_docs, 0]) < 0 or sum(self.shard_tokens) != self.num_tokens \
+                or sum(self.shard_docs) != self.num_docs:
+            raise UserError(f"{self.path / MANIFEST}: malformed manifest (the shards' tokens and docs do not add up "
+                            f"to its totals, {self.num_tokens} tokens in {self.num_docs} documents)")
         self.token_offsets = np.concatenate([[0], np.cumsum(self.shard_tokens)]).astype(np.int64)
         self._verified: set[tuple[int, str]] = set()
         self._shard_files: dict[int, Any] = {}
         self._records: dict[int, VerifiedFiles] = {}
         self._in_range: set[tuple[int, str]] = set()
+        self._arrays_ok: set[tuple[int, str]] = set()
         self.label_names: list[str] = list(man.get("labels") or [])
         self.token_strings: list[str] | None = man.get("token_strings")
 
@@ -438,9 +441,13 @@ class Store:
         f = self.path / shard_name(shard) / name
         self._verify(shard, name)
         try:
-            return np.load(f, mmap_mode="r", allow_pickle=False)
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(f"store {self.path}: cannot read {shard_name(shard)}/{name} ({e})") from None
+        if (shard, name) not in self._arrays_ok:
+            check_shard_array(self, shard, name, a)  # once per array and Store: shapes, dtypes, order, bounds
+            self._arrays_ok.add((shard, name))
+        return a
 
     def _checked(self, shard: int, name: str, rows: int | None = None) -> np.ndarray:
         a = self._load(shard, name)
@@ -532,6 +539,49 @@ class Store:
         if self.token_strings is not None and 0 <= token < len(self.token_strings):
             return self.token_strings[token]
         return f"<{token}>"
+
+
+def check_shard_array(store: Store, shard: int, name: str, a: np.ndarray) -> None:
+    """One array of a shard as read (memory-mapped), against what docs/formats.md declares for it: one
+    UserError line naming it when its ndim, dtype or shape is wrong, document offsets decrease or run past the
+    token count, or spans leave the shard's text. Vectorised: a pass over offsets and spans, nothing per token
+    in Python. Arrays this check does not know pass as they are."""
+    n, docs = store.shard_tokens[shard], store.shard_docs[shard]
+    where = f"store {store.path}: {shard_name(shard)}/{name}"
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UserError(f"{where} {what} (corrupt store)")
+
+    integer = a.dtype.kind in "iu"
+    if name == "tokens.npy":
+        need(a.ndim == 1 and integer, f"must be ({n},) integers, has shape {a.shape} and dtype {a.dtype}")
+    elif name in ("doc_offsets.npy", "doc_chars.npy"):
+        need(a.ndim == 1 and integer and a.shape[0] == docs + 1,
+             f"must be ({docs + 1},) integers, has shape {a.shape} and dtype {a.dtype}")
+        v = np.asarray(a, dtype=np.int64)
+        need(int(v[0]) == 0 and bool(np.all(np.diff(v) >= 0)), "offsets must start at 0 and never decrease")
+        if name == "doc_offsets.npy":
+            need(int(v[-1]) == n, f"offsets end at {int(v[-1])}, not at the shard's {n} tokens")
+    elif name == "spans.npy":
+        need(a.ndim == 2 and a.shape[1:] == (2,) and integer,
+             f"must be ({n}, 2) integers, has shape {a.shape} and dtype {a.dtype}")
+        if a.size:
+            chars = int(store.doc_chars(shard)[-1])
+            v = np.asarray(a, dtype=np.int64)
+            need(int(v.min()) >= 0 and int(v.max()) <= chars and bool(np.all(v[:, 0] <= v[:, 1])),
+                 f"spans must lie within the shard's {chars} characters, start <= end")
+    elif name.startswith("labels.") and name.endswith(".npy"):
+        need(a.ndim == 1 and a.dtype.kind in "iuUSf", f"must be ({n},) labels, has shape {a.shape} and dtype "
+             f"{a.dtype}")
+    elif name.startswith("counts.") and name.endswith(".npy"):
+        site = store.sites.get(name[len("counts."):-len(".npy")])
+        c = site.num_codes if site is not None else None
+        need(a.ndim == 1 and integer and (c is None or a.shape[0] == c),
+             f"must be ({c},) integers, has shape {a.shape} and dtype {a.dtype}")
+        need(not a.size or int(np.asarray(a).min()) >= 0, "holds negative counts")
+    elif name == "text.npy":
+        need(a.ndim == 1 and a.dtype == np.uint8, f"must be bytes (uint8), has shape {a.shape} and dtype {a.dtype}")
 
 
 def open_store(path: Path, warn: Callable[[str], None] | None = None) -> Store:

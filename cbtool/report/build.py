@@ -51,6 +51,16 @@ class Limits:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
+def _site_names(meta: dict[str, Any]) -> set[str] | None:
+    """The checkpoint's site names as cbtool.json lists them; None when an entry does not list them."""
+    names: set[str] = set()
+    for cb in meta.get("codebooks") or []:
+        if not isinstance(cb, dict) or not isinstance(cb.get("sites"), list):
+            return None
+        names.update(cb["sites"])
+    return names
+
+
 def checkpoint_part(path: Path) -> dict[str, Any]:
     """Model, sites, training summary and results, and the metrics log of a checkpoint (no weights loaded)."""
     meta = read_meta(path)
@@ -70,7 +80,7 @@ def checkpoint_part(path: Path) -> dict[str, Any]:
         "codebooks": meta.get("codebooks"),
         "training": {k: v for k, v in training.items() if k != "config"},
         "config": training.get("config") or {},
-        "metrics": metrics_log.read_metrics(path),
+        "metrics": metrics_log.read_metrics(path, _site_names(meta)),
         "fsm_neighbours": neighbours,
     }
 

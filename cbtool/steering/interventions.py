@@ -31,6 +31,7 @@ from cbtool.model.generate import left_pad, pick_token
 from cbtool.model.refs import parse_code_ref
 from cbtool.model.sites import CodebookModel, CodebookSpec, Site
 from cbtool.util import progress
+from cbtool.util.limits import check_representable
 
 MODES = ("force", "add", "ablate")
 POSITIONS = ("all", "prompt", "generated")
@@ -61,6 +62,8 @@ def parse_interventions(refs: Sequence[str], model: CodebookModel, mode: str = "
     """`SITE:CODE` references -> interventions (UserError on unknown sites, codes out of range)."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    check_representable(strength, "--strength", torch.finfo(dtype).max, str(dtype).removeprefix("torch."))
     out: list[Intervention] = []
     for ref in refs:
         site, code = parse_code_ref(ref, model.sites)

@@ -6,7 +6,6 @@ The interventions and the batched sampling are in cbtool/steering/interventions.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from cbtool.steering.interventions import (
 )
 from cbtool.tasks.tokfsm import TokFSM, valid_transitions
 from cbtool.util import strict_json
-from cbtool.util.files import read_text
+from cbtool.util.files import read_stdin_text, read_text
 from cbtool.util.limits import MAX_SAMPLES, MAX_SEQ_LEN, check_number
 from cbtool.util.regexes import UserRegex
 from cbtool.util.stats import wilson_interval
@@ -36,7 +35,7 @@ SPEC_KEYS = {"prompt", "codes", "mode", "seed", "strength", "samples"}
 
 def read_prompts(path: Path) -> list[str]:
     text = read_text(path, "prompt file")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in strict_json.lines(text) if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {path} is empty")
     return prompts
@@ -50,7 +49,7 @@ def _parse(model: Any, refs: Sequence[str], mode: str, strength: float) -> list[
 
 def read_spec(path: Path, modes: Sequence[str] = MODES) -> list[tuple[int, dict[str, Any]]]:
     """JSONL rows -> (line number, row), each checked; errors name the row (line) number."""
-    lines = read_text(path, "spec file").splitlines()
+    lines = strict_json.lines(read_text(path, "spec file"))
     rows = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
@@ -243,7 +242,7 @@ def codes_from(source: str, pick: int = 1, per_site: bool = False, best_sites: i
     if best_sites is not None and best_sites < 1:
         raise UserError(f"--best-sites must be >= 1, got {best_sites}")
     if source == "-":
-        return codes_from_results(sys.stdin.read(), "stdin", pick, per_site, best_sites)
+        return codes_from_results(read_stdin_text("--codes-from -"), "stdin", pick, per_site, best_sites)
     path = Path(source)
     if not path.is_file():
         raise UserError(f"--codes-from {source}: no such file")
