@@ -20,9 +20,10 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click import exceptions as cx
 
 from cbtool.commands.common import err
-from cbtool.errors import CbtoolWarning, CheckFailed, UserError, environment_error
+from cbtool.errors import CbtoolWarning, CheckFailed, UserError, environment_error, is_foreign_panic
 from cbtool.util import progress, signals, threads
-from cbtool.util.limits import check_option
+from cbtool.util.limits import check_environment, check_option, drop_bad_columns
+from cbtool.util.safe_text import say
 from cbtool.version import __version__
 
 EXIT_CHECK, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
@@ -63,6 +64,7 @@ class _Group(TyperGroup):
             raise typer.Exit(0) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        drop_bad_columns()  # COLUMNS=0 or COLUMNS=abc: the terminal's own width, not an empty screen
         progress.enable(err)  # commands show progress; library callers in the same process stay quiet after
         _plain_flags(self)
         restore = signals.install()  # SIGTERM ends a command as Ctrl-C does (cbtool/util/signals.py)
@@ -111,6 +113,12 @@ class _Group(TyperGroup):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
                   EXIT_INTERNAL)
+        except BaseException as e:  # a foreign library's panic (tokenizers): bad input, not a crash
+            if not is_foreign_panic(e):
+                raise
+            if debug:
+                traceback.print_exc()
+            _fail(environment_error(e) or "", EXIT_USAGE)
         signals.flush_stdout()
         sys.exit(rc if isinstance(rc, int) else 0)
 
@@ -124,6 +132,7 @@ def _check_numbers(group: TyperGroup) -> None:
         flags = {p.name: max(getattr(p, "opts", None) or [f"--{p.name}"], key=len) for p in cmd.params}
 
         def checked(*args, _run=cmd.callback, _flags=flags, **kwargs):
+            check_environment()  # environment variables are parsed like options
             for name, value in kwargs.items():
                 check_option(_flags.get(name, f"--{name}"), value)
             return _run(*args, **kwargs)
@@ -154,8 +163,7 @@ def _plain_flags(command) -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if not issubclass(category, CbtoolWarning):
         return _python_showwarning(message, category, filename, lineno, file, line)
-    sys.stderr.write(f"cbtool: warning: {' '.join(str(message).split())}\n")
-    sys.stderr.flush()
+    say(f"cbtool: warning: {' '.join(str(message).split())}")
 
 
 _python_showwarning = warnings.showwarning
@@ -164,8 +172,7 @@ _python_showwarning = warnings.showwarning
 def _fail(message: str, code: int, kind: str = "error: ") -> None:
     dist = sys.modules.get("cbtool.util.distributed")  # under torchrun: which rank speaks
     rank = dist.tag() if dist is not None else ""
-    sys.stderr.write(f"cbtool: {kind}{rank}{' '.join(message.split())}\n")
-    sys.stderr.flush()
+    say(f"cbtool: {kind}{rank}{' '.join(message.split())}")  # visible; a closed or full stderr keeps the code
     if rank:  # under torchrun: leave now, before the process group's threads are torn down (gloo may abort)
         sys.stdout.flush()
         os._exit(code)

@@ -4,6 +4,10 @@ The documents come from the checkpoint's task (`Task.corpus`, cbtool/tasks/base.
 sequences of a held-out stream labelled with their states; text embeds a corpus (or the training
 corpus) tokenised with the checkpoint's tokenizer. `plan_embed` opens (or reopens) the store and
 `EmbedJob.run` writes the shards this worker owns; `embed` does both.
+
+Through an SAE (`cbtool embed --sae DIR --base-model MODEL`, `plan_sae_embed`): the base model runs with no
+codebook, the SAE's site is read by a hook (the forward stops there), and the SAE's top-k latents per token are
+the store's code ids, with their activations (docs/formats.md "SAE stores").
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from cbtool.errors import UserError
 from cbtool.formats.checkpoint import Checkpoint
+from cbtool.formats.sae import SAEBase, SparseDictionary, TruncationCounter, check_site
 from cbtool.formats.store import (
     ShardArrays,
     StoreWriter,
@@ -28,15 +33,46 @@ from cbtool.formats.store import (
     code_dtype,
     documents_to_arrays,
     match_sites,
+    sae_ref,
+    sae_site_entry,
     site_entry,
 )
+from cbtool.model.sites import hook_site
 from cbtool.tasks.base import Corpus, Document
 
 DEFAULT_SHARD_TOKENS = 1_000_000
+ACT_MAX = 65504.0  # the largest float16: stored SAE activations are clamped to it
+
+
+class _StoreJob:
+    """What both embed jobs share: their store (`writer`), documents (`corpus`) and token cap (`max_tokens`)."""
+
+    writer: StoreWriter
+    corpus: Corpus
+    max_tokens: int | None
+
+    @property
+    def complete(self) -> bool:
+        """The store was already complete when opened: `run` has nothing to do."""
+        return bool(self.writer.manifest.get("complete"))
+
+    @property
+    def expected_tokens(self) -> int | None:
+        n = self.corpus.expected_tokens
+        return n if n is None or self.max_tokens is None else min(n, self.max_tokens)
+
+
+def _check_sizes(batch_size: int, shard_tokens: int, max_tokens: int | None) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
 
 
 @dataclass
-class EmbedJob:
+class EmbedJob(_StoreJob):
     """An opened store and what to write into it (see `plan_embed`)."""
 
     checkpoint: Checkpoint
@@ -48,16 +84,6 @@ class EmbedJob:
     batch_size: int
     device: torch.device
     worker: tuple[int, int]
-
-    @property
-    def complete(self) -> bool:
-        """The store was already complete when opened: `run` has nothing to do."""
-        return bool(self.writer.manifest.get("complete"))
-
-    @property
-    def expected_tokens(self) -> int | None:
-        n = self.corpus.expected_tokens
-        return n if n is None or self.max_tokens is None else min(n, self.max_tokens)
 
     def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Write this worker's missing shards; the summary `cbtool embed --json` prints."""
@@ -93,12 +119,7 @@ def plan_embed(
 ) -> EmbedJob:
     """Check the arguments, choose the documents (`corpus` None: the task's own, see `Task.corpus`) and
     open the store at `out` (creating it, or reopening a compatible one to resume)."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if shard_tokens < 1:
-        raise UserError(f"--shard-tokens must be >= 1, got {shard_tokens}")
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    _check_sizes(batch_size, shard_tokens, max_tokens)
     model = checkpoint.model
     chosen = match_sites(list(model.sites), sites, f"checkpoint {checkpoint.path}")
     docs = checkpoint.task.corpus(None if corpus is None else Path(corpus), text_field, num_seqs, seed, split)
@@ -169,19 +190,9 @@ def embed_shard(
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in sites}
     block = getattr(getattr(model.base, "config", None), "block_size", None)
     with _stopping_forward(model, [model.codebook(specs[key]) for key in by_module]) as forward:
-        for lo in range(0, len(docs), batch_size):
-            batch = docs[lo : lo + batch_size]
-            lengths = [len(d.tokens) for d in batch]
-            t = max(lengths)
-            if block is not None and t > block:
-                raise UserError(f"a document of {t} tokens exceeds the model's block size {block}")
-            idx = np.zeros((len(batch), t), dtype=np.int64)
-            for i, d in enumerate(batch):
-                idx[i, : lengths[i]] = d.tokens
+        for batch, idx, keep in _batches(docs, batch_size, block):
+            lengths, t = [len(d.tokens) for d in batch], idx.shape[1]
             forward(torch.from_numpy(idx).to(device))
-            keep = None
-            if min(lengths) != t:
-                keep = (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).reshape(-1)
             for key, members in by_module.items():
                 cb = model.codebook(specs[key])
                 sel = cb.last
@@ -195,6 +206,25 @@ def embed_shard(
                 on_tokens(sum(lengths))
     arrays.codes = {name: np.concatenate(parts) for name, parts in chunks.items()}
     return arrays
+
+
+def _batches(docs: list[Document], batch_size: int, block: int | None
+             ) -> Iterator[tuple[list[Document], np.ndarray, np.ndarray | None]]:
+    """Batches of documents as right-padded token ids (B, T), with the mask (B*T,) of real tokens (None when no
+    document is shorter than T)."""
+    for lo in range(0, len(docs), batch_size):
+        batch = docs[lo : lo + batch_size]
+        lengths = [len(d.tokens) for d in batch]
+        t = max(lengths)
+        if block is not None and t > block:
+            raise UserError(f"a document of {t} tokens exceeds the model's block size {block}")
+        idx = np.zeros((len(batch), t), dtype=np.int64)
+        for i, d in enumerate(batch):
+            idx[i, : lengths[i]] = d.tokens
+        keep = None
+        if min(lengths) != t:
+            keep = (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).reshape(-1)
+        yield batch, idx, keep
 
 
 class _Enough(Exception):
@@ -274,3 +304,143 @@ def run_embed(
         "tokens_written": tokens,
         "complete": int(complete),
     }
+
+
+# -- through an SAE ---------------------------------------------------------------------------------
+
+@dataclass
+class SAEEmbedJob(_StoreJob):
+    """An opened store to fill with an SAE's latents at one site of a base model (see `plan_sae_embed`)."""
+
+    sae: SparseDictionary
+    base: SAEBase
+    site: str
+    writer: StoreWriter
+    corpus: Corpus
+    shard_tokens: int
+    max_tokens: int | None
+    batch_size: int
+    device: torch.device
+    worker: tuple[int, int]
+
+    def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Write this worker's missing shards; the summary `cbtool embed --sae --json` prints."""
+        written = skipped = tokens = num_shards = 0
+        start = time.perf_counter()
+        if self.complete:
+            num_shards = skipped = int(self.writer.manifest["num_shards"])
+            complete = True
+        else:
+            for index, docs in zip(itertools.count(), plan_shards(self.corpus.documents, self.shard_tokens,
+                                                                  self.max_tokens), strict=False):
+                num_shards = index + 1
+                if index % self.worker[1] != self.worker[0] or self.writer.is_complete(index):
+                    skipped += 1
+                    continue
+                with self.writer.claim(index):
+                    if self.writer.is_complete(index):
+                        skipped += 1
+                        continue
+                    arrays = embed_sae_shard(self.sae, self.base, self.site, docs, self.batch_size, self.device,
+                                             on_tokens)
+                    tokens += self.writer.write_shard(index, arrays)
+                    written += 1
+            if num_shards == 0:
+                raise UserError("empty corpus: no tokens to embed")
+            complete = self.writer.finalize(num_shards)
+        secs = time.perf_counter() - start
+        man = self.writer.manifest
+        return {
+            "store": str(self.writer.path), "sae": str(self.sae.path), "base_model": man.get("base_model"),
+            "complete": bool(complete), "tokens": man.get("tokens"), "docs": man.get("docs"), "sites": [self.site],
+            "labels": self.corpus.labels, "shards": num_shards, "written": written, "skipped": skipped,
+            "tokens_written": tokens, "seconds": round(secs, 3),
+            "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
+            "truncation": (man.get("sae") or {}).get("truncation"),
+        }
+
+
+def plan_sae_embed(
+    sae: SparseDictionary, base: SAEBase, out: Path, corpus: Path | None = None, *, site: str | None = None,
+    text_field: str = "text", num_seqs: int = 2048, seed: int = 0, split: str = "all", batch_size: int = 64,
+    max_tokens: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker: tuple[int, int] = (0, 1),
+    device: torch.device | str = "cpu", overwrite: bool = False,
+) -> SAEEmbedJob:
+    """Check the SAE against the base (site, width), choose the documents (`corpus`, or a cbtool checkpoint's
+    own as `plan_embed` does) and open the store at `out`."""
+    _check_sizes(batch_size, shard_tokens, max_tokens)
+    name, where = check_site(sae, base, site)
+    if corpus is None and base.spec.get("kind") == "hf":
+        raise UserError("--sae with a Hugging Face --base-model needs --corpus TEXT (.txt, .jsonl or a folder)")
+    docs = base.task.corpus(None if corpus is None else Path(corpus), text_field, num_seqs, seed, split)
+    plan = {
+        "checkpoint": {"path": "", "sha256": None},
+        "corpus": docs.spec,
+        "shard_tokens": shard_tokens,
+        "max_tokens": max_tokens,
+        "sites": [sae_site_entry(name, latents=sae.d_sae, k=sae.k, **where)],
+        "labels": docs.labels,
+        "token_strings": docs.token_strings,
+        "sae": {**sae.identity(), "site": name, **sae_ref(sae.path, Path(out))},
+        "base_model": base.spec,
+    }
+    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite)
+    dev = torch.device(device)
+    sae.to(dev)
+    return SAEEmbedJob(sae, base, name, writer, docs, shard_tokens, max_tokens, batch_size, dev, worker)
+
+
+def fired_slots(ids: torch.Tensor, acts: torch.Tensor, padding: int) -> torch.Tensor:
+    """The ids a store keeps: a slot whose activation is 0 (fewer latents active than k) holds `padding` (= d_sae,
+    the store's extra last code, which never fires), so every other stored id is a latent that fired."""
+    return torch.where(acts > 0, ids, torch.full_like(ids, padding))
+
+
+@torch.inference_mode()
+def capture_site(base: SAEBase, site: str, idx: torch.Tensor) -> torch.Tensor:
+    """The activations (B, T, width) at `site` for token ids idx (B, T); the forward stops there."""
+    got: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor) -> None:
+        got.append(x.detach())
+        raise _Enough
+
+    handle = hook_site(base.locator, site, grab)
+    try:
+        base.model(idx)
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"site {site} did not run in the forward pass")
+    return got[0]
+
+
+@torch.inference_mode()
+def embed_sae_shard(sae: SparseDictionary, base: SAEBase, site: str, docs: list[Document], batch_size: int,
+                    device: torch.device, on_tokens: Callable[[int], None] | None = None) -> ShardArrays:
+    """Run a shard's documents through the base model, encode the site's activations with the SAE: ids, float16
+    activations and the truncation counts (shard.json `truncation`)."""
+    arrays = documents_to_arrays(docs)
+    counter = TruncationCounter(sae)
+    id_parts, act_parts = [], []
+    block = getattr(getattr(base.model, "config", None), "block_size", None)
+    block = block or getattr(getattr(getattr(base.model, "base", None), "config", None), "block_size", None)
+    for batch, idx, keep in _batches(docs, batch_size, block):
+        lengths = [len(d.tokens) for d in batch]
+        x = capture_site(base, site, torch.from_numpy(idx).to(device))
+        x = x.reshape(idx.size, x.shape[-1])
+        if keep is not None:
+            x = x[torch.from_numpy(keep).to(x.device)]
+        ids, acts = sae.encode(x)
+        counter.add(x)
+        acts = acts.clamp(max=ACT_MAX).half()  # what the store keeps; a slot fired iff its float16 act is > 0
+        id_parts.append(fired_slots(ids, acts, sae.d_sae).cpu().numpy().astype(code_dtype(sae.d_sae + 1)))
+        act_parts.append(acts.cpu().numpy())
+        if on_tokens is not None:
+            on_tokens(sum(lengths))
+    arrays.codes = {site: np.concatenate(id_parts)}
+    arrays.acts = {site: np.concatenate(act_parts)}
+    arrays.meta = {"truncation": counter.counts()}
+    return arrays

@@ -55,9 +55,17 @@ def environment_error(e: BaseException) -> str | None:
         return f"a number is too large: {first_line(e)}"
     if isinstance(e, UnicodeError):
         return f"text that cannot be encoded or decoded: {first_line(e)}"
+    if is_foreign_panic(e):  # a Rust library (tokenizers, safetensors) panicked on what it was given
+        return f"a Rust library (tokenizers or safetensors) failed on this input: {first_line(e)}"
     if isinstance(e, MemoryError):
         return "out of memory: use smaller sizes (fewer samples, shorter sequences, a smaller batch)"
     return None
+
+
+def is_foreign_panic(e: BaseException) -> bool:
+    """A `pyo3_runtime.PanicException` (tokenizers, safetensors): a BaseException, so `except Exception` misses
+    it, raised when Rust code panics on malformed input; matched by class, as the class is not importable."""
+    return any(c.__name__ == "PanicException" and c.__module__ == "pyo3_runtime" for c in type(e).__mro__)
 
 
 def first_line(e: BaseException) -> str:

@@ -1,4 +1,7 @@
-"""The contexts a code fires on, with the firing token marked (`cbtool show-code`)."""
+"""The contexts a code fires on, with the firing token marked (`cbtool show-code`).
+
+Examples are spread evenly over a code's firings; in a store with activations (an SAE store) a firing is a slot
+with a nonzero activation, and the examples are the firings with the largest activations, largest first."""
 
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ def _end(spans: np.ndarray, p: int) -> int | None:
 def code_contexts(store: Store, ref: str, examples: int = 10, context: int = 8) -> dict[str, Any]:
     """Where a code (`SITE:CODE`) fires: its firing count and share of tokens, the tokens it fires on most, and
     `examples` contexts spread evenly over its firings (`context` tokens each side of the firing token,
-    as `left`, `token`, `right`). What `cbtool show-code --json` prints."""
+    as `left`, `token`, `right`; with activations: the strongest firings, each with its `activation`). What
+    `cbtool show-code --json` prints."""
     if examples < 0 or context < 0:
         raise UserError("--examples and --context must be >= 0")
     site, code = parse_code_ref(ref, store.sites)
@@ -62,9 +66,16 @@ def _contexts(store: Store, site: str, code: int, n_examples: int, context: int)
     positions = []  # (shard, local positions) of this rank's shards
     shard_fires = np.zeros(store.num_shards, dtype=np.int64)
     token_counts: dict[int, int] = {}
+    strength: dict[int, np.ndarray] = {}  # shard -> activation of each firing (stores with activations)
     for s in world.shards(store.num_shards):
-        pos = np.flatnonzero((np.asarray(store.codes(s, site)) == code).any(axis=1))
+        hit = np.asarray(store.codes(s, site)) == code
+        acts = store.acts(s, site)
+        if acts is not None:
+            hit &= np.asarray(acts) > 0
+        pos = np.flatnonzero(hit.any(axis=1))
         shard_fires[s] = len(pos)
+        if acts is not None:
+            strength[s] = np.where(hit[pos], np.asarray(acts[pos], dtype=np.float32), 0).max(axis=1)
         if len(pos):
             positions.append((s, pos))
             tok = np.asarray(store.tokens(s))[pos].astype(np.int64)
@@ -85,6 +96,14 @@ def _contexts(store: Store, site: str, code: int, n_examples: int, context: int)
         if fires
         else []
     )
+    by_strength = store.has_acts(site)
+    if by_strength:  # the n strongest firings over all shards (ties: the earlier position)
+        cand = [(float(strength[s][j]), int(first_fire[s]) + j) for s, pos in positions
+                for j in np.argsort(-strength[s], kind="stable")[:n_examples].tolist()]
+        if world.active:
+            cand = [tuple(c) for part in distributed.gather_json(cand) for c in part]
+        picks = np.array(sorted(p for _, p in sorted(cand, key=lambda c: (-c[0], c[1]))[:n_examples]),
+                         dtype=np.int64)
     examples = []
     doc_base = np.concatenate([[0], np.cumsum([int(x["docs"]) for x in store.manifest["shards"]])])
     token_repr: dict[int, str] = {}
@@ -117,10 +136,13 @@ def _contexts(store: Store, site: str, code: int, n_examples: int, context: int)
                         "token": _render(store, text, tokens, spans, p, p + 1),
                         "right": _render(store, text, tokens, spans, p + 1, hi, after=_end(spans, p)),
                         **{f"label_{n}": int(lab[p]) for n, lab in labels.items()},
+                        **({"activation": float(strength[s][j])} if by_strength else {}),
                     }
                 )
     if world.active:  # rank order is shard order within each rank: sort by position; first shard's repr wins
         examples = sorted((e for part in distributed.gather_json(examples) for e in part), key=lambda e: e["position"])
+    if by_strength:
+        examples.sort(key=lambda e: (-e["activation"], e["position"]))
         reprs = distributed.gather_json([[t, repr_shard[t], r] for t, r in token_repr.items()])
         token_repr = {t: r for t, _, r in sorted((x for part in reprs for x in part), key=lambda x: -x[1])}
     top = sorted(token_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]

@@ -22,7 +22,7 @@ import numpy as np
 
 from cbtool.errors import UserError
 from cbtool.formats.store import Store
-from cbtool.util import distributed
+from cbtool.util import distributed, strict_json
 from cbtool.util.files import read_text
 from cbtool.util.regexes import UserRegex
 
@@ -267,7 +267,7 @@ def label_feature(store: Store, source: str) -> LabelFeature:
         if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(np.asarray(arr) == np.round(arr)):
             return _index_int_labels(path.name, _split(store, np.asarray(arr, dtype=np.int64)))
         raise UserError(f"label file {path} has dtype {arr.dtype}; use integers (-1 = none) or strings")
-    lines = read_text(path, "label file").splitlines()
+    lines = strict_json.lines(read_text(path, "label file"))
     if len(lines) != n:
         raise UserError(f"label file {path} has {len(lines)} lines but the store has {n} tokens")
     return _index_str_labels(store, path.name, np.array([ln.strip() for ln in lines], dtype=str))

@@ -1,7 +1,8 @@
 """Codes near a code (`cbtool show-code --similar N`): by code-vector cosine and by firing-set overlap.
 
 - cosine: between the code's vector and every other code vector of the same codebook (same site), read from
-  the checkpoint the store was embedded from; omitted (with the reason) when it is not available.
+  the checkpoint the store was embedded from (an SAE store: the SAE's decoder rows); omitted (with the reason)
+  when it is not available.
 - Jaccard: |A n B| / |A u B| between the sets of token positions where the code fires (A) and where another
   code fires (B), over every site of the store (positions are shared across sites; with k = 1 two codes of
   one site never fire on the same token, so the neighbours come from the other sites).
@@ -55,6 +56,24 @@ def unit_vectors(store: Store, site: str, codebooks: dict[str, Any]) -> np.ndarr
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
+def store_unit_vectors(store: Store) -> dict[str, np.ndarray]:
+    """Per site of the store, its code vectors at unit length: the codebooks of the store's checkpoint, or for a
+    store embedded through an SAE its decoder rows (W_dec), read from the SAE folder the manifest names and
+    re-verified by sha256. UserError (why not) when they cannot be read."""
+    if isinstance(store.manifest.get("sae"), dict):
+        from cbtool.formats.store import store_sae
+
+        dec = store_sae(store).W_dec.double().numpy()
+        unit = dec / np.maximum(np.linalg.norm(dec, axis=1, keepdims=True), 1e-12)
+        unit = np.concatenate([unit, np.zeros((1, unit.shape[1]))])  # the padding code (formats/store.py)
+        return dict.fromkeys(store.sites, unit)
+    from cbtool.formats.checkpoint import load_codebooks
+
+    store.check_checkpoint(required=True)
+    codebooks = load_codebooks(store.checkpoint_path)
+    return {site: unit_vectors(store, site, codebooks) for site in store.sites}
+
+
 def nearest_by_cosine(unit: np.ndarray, codes: np.ndarray, n: int, chunk: int = 512) -> list[list[tuple[int, float]]]:
     """For each of `codes`, the `n` other codes of `unit` with the largest cosine, best first (ties: lower id,
     as `cosine_neighbours` orders them). Computed in chunks of `chunk` codes at a time."""
@@ -77,10 +96,7 @@ def nearest_by_cosine(unit: np.ndarray, codes: np.ndarray, n: int, chunk: int = 
 
 def cosine_neighbours(store: Store, site: str, code: int, n: int) -> list[dict[str, Any]]:
     """The `n` codes of the same codebook whose vectors have the largest cosine with the code's, best first."""
-    from cbtool.formats.checkpoint import load_codebooks
-
-    store.check_checkpoint(required=True)
-    unit = unit_vectors(store, site, load_codebooks(store.checkpoint_path))
+    unit = store_unit_vectors(store)[site]
     cos = unit @ unit[code]
     cos[code] = -np.inf
     fires = store.counts(site)

@@ -11,8 +11,12 @@ from cbtool.formats.store import Store
 
 
 def site_usage(store: Store, site: str, min_count: int, top: int) -> dict[str, Any]:
-    """Dead/rare counts, share alive, usage entropy (bits) and perplexity, most used codes of a site."""
+    """Dead/rare counts, share alive, usage entropy (bits) and perplexity, most used codes of a site. An SAE
+    store's padding code (its last, docs/formats.md "SAE stores") is not one of them."""
     counts = store.counts(site)
+    latents = store.site_entries[site].get("latents")
+    if isinstance(latents, int) and 0 < latents < len(counts):
+        counts = counts[:latents]
     c = len(counts)
     total = int(counts.sum())
     dead = np.flatnonzero(counts == 0)

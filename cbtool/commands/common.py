@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import errno
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from cbtool.formats.store import Store, open_store
 from cbtool.util import strict_json
+from cbtool.util.limits import env_columns, env_path
+from cbtool.util.safe_text import SafeConsole as Console  # data strings never reach the terminal raw
 
 SCHEMA_VERSION = 1
 
@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 # $COLUMNS) instead of the 80 columns rich assumes, so headers and samples are not cut or wrapped.
 PIPED_WIDTH = 200
 out = Console(highlight=False, soft_wrap=True,
-              width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or PIPED_WIDTH))
+              width=None if sys.stdout is not None and sys.stdout.isatty() else env_columns() or PIPED_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # logs: stderr, one line per message
 
 
@@ -49,7 +49,7 @@ def run_dir(run: Path | None) -> Path:
     """`--run DIR`, else $CBTOOL_RUN, else ./cbtool-run."""
     if run is not None:
         return Path(run)
-    return Path(os.environ.get("CBTOOL_RUN") or "cbtool-run")
+    return Path(env_path("CBTOOL_RUN") or "cbtool-run")
 
 
 def default_checkpoint(path: Path | None, run: Path | None) -> Path:

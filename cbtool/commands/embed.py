@@ -22,6 +22,7 @@ from cbtool.commands.common import (
 from cbtool.errors import UserError
 from cbtool.formats.store import SHARD_META, code_dtype, read_manifest
 from cbtool.util import distributed, progress, signals
+from cbtool.util.files import refuse_overwriting_inputs
 
 if TYPE_CHECKING:
     from cbtool.embedding import EmbedJob
@@ -75,6 +76,20 @@ def embed(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store at --out first."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    sae: Path | None = typer.Option(None, "--sae", help="An SAE folder (SAELens or sparsify): store its top-k "  # noqa: B008
+                                    "latents (and their activations) at its site of --base-model instead of a "
+                                    "checkpoint's codes."),
+    base_model: Path | None = typer.Option(None, "--base-model", help="With --sae: the model it reads, a local "  # noqa: B008
+                                           "Hugging Face folder or a cbtool checkpoint."),
+    gguf_file: str | None = typer.Option(None, "--gguf-file", help="With --sae: a GGUF file in --base-model."),
+    site: str | None = typer.Option(None, "--site", help="With --sae: read this site (L.resid, L.mlp, L.attn, "
+                                    "L.attn.hH) instead of the one its hook name gives."),
+    k_max: int | None = typer.Option(None, "--k-max", help="With --sae of a variable-L0 architecture (ReLU, "
+                                     "JumpReLU, gated): latents kept per token, the largest (default 32; the "
+                                     "dropped share is recorded). A TopK SAE keeps its own k."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="With --sae and a Hugging Face base: tokens per "
+                                       "document, longer texts are cut (default 128, or the model's context "
+                                       "when shorter)."),
 ) -> None:
     """Run a corpus through a checkpoint (codebooks on) and store each token's top-k code ids per site.
 
@@ -86,11 +101,19 @@ def embed(
       cbtool embed runs/smol/checkpoint --split heldout   # text: the held-out documents of its corpus
       cbtool embed --worker 0/2 & cbtool embed --worker 1/2   # two processes, one store
       torchrun --nproc-per-node 2 -m cbtool embed    # the same, the worker index from the rank
+      cbtool embed --sae saes/l6-resid --base-model models/gpt2 --corpus text.txt --out runs/sae/codes
     """
+    if sae is not None or base_model is not None:
+        _embed_sae(sae, base_model, gguf_file, checkpoint, site, k_max, seq_len, out_dir, run, corpus, text_field,
+                   num_seqs, seed, split, sites, batch_size, max_tokens, shard_tokens, worker, device, overwrite,
+                   as_json)
+        return
+    for flag, value in (("--gguf-file", gguf_file), ("--site", site), ("--k-max", k_max), ("--seq-len", seq_len)):
+        if value is not None:
+            raise UserError(f"{flag} applies to --sae")
     from cbtool.embedding import plan_embed  # torch: imported when the command runs, not for --help
     from cbtool.formats.checkpoint import load_checkpoint
     from cbtool.model.devices import resolve_device
-
     world = distributed.world()
     parts = _parse_worker(worker)
     if world.active:  # under torchrun: rank R of N is worker R/N
@@ -102,6 +125,7 @@ def embed(
     distributed.agree([str(Path(ckpt_dir).resolve()), str(Path(target).resolve()), str(corpus), text_field, num_seqs,
                        seed, split, sites, batch_size, max_tokens, shard_tokens, str(dev), overwrite],
                       "the embed arguments")
+    refuse_overwriting_inputs(target, "--out", files=[ckpt_dir, *([corpus] if corpus else [])], replaced_dir=True)
     ckpt = load_checkpoint(ckpt_dir, device=dev)
     with signals.describing(lambda: _saved(target)):  # an interrupt's one line (cbtool/util/signals.py)
         # rank 0 creates (or replaces) the store, then the other ranks reopen it
@@ -146,6 +170,62 @@ def embed(
         f"{len(chosen)}: {', '.join(chosen[:4])}{' ...' if len(chosen) > 4 else ''}",
         f"{e['k']} / {e['num_codes']} / {code_dtype(e['num_codes']).name}",
     )
+    out.print(table)
+
+
+def _embed_sae(sae_dir: Path | None, base_model: Path | None, gguf_file: str | None, checkpoint: Path | None,
+               site: str | None, k_max: int | None, seq_len: int | None, out_dir: Path | None, run: Path | None,
+               corpus: Path | None, text_field: str, num_seqs: int, seed: int, split: str, sites: str | None,
+               batch_size: int, max_tokens: int | None, shard_tokens: int, worker: str | None, device: str,
+               overwrite: bool, as_json: bool) -> None:
+    """`embed --sae DIR --base-model MODEL`: one process (no torchrun), the SAE's site of the base model."""
+    from cbtool.embedding import plan_sae_embed
+    from cbtool.formats.sae import load_sae, open_base
+    from cbtool.model.devices import resolve_device
+
+    if sae_dir is None or base_model is None:
+        raise UserError("--sae and --base-model go together: the SAE folder and the model it reads")
+    if checkpoint is not None:
+        raise UserError("with --sae give the model as --base-model, not as a checkpoint argument")
+    if sites is not None:
+        raise UserError("--sites selects codebook sites; an SAE reads one site (--site overrides its own)")
+    if distributed.world().active:
+        raise UserError("embed --sae runs as one process: use --worker I/N to split the shards")
+    if seq_len is not None and seq_len < 2:
+        raise UserError(f"--seq-len must be >= 2, got {seq_len}")
+    parts = _parse_worker(worker)
+    dev = resolve_device(device)
+    sae = load_sae(sae_dir, k_max)
+    base = open_base(base_model, gguf_file, dev, seq_len)
+    target = default_store(out_dir, run)
+    with signals.describing(lambda: _saved(target)):
+        job = plan_sae_embed(sae, base, target, corpus, site=site, text_field=text_field, num_seqs=num_seqs,
+                             seed=seed, split=split, batch_size=batch_size, max_tokens=max_tokens,
+                             shard_tokens=shard_tokens, worker=parts, device=dev, overwrite=overwrite)
+        if job.complete:
+            err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
+            doc = job.run()
+        else:
+            with progress.track("embedding", job.expected_tokens, "tokens") as bar:
+                doc = job.run(bar.advance)
+            err.print(f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in "
+                      f"{doc['seconds']:.1f} s through SAE {sae.path} at {job.site}", soft_wrap=True)
+    if as_json:
+        emit_json("embed", doc)
+        return
+    if not doc["complete"]:
+        out.print(f"wrote {doc['written']} shard(s) of {doc['shards']} to {target}; the store is complete once "
+                  f"every worker has finished")
+        return
+    table = Table(title=f"code store {target} (SAE {sae.format} {sae.architecture})")
+    for col in ("tokens", "docs", "shards", "site", "k / d_sae / dtype", "dropped (latents / mass)"):
+        table.add_column(col, justify="right" if col in ("tokens", "docs", "shards") else "left")
+    tr = doc["truncation"] or {}
+    dropped = ("- (TopK)" if sae.k_fixed else
+               f"{tr.get('dropped_latent_share', 0):.1%} / {tr.get('dropped_mass_share', 0):.1%} "
+               f"(mean L0 {tr.get('mean_l0', 0):.1f})")
+    table.add_row(f"{doc['tokens']:,}", f"{doc['docs']:,}", str(doc["shards"]), job.site,
+                  f"{sae.k} / {sae.d_sae} / {code_dtype(sae.d_sae).name}", dropped)
     out.print(table)
 
 

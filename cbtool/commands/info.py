@@ -101,7 +101,19 @@ def _store_info(path: Path, as_json: bool) -> None:
     if man.get("complete"):
         out.print(f"[bold]tokens[/] {man.get('tokens'):,} in {man.get('docs'):,} documents, "
                   f"{man.get('num_shards')} shard(s)")
-    out.print(f"[bold]checkpoint[/] {ck.get('path')} ({status})")
+    sae = man.get("sae")
+    if isinstance(sae, dict):  # embedded through an SAE (docs/formats.md "SAE stores")
+        tr = sae.get("truncation") or {}
+        kept = (f"k = {sae.get('k')} (TopK)" if sae.get("k_fixed") else
+                f"k_max = {sae.get('k')}, dropped {tr.get('dropped_latent_share', 0):.1%} of active latents, "
+                f"{tr.get('dropped_mass_share', 0):.1%} of activation mass")
+        out.print(f"[bold]SAE[/] {escape(str(sae.get('absolute_path')))} ({sae.get('format')} "
+                  f"{sae.get('architecture')}, {sae.get('d_sae')} latents at {sae.get('site')}, {kept})",
+                  soft_wrap=True)
+        base = man.get("base_model") or {}
+        out.print(f"[bold]base model[/] {escape(str(base.get('path')))} ({base.get('kind')})", soft_wrap=True)
+    else:
+        out.print(f"[bold]checkpoint[/] {ck.get('path')} ({status})")
     if man.get("corpus") is not None:
         corpus = man["corpus"]
         out.print(f"[bold]corpus[/] {escape(_fields(corpus) if isinstance(corpus, dict) else str(corpus))}",

@@ -5,6 +5,7 @@ paper's TokFSM state-patching experiment (docs/steer.md)."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,8 @@ def intervene(
                                           "its N best sites (e.g. two heads)."),
     mode: str = typer.Option("force", "--mode", help="force (code joins the active set, replacing the "
                              "lowest-scoring one), add (its vector x --strength is added), ablate (removed, "
-                             "next best takes its place)."),
+                             "next best takes its place). With --sae: ablate (x - act * W_dec[i]), add "
+                             "(x + strength * W_dec[i]) or set (held at --value)."),
     strength: float = typer.Option(1.0, "--strength", help="Multiplier of the code vector in add mode."),
     positions: str = typer.Option("all", "--positions", help="Steered tokens: all, prompt or generated."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable; TokFSM: digits, "
@@ -93,6 +95,19 @@ def intervene(
     as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON row per sample on stdout."),
     plot: Path | None = typer.Option(None, "--plot", help="Also draw steered vs baseline rates with 95% intervals "
                                      "(--regex or --fsm-eval) to FILE.png or FILE.svg."),
+    sae: Path | None = typer.Option(None, "--sae", help="Steer the latents of this SAE folder (SAELens or "
+                                    "sparsify) on --base-model: --code SITE:LATENT, --mode ablate|add|set."),
+    base_model: Path | None = typer.Option(None, "--base-model", help="With --sae: the model it reads (a local "
+                                           "Hugging Face folder or a cbtool checkpoint)."),
+    gguf_file: str | None = typer.Option(None, "--gguf-file", help="With --sae: a GGUF file in --base-model."),
+    site: str | None = typer.Option(None, "--site", help="With --sae: the site it reads, overriding its hook name."),
+    store: Path | None = typer.Option(None, "--store", help="With --sae: a store embedded with it (describes the "
+                                      "latents; --mode set takes its default value there)."),
+    value: float | None = typer.Option(None, "--value", help="With --sae --mode set: the activation to hold the "
+                                       "latent at (default: the 0.99 quantile of its nonzero activations in "
+                                       "--store)."),
+    k_max: int | None = typer.Option(None, "--k-max", help="With --sae of a variable-L0 architecture: latents kept "
+                                     "per token, as `embed --k-max` (default 32)."),
 ) -> None:
     """Generate with codes forced on / added / ablated, beside an unsteered twin of every sample.
 
@@ -105,13 +120,25 @@ def intervene(
       cbtool intervene --fsm-eval                      # the paper's state-patching table
       cbtool intervene --fsm-eval --fsm-mode steering  # two-digit next-state JSD to b's true transitions
       cbtool intervene --code 3.mlp:412 -n 200 --regex "^41" --plot rates.png
+      cbtool intervene --sae saes/l6 --base-model models/gpt2 --code 6.resid:1234 --mode add --strength 8 -p "The"
     """
     from cbtool.formats.checkpoint import load_checkpoint  # torch: imported when the command runs
     from cbtool.model.devices import resolve_device
+    from cbtool.steering.interventions import MODES
     from cbtool.steering.jobs import check_options, steer
     from cbtool.steering.jobs import codes_from as steer_codes_from
+    from cbtool.steering.sae import SAE_MODES
     from cbtool.tasks.tokfsm import TokFSM
 
+    if sae is None:
+        for flag, given in (("--base-model", base_model), ("--gguf-file", gguf_file), ("--site", site),
+                            ("--store", store), ("--value", value), ("--k-max", k_max)):
+            if given is not None:
+                raise UserError(f"{flag} applies to --sae")
+    elif path is not None or fsm_eval:
+        raise UserError("--sae steers an SAE on --base-model: drop the checkpoint argument and --fsm-eval")
+    elif base_model is None:
+        raise UserError("--sae needs --base-model, the model it reads")
     plot = check_plot_path(plot)
     if plot is not None and regex is None and not fsm_eval:
         raise UserError("--plot draws success rates: give --regex (or use --fsm-eval)")
@@ -146,9 +173,13 @@ def intervene(
         raise UserError("--require-gain needs --regex")
     check_options(codes=code, prompts=prompt, prompts_file=prompts_file, spec=spec, mode=mode, positions=positions,
                   samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                  batch_size=batch_size, regex=regex)
-    ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
-    if best_sites is not None:
+                  batch_size=batch_size, regex=regex, modes=MODES if sae is None else SAE_MODES)
+    if sae is not None:
+        ckpt, describe = _sae_target(sae, base_model, gguf_file, site, store, value, k_max, dev)
+    else:
+        ckpt = load_checkpoint(default_checkpoint(path, run), device=dev)
+        describe = partial(_describe_codes, ckpt, run=run)
+    if best_sites is not None and sae is None:
         _check_pick(ckpt, code, pick)
     t0 = time.perf_counter()
     summary = steer(ckpt, code, prompt, mode=mode, strength=strength, positions=positions, samples=samples,
@@ -165,7 +196,7 @@ def intervene(
     elif as_json:
         emit_json("intervene", {**summary, "examples": rows[:5]})
     else:
-        _describe_codes(ckpt, rows, run)
+        describe(rows)
         _show(rows, summary, regex is not None, isinstance(ckpt.task, TokFSM))
     if plot is not None:
         plots.steering_rates(summary, plot)
@@ -174,6 +205,26 @@ def intervene(
         s_rate, b_rate = summary["steered"]["rate"], summary["baseline"]["rate"]
         raise CheckFailed(f"steered rate {s_rate:.3f} is {summary['gain']:+.3f} over the baseline "
                           f"{b_rate:.3f}; --require-gain {require_gain} not met")
+
+
+def _sae_target(sae_dir: Path, base_model: Path, gguf_file: str | None, site: str | None, store_path: Path | None,
+                value: float | None, k_max: int | None, dev) -> tuple[Any, Any]:
+    """`intervene --sae`: the SAE on its base model as `steer` takes it, and what describes its latents."""
+    from cbtool.formats.sae import load_sae, open_base
+    from cbtool.formats.store import open_store
+    from cbtool.steering.sae import sae_target
+
+    sae = load_sae(sae_dir, k_max)
+    store = open_store(store_path, warn=lambda m: err.print(m, markup=False)) if store_path is not None else None
+    target = sae_target(open_base(base_model, gguf_file, dev), sae.to(dev), site, store, value)
+
+    def describe(rows: list[dict[str, Any]]) -> None:
+        if store is None:
+            return
+        for ref in dict.fromkeys(iv["code"] for r in rows for iv in r["interventions"]):
+            out.print(f"{ref}: {code_meaning(store, ref)}  ({store.path})", markup=False, highlight=False)
+
+    return target, describe
 
 
 def _check_pick(ckpt: Checkpoint, codes: list[str], pick: int) -> None:

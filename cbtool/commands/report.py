@@ -21,6 +21,7 @@ from cbtool.errors import UserError
 from cbtool.formats.checkpoint_names import META
 from cbtool.formats.store import MANIFEST
 from cbtool.report.build import Limits, build, write_report
+from cbtool.util.files import refuse_overwriting_inputs
 
 LIMITS = Limits()
 
@@ -91,6 +92,8 @@ def report(
     target = Path(out_path) if out_path is not None else run_dir(run) / "report.html"
     if target.is_dir():
         raise UserError(f"--out {target} is a directory; give a file name such as report.html")
+    refuse_overwriting_inputs(target, "--out", files=[*include, *([Path(labels)] if labels else [])],
+                              dirs=[d for d in (checkpoint, store.path if store else None) if d is not None])
     t0 = time.perf_counter()
     data = build(checkpoint, store, list(include), limits, labels)
     size = write_report(data, target)

@@ -59,8 +59,12 @@ def show_code(
             + ", ".join(f"{escape(repr(t['token']))} x{t['count']:,}" for t in res["top_tokens"])
         )
     if res["examples"]:
-        table = Table(title=f"contexts of {ref} (firing token \\[highlighted]; ⏎ = a line break)")
+        strongest = "activation" in res["examples"][0]  # an SAE store: the strongest firings, strongest first
+        table = Table(title=f"contexts of {ref} (firing token \\[highlighted]; ⏎ = a line break"
+                            + ("; strongest activations first)" if strongest else ")"))
         table.add_column("doc", justify="right")
+        if strongest:
+            table.add_column("act", justify="right")
         table.add_column("context")
         for name in store.label_names:
             table.add_column(name, justify="right")
@@ -70,7 +74,8 @@ def show_code(
                                   else (ex["left"], ex["token"], ex["right"]))
             mark = escape("[" + one_line(token) + "]")
             ctx = f"{escape(one_line(left))}[bold reverse]{mark}[/]{escape(one_line(right))}"
-            table.add_row(str(ex["doc"]), ctx, *[str(ex[f"label_{n}"]) for n in store.label_names])
+            act = [f"{ex['activation']:.3g}"] if strongest else []
+            table.add_row(str(ex["doc"]), *act, ctx, *[str(ex[f"label_{n}"]) for n in store.label_names])
         out.print(table)
     if similar:
         _print_similar(ref, res["similar"])

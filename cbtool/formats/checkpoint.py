@@ -86,6 +86,9 @@ def save_checkpoint(
         if train_state is not None:
             save_file({k: v.cpu().contiguous() for k, v in train_state.items()}, str(tmp / TRAIN_STATE))
             files.append(TRAIN_STATE)
+        mode = 0o666 & ~current_umask()
+        for name in files:  # the safetensors writer makes its files 0600 (a temp file renamed): follow the umask
+            os.chmod(tmp / name, mode)
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -230,6 +233,17 @@ def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read {f}: {e}") from None
 
 
+def check_values(where: Path, tensors: dict[str, torch.Tensor], real: bool = True) -> None:
+    """Refuse (one `UserError` line) tensors a model cannot compute with: complex or integer where real
+    weights belong (`real`), and NaN or infinite values in any floating tensor."""
+    for name, t in tensors.items():
+        if t.is_complex() or (real and not t.is_floating_point()):
+            raise UserError(f"checkpoint file {where}: tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                            f"weights must be real floating-point numbers")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"checkpoint file {where}: tensor {name} holds NaN or infinite values")
+
+
 def build_base(
     meta: dict[str, Any], where: Path, state: dict[str, torch.Tensor] | None = None
 ) -> tuple[torch.nn.Module, BuiltinLocator]:
@@ -287,6 +301,7 @@ def _codebook_tensors(path: Path, meta: dict[str, Any]) -> tuple[list[CodebookSp
             raise UserError(
                 f"checkpoint {path}: {spec.tensor_name} has shape {tuple(t.shape)}, cbtool.json says {expected}"
             )
+    check_values(path / CODEBOOKS, {s.tensor_name: codes[s.tensor_name] for s in specs})
     return specs, codes
 
 
@@ -307,6 +322,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", with_train_s
     specs, codes = _codebook_tensors(path, meta)  # before the model (and its codebooks) is allocated
     task = build_task(meta, path)
     state = _load_tensors(path / MODEL) if MODEL in meta["files"] else None
+    if state is not None:
+        check_values(path / MODEL, state)
     base, locator = build_base(meta, path, state)
     if state is not None:
         try:

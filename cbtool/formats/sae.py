@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from cbtool.errors import UserError
-from cbtool.files import read_text, sha256_file
+from cbtool.util.files import read_text, sha256_file
 
 FORMATS = ("saelens", "sparsify")
 CFG = "cfg.json"
@@ -101,6 +101,13 @@ class SparseDictionary:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     model_name: str | None = None
     folded: list[str] = field(default_factory=list)  # what was folded into the weights at load time
+
+    def to(self, device: torch.device | str) -> SparseDictionary:
+        """Move every weight to `device` (in place); returns self."""
+        for name, value in list(self.__dict__.items()):
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+        return self
 
     @property
     def code_vectors(self) -> Tensor:
@@ -202,37 +209,77 @@ def select_top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return ids.gather(1, order), acts.gather(1, order)
 
 
+class TruncationCounter:
+    """`truncation_stats` accumulated batch by batch (`cbtool embed --sae` counts a whole corpus); `add` per batch,
+    `counts()` the raw sums (JSON-able, so shards can be summed), `stats(counts)` the shares."""
+
+    KEYS = ("tokens", "nnz", "dropped", "truncated", "max_l0", "total_mass", "kept_mass")
+
+    def __init__(self, sae: SparseDictionary, skip_fixed: bool = True) -> None:
+        """skip_fixed: for a TopK SAE only count tokens (it drops nothing; its L0 is not measured)."""
+        self.sae, self.skip = sae, skip_fixed and sae.k_fixed
+        self.sums: dict[str, float] = dict.fromkeys(self.KEYS, 0)
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        sae, c = self.sae, self.sums
+        xs = sae._input(x)
+        if self.skip:  # a TopK SAE keeps all it selects: nothing dropped, L0 <= k
+            c["tokens"] += xs.shape[0]
+            return
+        step = sae._chunks(xs.shape[0]).step
+        for i in range(0, xs.shape[0], step):
+            a = sae.latent_acts(xs[i:i + step])
+            l0 = (a > 0).sum(dim=1)
+            _, kept = select_top(a, sae.k)
+            c["tokens"] += a.shape[0]
+            c["nnz"] += int(l0.sum())
+            c["dropped"] += int((l0 - sae.k).clamp(min=0).sum())
+            c["truncated"] += int((l0 > sae.k).sum())
+            c["max_l0"] = max(c["max_l0"], int(l0.max()) if l0.numel() else 0)
+            c["total_mass"] += float(a.double().sum())
+            c["kept_mass"] += float(kept.double().sum())
+
+    def counts(self) -> dict[str, float]:
+        return dict(self.sums)
+
+    @staticmethod
+    def merge(parts: list[dict[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = dict.fromkeys(TruncationCounter.KEYS, 0)
+        for p in parts:
+            for key in TruncationCounter.KEYS:
+                v = p.get(key, 0)
+                out[key] = max(out[key], v) if key == "max_l0" else out[key] + v
+        return out
+
+    @staticmethod
+    def stats(c: dict[str, float], k: int, skipped: bool) -> dict[str, Any]:
+        """The shares of merged counts; `skipped`: counted with skip_fixed on a TopK SAE (L0 not measured)."""
+        n, nnz = int(c["tokens"]), c["nnz"]
+        if skipped:
+            return {"tokens": n, "k": k, "mean_l0": None, "max_l0": None, "dropped_latent_share": 0.0,
+                    "dropped_mass_share": 0.0, "tokens_truncated_share": 0.0}
+        return {
+            "tokens": n,
+            "k": k,
+            "mean_l0": nnz / n if n else 0.0,
+            "max_l0": int(c["max_l0"]),
+            "dropped_latent_share": c["dropped"] / nnz if nnz else 0.0,
+            "dropped_mass_share": (max(0.0, 1.0 - c["kept_mass"] / c["total_mass"]) if c["total_mass"] > 0
+                                   else 0.0),
+            "tokens_truncated_share": c["truncated"] / n if n else 0.0,
+        }
+
+
 @torch.no_grad()
 def truncation_stats(sae: SparseDictionary, x: Tensor) -> dict[str, float]:
     """What keeping only `sae.k` latents per token drops, measured on activations x [n, d_in]:
     `dropped_latent_share` (dropped nonzero latents / all nonzero latents), `dropped_mass_share` (their summed
     activation / the summed activation of all), `tokens_truncated_share` (tokens with more than k nonzero),
     `mean_l0` and `max_l0` (nonzero latents per token). All 0 for a TopK SAE."""
-    n = total_nnz = dropped = truncated = 0
-    total_mass = kept_mass = 0.0
-    max_l0 = 0
-    xs = sae._input(x)
-    step = sae._chunks(xs.shape[0]).step
-    for i in range(0, xs.shape[0], step):
-        a = sae.latent_acts(xs[i:i + step])
-        l0 = (a > 0).sum(dim=1)
-        _, kept = select_top(a, sae.k)
-        n += a.shape[0]
-        total_nnz += int(l0.sum())
-        dropped += int((l0 - sae.k).clamp(min=0).sum())
-        truncated += int((l0 > sae.k).sum())
-        max_l0 = max(max_l0, int(l0.max()) if l0.numel() else 0)
-        total_mass += float(a.double().sum())
-        kept_mass += float(kept.double().sum())
-    return {
-        "tokens": n,
-        "k": sae.k,
-        "mean_l0": total_nnz / n if n else 0.0,
-        "max_l0": max_l0,
-        "dropped_latent_share": dropped / total_nnz if total_nnz else 0.0,
-        "dropped_mass_share": max(0.0, 1.0 - kept_mass / total_mass) if total_mass > 0 else 0.0,
-        "tokens_truncated_share": truncated / n if n else 0.0,
-    }
+    counter = TruncationCounter(sae, skip_fixed=False)
+    counter.add(x)
+    return TruncationCounter.stats(counter.counts(), sae.k, False)
 
 
 # -- hook names -> cbtool sites ---------------------------------------------------------------------------
@@ -546,3 +593,58 @@ def _load_sparsify(path: Path, k_max: int | None) -> SparseDictionary:
         hook=hook, head_index=None, site=site, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
         apply_b_dec_to_input=True, W_skip=W_skip,
         files={CFG: sha256_file(where), SPARSIFY_WEIGHTS: sha256_file(wf)})
+
+
+# -- the model an SAE reads ---------------------------------------------------------------------------
+
+@dataclass
+class SAEBase:
+    """The model an SAE is applied to: `model(idx, past=None, start=None) -> (logits, cache)` like the built-in
+    model, its `locator` (cbtool/model/sites.py), the task that tokenises text for it, and `spec`, its identity
+    for a store's manifest."""
+
+    model: torch.nn.Module
+    locator: Any
+    task: Any
+    spec: dict[str, Any]
+
+
+def open_base(path: str | Path, gguf_file: str | None = None, device: torch.device | str = "cpu",
+              seq_len: int | None = None) -> SAEBase:
+    """`--base-model`: a cbtool checkpoint directory (its model with the codebooks bypassed, its tokenizer or
+    TokFSM task) or a local Hugging Face model directory (or a GGUF file in it), read offline. `seq_len`: tokens
+    per document of a Hugging Face base's corpus (default 128, or the model's context when shorter)."""
+    p = Path(path)
+    from cbtool.formats.checkpoint import META, load_checkpoint
+
+    if (p / META).is_file():
+        if gguf_file is not None:
+            raise UserError(f"--gguf-file applies to a Hugging Face model; {p} is a cbtool checkpoint")
+        ckpt = load_checkpoint(p, device=device)
+        ckpt.model.set_enabled(False)
+        ckpt.model.eval()
+        spec = {"kind": "cbtool", "path": str(ckpt.path.resolve()), "sha256": ckpt.sha256}
+        return SAEBase(ckpt.model, ckpt.model.locator, ckpt.task, spec)
+    from cbtool.model.hf import load_hf_model
+    from cbtool.tasks.text import TextTask, load_hf_tokenizer
+
+    adapter, locator, spec = load_hf_model(p, gguf_file, frozen=True)
+    adapter.to(device)
+    seq_len = min(128, adapter.config.block_size) if seq_len is None else seq_len
+    task = TextTask(lambda: load_hf_tokenizer(p, gguf_file), None, "text", seq_len, "hf")
+    return SAEBase(adapter, locator, task, spec)
+
+
+def check_site(sae: SparseDictionary, base: SAEBase, site: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The site the SAE reads in `base` (`site` overrides the SAE's own), checked against the model's layers and
+    widths (UserError), and its store manifest entry fields (layer, component, group, groups, dim)."""
+    from cbtool.model.sites import parse_site
+
+    name = sae.site if site is None else site.strip()
+    layer, comp, head = parse_site(name, base.locator)
+    n_head, d_model = base.locator.n_head, base.locator.d_model
+    check_d_in(sae, d_model, name, n_head)
+    if comp == "attn_heads" and head is not None:
+        return name, {"layer": layer, "component": comp, "group": head, "groups": n_head, "dim": sae.d_in}
+    component = "attn" if comp == "attn_heads" else comp  # L.attn.heads: all heads as one d_model-wide input
+    return name, {"layer": layer, "component": component, "group": 0, "groups": 1, "dim": sae.d_in}

@@ -149,12 +149,24 @@ MANIFEST = Obj({
                        "text_field": Opt(STR), "split": STR, "holdout": STR})),
     "shard_tokens": INT, "max_tokens": Opt(INT),
     "sites": ListOf(Obj({"name": STR, "layer": INT, "component": STR, "group": INT, "groups": INT, "dim": INT,
-                         "num_codes": INT, "k": INT, "dtype": STR},
+                         "num_codes": INT, "k": INT, "dtype": STR, "acts": STR, "latents": INT},
                         required=("name", "layer", "component", "group", "groups", "dim", "num_codes", "k"))),
     "labels": ListOf(STR), "token_strings": Opt(ListOf(STR)), "complete": BOOL,
+    "sae": Opt(Obj({"format": STR, "architecture": STR, "files": MapOf(STR), "d_in": INT, "d_sae": INT, "k": INT,
+                    "k_fixed": BOOL, "hook": STR, "site": STR, "path": STR, "absolute_path": STR},
+                   required=("format", "files", "d_sae", "k", "k_fixed", "site"))),
+    "base_model": Opt(Obj({"kind": STR, "path": STR, "sha256": STR})),
     "num_shards": Opt(INT), "tokens": Opt(INT), "docs": Opt(INT),
     "shards": Opt(ListOf(Obj({"index": INT, "tokens": INT, "docs": INT}, required=("index", "tokens", "docs")))),
 }, required=("format", "format_version", "checkpoint", "sites"))
+
+
+# one row of a checkpoint's metrics.jsonl (cbtool/training/metrics_log.py)
+METRICS_ROW = Obj({
+    "step": INT, "phase": STR, "loss": Opt(NUM), "accuracy": Opt(NUM), "mse": Opt(NUM), "lr": Opt(NUM),
+    "tokens_per_s": Opt(NUM), "seconds": Opt(NUM), "revived": Opt(INT), "fsm_valid": Opt(NUM),
+    "sites": MapOf(Obj({"mse": Opt(NUM), "live": INT, "dead": INT})),
+}, required=("step",))
 
 
 def validate(doc: Any, schema: Spec, where: str) -> None:

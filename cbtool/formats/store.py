@@ -12,7 +12,9 @@ A store is a directory::
         spans.npy            (n, 2) character [start, end) of every token in the decoded text
         labels.NAME.npy      (n,) per-token labels (-1 = none), e.g. labels.state.npy for TokFSM
         codes.SITE.npy       (n, k) top-k code ids, smallest unsigned dtype that fits C
-        counts.SITE.npy      (C,) how many tokens each code fired on
+        acts.SITE.npy        (n, k) float16 activations of those ids (SAE stores only: sites whose entry has
+                             "acts"); a slot whose activation is 0 holds the padding code d_sae (C = d_sae + 1)
+        counts.SITE.npy      (C,) how many tokens each code fired on (SAE stores: with a nonzero activation)
     shard-000001/ ...
     shard-000002.lock        a writer's claim on a shard it is writing (host, pid)
 
@@ -32,7 +34,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ from cbtool.model.specs import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.util import distributed, strict_json
 from cbtool.util.files import atomic_write_text, current_umask, read_text, save_npy, sha256_file
-from cbtool.util.locks import acquire, lock_is_stale, read_lock
+from cbtool.util.locks import acquire, remove_if_stale
 from cbtool.version import __version__
 
 FORMAT = "cbtool-codes"
@@ -80,6 +82,8 @@ class ShardArrays:
     spans: np.ndarray  # (n, 2), offsets into `text`
     labels: dict[str, np.ndarray]  # name -> (n,)
     codes: dict[str, np.ndarray]  # site -> (n, k)
+    acts: dict[str, np.ndarray] = field(default_factory=dict)  # site -> (n, k) activations (SAE stores)
+    meta: dict[str, Any] = field(default_factory=dict)  # extra keys of shard.json (SAE: truncation counts)
 
 
 def documents_to_arrays(docs: list[Document], label_name: str = "state") -> ShardArrays:
@@ -113,6 +117,16 @@ def site_entry(site: Site) -> dict[str, Any]:
         "k": s.k,
         "dtype": code_dtype(s.num_codes).name,
     }
+
+
+def sae_site_entry(name: str, layer: int, component: str, group: int, groups: int, dim: int, latents: int,
+                   k: int) -> dict[str, Any]:
+    """The manifest entry of a site read through an SAE of `latents` latents: they are codes 0..latents-1, and code
+    `latents` (C = latents + 1) pads the slots of tokens with fewer than k active latents; it never fires (count
+    0). Each stored id also has its activation (`acts.SITE.npy`, float16)."""
+    return {"name": name, "layer": layer, "component": component, "group": group, "groups": groups, "dim": dim,
+            "num_codes": latents + 1, "latents": latents, "k": k, "dtype": code_dtype(latents + 1).name,
+            "acts": "float16"}
 
 
 def match_sites(names: list[str], pattern: str | None, what: str = "the store") -> list[str]:
@@ -164,9 +178,9 @@ class StoreWriter:
             shutil.rmtree(path)
         if man_path.is_file():
             old = read_manifest(path)
-            keys = ("checkpoint", "corpus", "shard_tokens", "max_tokens", "sites")
+            keys = ("checkpoint", "corpus", "shard_tokens", "max_tokens", "sites", "sae", "base_model")
             for key in keys:
-                if old.get(key) != plan.get(key):
+                if _resumable(old.get(key)) != _resumable(plan.get(key)):
                     raise UserError(
                         f"store {path} was written with a different {key} "
                         f"(use --overwrite to start over, or --out for a new store)"
@@ -238,13 +252,22 @@ class StoreWriter:
                     raise ValueError(f"shard {index}: codes of {name} have shape {ids.shape}")
                 ids = ids.astype(entry["dtype"])
                 save_npy(tmp / f"codes.{name}.npy", ids)
-                counts = np.bincount(ids.reshape(-1).astype(np.int64), minlength=entry["num_codes"])
+                fired = ids.reshape(-1)
+                if entry.get("acts"):
+                    acts = arrays.acts[name]
+                    if acts.shape != ids.shape:
+                        raise ValueError(f"shard {index}: acts of {name} have shape {acts.shape}")
+                    acts = acts.astype(np.float16)
+                    save_npy(tmp / f"acts.{name}.npy", acts)
+                    fired = fired[acts.reshape(-1) > 0]
+                counts = np.bincount(fired.astype(np.int64), minlength=entry["num_codes"])
                 save_npy(tmp / f"counts.{name}.npy", counts.astype(np.int64))
             meta = {
                 "index": index,
                 "tokens": n,
                 "docs": len(arrays.doc_offsets) - 1,
                 "chars": len(arrays.text),
+                **arrays.meta,
                 # a sha256 per file: readers refuse a truncated or bit-flipped array (exit 2)
                 "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
             }
@@ -263,10 +286,14 @@ class StoreWriter:
         if not all(self.is_complete(i) for i in range(num_shards)):
             return False
         for i in range(num_shards):  # a claim left by a writer killed after its shard was whole
-            stale = self.path / f"{shard_name(i)}.lock"
-            if stale.exists() and lock_is_stale(read_lock(stale)):
-                stale.unlink(missing_ok=True)
+            remove_if_stale(self.path / f"{shard_name(i)}.lock")
         metas = [_read_shard_meta(self.path, i) for i in range(num_shards)]
+        sae = self.manifest.get("sae")
+        if isinstance(sae, dict) and all(isinstance(m.get("truncation"), dict) for m in metas):
+            from cbtool.formats.sae import TruncationCounter
+
+            merged = TruncationCounter.merge([m["truncation"] for m in metas])
+            sae["truncation"] = TruncationCounter.stats(merged, int(sae["k"]), bool(sae["k_fixed"]))
         self.manifest.update(
             complete=True,
             num_shards=num_shards,
@@ -279,6 +306,14 @@ class StoreWriter:
         except OSError as e:
             raise UserError(f"cannot write {self.path / MANIFEST}: {e.strerror or e}") from None
         return True
+
+
+def _resumable(value: Any) -> Any:
+    """A manifest value as a resumed store must match it: an SAE record without the truncation stats that
+    `finalize` adds."""
+    if isinstance(value, dict) and "truncation" in value:
+        return {k: v for k, v in value.items() if k != "truncation"}
+    return value
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -337,11 +372,16 @@ class Store:
             if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
                 raise UserError(f"{self.path / MANIFEST}: name {name!r} would point outside the store")
         self.num_shards = len(self.shard_tokens)
+        if min([*self.shard_tokens, *self.shard_docs, 0]) < 0 or sum(self.shard_tokens) != self.num_tokens \
+                or sum(self.shard_docs) != self.num_docs:
+            raise UserError(f"{self.path / MANIFEST}: malformed manifest (the shards' tokens and docs do not add up "
+                            f"to its totals, {self.num_tokens} tokens in {self.num_docs} documents)")
         self.token_offsets = np.concatenate([[0], np.cumsum(self.shard_tokens)]).astype(np.int64)
         self._verified: set[tuple[int, str]] = set()
         self._shard_files: dict[int, Any] = {}
         self._records: dict[int, VerifiedFiles] = {}
         self._in_range: set[tuple[int, str]] = set()
+        self._arrays_ok: set[tuple[int, str]] = set()
         self.label_names: list[str] = list(man.get("labels") or [])
         self.token_strings: list[str] | None = man.get("token_strings")
 
@@ -401,9 +441,13 @@ class Store:
         f = self.path / shard_name(shard) / name
         self._verify(shard, name)
         try:
-            return np.load(f, mmap_mode="r", allow_pickle=False)
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(f"store {self.path}: cannot read {shard_name(shard)}/{name} ({e})") from None
+        if (shard, name) not in self._arrays_ok:
+            check_shard_array(self, shard, name, a)  # once per array and Store: shapes, dtypes, order, bounds
+            self._arrays_ok.add((shard, name))
+        return a
 
     def _checked(self, shard: int, name: str, rows: int | None = None) -> np.ndarray:
         a = self._load(shard, name)
@@ -427,6 +471,20 @@ class Store:
                 f"C={self.sites[site].num_codes} (corrupt store)"
             )
         self._in_range.add((shard, site))  # a whole pass over the ids: once per Store
+        return a
+
+    def has_acts(self, site: str) -> bool:
+        """Whether the store holds activations for the site (an SAE store); older stores have none."""
+        return bool(self.site_entries[site].get("acts"))
+
+    def acts(self, shard: int, site: str) -> np.ndarray | None:
+        """(n, k) float16 activations of the ids `codes` returns (0: the slot is no firing); None without them."""
+        if not self.has_acts(site):
+            return None
+        a = self._checked(shard, f"acts.{site}.npy")
+        if a.shape != (self.shard_tokens[shard], self.sites[site].spec.k) or a.dtype != np.float16:
+            raise UserError(f"store {self.path}: acts of {site} in {shard_name(shard)} have shape {a.shape} "
+                            f"and dtype {a.dtype} (corrupt store)")
         return a
 
     def tokens(self, shard: int) -> np.ndarray:
@@ -483,6 +541,49 @@ class Store:
         return f"<{token}>"
 
 
+def check_shard_array(store: Store, shard: int, name: str, a: np.ndarray) -> None:
+    """One array of a shard as read (memory-mapped), against what docs/formats.md declares for it: one
+    UserError line naming it when its ndim, dtype or shape is wrong, document offsets decrease or run past the
+    token count, or spans leave the shard's text. Vectorised: a pass over offsets and spans, nothing per token
+    in Python. Arrays this check does not know pass as they are."""
+    n, docs = store.shard_tokens[shard], store.shard_docs[shard]
+    where = f"store {store.path}: {shard_name(shard)}/{name}"
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UserError(f"{where} {what} (corrupt store)")
+
+    integer = a.dtype.kind in "iu"
+    if name == "tokens.npy":
+        need(a.ndim == 1 and integer, f"must be ({n},) integers, has shape {a.shape} and dtype {a.dtype}")
+    elif name in ("doc_offsets.npy", "doc_chars.npy"):
+        need(a.ndim == 1 and integer and a.shape[0] == docs + 1,
+             f"must be ({docs + 1},) integers, has shape {a.shape} and dtype {a.dtype}")
+        v = np.asarray(a, dtype=np.int64)
+        need(int(v[0]) == 0 and bool(np.all(np.diff(v) >= 0)), "offsets must start at 0 and never decrease")
+        if name == "doc_offsets.npy":
+            need(int(v[-1]) == n, f"offsets end at {int(v[-1])}, not at the shard's {n} tokens")
+    elif name == "spans.npy":
+        need(a.ndim == 2 and a.shape[1:] == (2,) and integer,
+             f"must be ({n}, 2) integers, has shape {a.shape} and dtype {a.dtype}")
+        if a.size:
+            chars = int(store.doc_chars(shard)[-1])
+            v = np.asarray(a, dtype=np.int64)
+            need(int(v.min()) >= 0 and int(v.max()) <= chars and bool(np.all(v[:, 0] <= v[:, 1])),
+                 f"spans must lie within the shard's {chars} characters, start <= end")
+    elif name.startswith("labels.") and name.endswith(".npy"):
+        need(a.ndim == 1 and a.dtype.kind in "iuUSf", f"must be ({n},) labels, has shape {a.shape} and dtype "
+             f"{a.dtype}")
+    elif name.startswith("counts.") and name.endswith(".npy"):
+        site = store.sites.get(name[len("counts."):-len(".npy")])
+        c = site.num_codes if site is not None else None
+        need(a.ndim == 1 and integer and (c is None or a.shape[0] == c),
+             f"must be ({c},) integers, has shape {a.shape} and dtype {a.dtype}")
+        need(not a.size or int(np.asarray(a).min()) >= 0, "holds negative counts")
+    elif name == "text.npy":
+        need(a.ndim == 1 and a.dtype == np.uint8, f"must be bytes (uint8), has shape {a.shape} and dtype {a.dtype}")
+
+
 def open_store(path: Path, warn: Callable[[str], None] | None = None) -> Store:
     """Open a complete store and refuse it (UserError) when its checkpoint has changed since embedding;
     when that cannot be checked (the checkpoint moved away), `warn` gets one line (default: a Python warning)."""
@@ -520,6 +621,32 @@ def checkpoint_status(path: Path, manifest: dict[str, Any]) -> str:
     if not meta.is_file():
         return "not available"
     return "unchanged" if sha256_file(meta) == ck.get("sha256") else "CHANGED since embedding"
+
+
+def sae_ref(sae_dir: Path, store: Path) -> dict[str, str]:
+    """Where a store's SAE is: relative to the store and absolute (as `checkpoint_ref`)."""
+    d = Path(sae_dir).resolve()
+    return {"path": os.path.relpath(d, Path(store).resolve()), "absolute_path": str(d)}
+
+
+def store_sae(store: Store, k_max: int | None = None) -> Any:
+    """The SAE a store was embedded with (`SparseDictionary`), re-read from the folder its manifest names and
+    refused (UserError) unless every file still has the sha256 recorded then."""
+    from cbtool.formats.sae import load_sae
+
+    rec = store.manifest.get("sae")
+    if not isinstance(rec, dict):
+        raise UserError(f"store {store.path} was not embedded through an SAE")
+    found = Path(str(rec.get("path") or ""))
+    found = found if found.is_absolute() else store.path / found
+    if not found.is_dir() and isinstance(rec.get("absolute_path"), str):
+        found = Path(rec["absolute_path"])
+    if not found.is_dir():
+        raise UserError(f"the SAE of store {store.path} is not available at {found}")
+    sae = load_sae(found, None if rec.get("k_fixed") else (k_max or rec.get("k")))
+    if sae.files != rec.get("files"):
+        raise UserError(f"SAE {found} has changed since store {store.path} was embedded (sha256 mismatch)")
+    return sae
 
 
 def write_store(

@@ -2,7 +2,8 @@
 
 Codebooks go in with module hooks on the library's own modules (never a copy of its forward code):
 per family a `Locator` names the module whose input is the heads side by side (the attention output
-projection), the attention module, and the MLP module of every layer. `HFAdapter` gives the model
+projection), the attention module, the MLP module and the decoder layer (its output: the residual stream,
+site `L.resid`) of every layer. `HFAdapter` gives the model
 the built-in model's interface, forward(idx, past=None, start=None) -> (logits, cache), so sampling,
 evaluation and the analysis commands work unchanged.
 
@@ -122,6 +123,10 @@ class HFLocator:
 
     def mlp(self, layer: int) -> nn.Module:
         return self.layers[layer].mlp
+
+    def block(self, layer: int) -> nn.Module:
+        """The decoder layer: its output (or the output's first element) is the residual stream after it."""
+        return self.layers[layer]
 
     def check_sites(self, chosen: list[tuple[int, str]]) -> None:
         if any(c == "attn_heads" for _, c in chosen) and self.head_dim * self.n_head != self.d_model:

@@ -68,7 +68,7 @@ def codes_from_results(text: str, where: str, pick: int, per_site: bool = False,
             doc = strict_json.loads(text, where)
             rows = doc.get("rows") if isinstance(doc, dict) and "rows" in doc else [doc]
         else:
-            rows = [strict_json.loads(line, where) for line in text.splitlines() if line.strip()]
+            rows = [strict_json.loads(line, where) for line in strict_json.lines(text) if line.strip()]
     except (json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{where}: not find-codes JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
     if not isinstance(rows, list):

@@ -2,7 +2,8 @@
 
 A *codebook module* is one `Codebook` at (layer, component), component one of
 `attn_heads` (all heads of a layer, batched; before the attention output projection),
-`attn` (attention output) or `mlp` (MLP output). A *site* is what users name: `L.mlp`, `L.attn`,
+`attn` (attention output), `mlp` (MLP output) or `resid` (the residual stream after block L, the block's
+output; where most public SAEs read). A *site* is what users name: `L.mlp`, `L.attn`, `L.resid`,
 or `L.attn.hH` for head H of an `attn_heads` module. Codebooks are inserted with module hooks at
 points a `Locator` provides, so the built-in model and Hugging Face models share this code.
 """
@@ -30,6 +31,7 @@ class Locator(Protocol):
     def head_projection(self, layer: int) -> nn.Module: ...  # input = heads side by side
     def attention(self, layer: int) -> nn.Module: ...  # output (or its first element) = attn output
     def mlp(self, layer: int) -> nn.Module: ...  # output = MLP output
+    def block(self, layer: int) -> nn.Module: ...  # output (or its first element) = residual stream after it
     def check_sites(self, chosen: list[tuple[int, str]]) -> None: ...  # UserError for sites it cannot host
 
 
@@ -47,6 +49,9 @@ class BuiltinLocator:
     def mlp(self, layer: int) -> nn.Module:
         return self.model.layers[layer].mlp
 
+    def block(self, layer: int) -> nn.Module:
+        return self.model.layers[layer]
+
     def check_sites(self, chosen: list[tuple[int, str]]) -> None:
         """Every site fits the built-in model (its heads always split d_model evenly)."""
 
@@ -59,7 +64,7 @@ def middle_sites(n_layer: int) -> set[tuple[int, str]]:
 
 def parse_sites_option(text: str, n_layer: int) -> list[tuple[int, str]]:
     """`--sites`: comma-separated items, each COMPONENT (every layer), LAYERS.COMPONENT or LAYERS,
-    where COMPONENT is attn-heads|attn|mlp and LAYERS is `2` or `0-2`; a bare LAYERS means
+    where COMPONENT is attn-heads|attn|mlp|resid and LAYERS is `2` or `0-2`; a bare LAYERS means
     attn-heads and mlp at those layers. The item `middle` (the pretrained-base default) means the MLP
     outputs at 1/3, 1/2 and 2/3 of the depth and the attention outputs at 1/2 and 2/3 (SmolLM2's 30 layers:
     10.mlp, 15.mlp, 20.mlp, 15.attn, 20.attn). Returns sorted unique (layer, component)."""
@@ -73,10 +78,11 @@ def parse_sites_option(text: str, n_layer: int) -> list[tuple[int, str]]:
             continue
         m = re.fullmatch(r"(?:([0-9]{1,9})(?:-([0-9]{1,9}))?)?\.?([a-z_-]+)?", item)
         if not m or (m.group(1) is None and m.group(3) is None):
-            raise UserError(f"bad --sites item {item!r}: use mlp, attn, attn-heads, 2.mlp, 0-1.attn or 0,2")
+            raise UserError(f"bad --sites item {item!r}: use mlp, attn, attn-heads, resid, 2.mlp, 0-1.attn, "
+                            "3.resid or 0,2")
         lo, hi, word = m.group(1), m.group(2), m.group(3)
         if word is not None and word not in _COMPONENT_WORDS:
-            raise UserError(f"unknown site component {word!r} in --sites: use attn-heads, attn or mlp")
+            raise UserError(f"unknown site component {word!r} in --sites: use attn-heads, attn, mlp or resid")
         if lo is None:
             layers = range(n_layer)
         else:
@@ -182,9 +188,65 @@ class CodebookModel(nn.Module):
                 return (cb(output[0].unsqueeze(-2)).squeeze(-2), *output[1:])
             return cb(output.unsqueeze(-2)).squeeze(-2)
 
-        target = self.locator.attention if spec.component == "attn" else self.locator.mlp
-        return target(spec.layer).register_forward_hook(post_hook)
+        target = {"attn": self.locator.attention, "mlp": self.locator.mlp, "resid": self.locator.block}
+        return target[spec.component](spec.layer).register_forward_hook(post_hook)
 
 
 def _module_key(spec: CodebookSpec) -> str:
     return spec.key.replace(".", "_")
+
+
+# -- reading and replacing one site's activations (SAEs) ---------------------------------------------
+_SITE_RE = re.compile(r"([0-9]{1,6})\.(resid|mlp|attn|attn\.h([0-9]{1,6})|attn\.heads)")
+SITE_FORMS = "L.resid, L.mlp, L.attn, L.attn.hH or L.attn.heads"
+
+
+def parse_site(name: str, locator: Locator) -> tuple[int, str, int | None]:
+    """A site name -> (layer, component, head): component resid | mlp | attn | attn_heads; head H for `L.attn.hH`,
+    None for `L.attn.heads` (every head side by side) and the other components. UserError for a name that is
+    none of SITE_FORMS or a layer / head the model lacks."""
+    m = _SITE_RE.fullmatch(name.strip())
+    if not m:
+        raise UserError(f"unknown site {name!r}: use {SITE_FORMS}")
+    layer, what = int(m.group(1)), m.group(2)
+    if layer >= locator.n_layer:
+        raise UserError(f"site {name}: the model has layers 0-{locator.n_layer - 1}")
+    if what.startswith("attn.h") and what != "attn.heads":
+        head = int(m.group(3))
+        if head >= locator.n_head:
+            raise UserError(f"site {name}: the model has heads 0-{locator.n_head - 1}")
+        return layer, "attn_heads", head
+    return layer, {"attn.heads": "attn_heads"}.get(what, what), None
+
+
+def hook_site(locator: Locator, name: str, fn) -> torch.utils.hooks.RemovableHandle:
+    """Call `fn(x)` with the activations (B, T, width) at site `name` on every forward; what it returns (a tensor
+    of the same shape) replaces them, None leaves them. Residual stream, MLP and attention outputs are the outputs
+    of the block, MLP and attention modules; heads are the input of the attention output projection (one head's
+    slice for `L.attn.hH`)."""
+    layer, comp, head = parse_site(name, locator)
+    if comp == "attn_heads":
+        width = getattr(locator, "head_dim", None) or locator.d_model // locator.n_head
+
+        def pre_hook(_module, args):
+            x = args[0]
+            part = x if head is None else x[..., head * width:(head + 1) * width]
+            y = fn(part)
+            if y is None:
+                return None
+            if head is not None:
+                y = torch.cat([x[..., :head * width], y.to(x.dtype), x[..., (head + 1) * width:]], dim=-1)
+            return (y.to(x.dtype), *args[1:])
+
+        return locator.head_projection(layer).register_forward_pre_hook(pre_hook)
+
+    def post_hook(_module, _args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        y = fn(x)
+        if y is None:
+            return None
+        y = y.to(x.dtype)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    target = {"attn": locator.attention, "mlp": locator.mlp, "resid": locator.block}[comp]
+    return target(layer).register_forward_hook(post_hook)

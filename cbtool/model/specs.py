@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 
 from cbtool.util.limits import MAX_CODES, MAX_ELEMENTS
 
-COMPONENTS = ("attn_heads", "attn", "mlp")
+COMPONENTS = ("attn_heads", "attn", "mlp", "resid")
 _COMPONENT_WORDS = {"attn-heads": "attn_heads", "attn_heads": "attn_heads", "heads": "attn_heads",
-                    "attn": "attn", "mlp": "mlp"}
+                    "attn": "attn", "mlp": "mlp", "resid": "resid"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class CodebookSpec:
         ignored), checked: ValueError, TypeError or KeyError when an entry is malformed or absurdly large."""
         spec = cls(int(d["layer"]), str(d["component"]), int(d["groups"]), int(d["dim"]), int(d["num_codes"]),
                    int(d["k"]))
-        if spec.component not in ("attn_heads", "attn", "mlp") or min(
+        if spec.component not in COMPONENTS or min(
             spec.groups, spec.dim, spec.num_codes, spec.k
         ) < 1 or spec.k > spec.num_codes:
             raise ValueError(f"bad codebook entry {d}")

@@ -49,6 +49,16 @@ class Limits:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
+def _site_names(meta: dict[str, Any]) -> set[str] | None:
+    """The checkpoint's site names as cbtool.json lists them; None when an entry does not list them."""
+    names: set[str] = set()
+    for cb in meta.get("codebooks") or []:
+        if not isinstance(cb, dict) or not isinstance(cb.get("sites"), list):
+            return None
+        names.update(cb["sites"])
+    return names
+
+
 def checkpoint_part(path: Path) -> dict[str, Any]:
     """Model, sites, training summary and results, and the metrics log of a checkpoint (no weights loaded)."""
     from cbtool.formats.checkpoint import read_meta  # torch, when a report is built (not for --help)
@@ -71,7 +81,7 @@ def checkpoint_part(path: Path) -> dict[str, Any]:
         "codebooks": meta.get("codebooks"),
         "training": {k: v for k, v in training.items() if k != "config"},
         "config": training.get("config") or {},
-        "metrics": metrics_log.read_metrics(path),
+        "metrics": metrics_log.read_metrics(path, _site_names(meta)),
         "fsm_neighbours": neighbours,
     }
 
@@ -215,9 +225,20 @@ def site_part(reader: StoreReader, site: str, index: int, limits: Limits) -> tup
         for j, (vs, hs) in enumerate(zip(best_v.T.tolist(), np.take_along_axis(sub, best_v, 0).T.tolist(),
                                          strict=True)):
             mix[j] = [[values[v], h] for v, h in zip(vs, hs, strict=True) if h > 0]
-    picks, keep = _spread(fires, limits.contexts)
-    rows, cols = np.nonzero(keep)
-    positions = pos_of[starts[rows] + picks[rows, cols]] // k
+    if store.has_acts(site):  # the strongest firings, strongest first
+        acts = np.concatenate([np.asarray(store.acts(s, site)) for s in range(store.num_shards)]).reshape(-1)
+        rows, flat_at = [], []
+        for r, (st, n) in enumerate(zip(starts.tolist(), fires.tolist(), strict=True)):
+            group = pos_of[st:st + n]
+            best = group[np.argsort(-acts[group], kind="stable")[:limits.contexts]]
+            rows.extend([r] * len(best))
+            flat_at.extend(best.tolist())
+        rows = np.asarray(rows, dtype=np.int64)
+        positions = np.asarray(flat_at, dtype=np.int64) // k
+    else:
+        picks, keep = _spread(fires, limits.contexts)
+        rows, cols = np.nonzero(keep)
+        positions = pos_of[starts[rows] + picks[rows, cols]] // k
     found = reader.contexts(positions, limits.context, limits.context_chars)
     ctx: list[list[list[Any]]] = [[] for _ in chosen]
     for r, c in zip(rows.tolist(), found, strict=True):
@@ -274,13 +295,10 @@ def attach_similar(store: Store, cards: list[dict[str, Any]], n: int) -> str | N
     cannot be read (then the cards have none)."""
     if n <= 0 or not cards:
         return None
-    from cbtool.analysis.similar import nearest_by_cosine, unit_vectors
-    from cbtool.formats.checkpoint import load_codebooks
+    from cbtool.analysis.similar import nearest_by_cosine, store_unit_vectors
 
     try:
-        store.check_checkpoint(required=True)
-        codebooks = load_codebooks(store.checkpoint_path)
-        units = {site: unit_vectors(store, site, codebooks) for site in store.sites}
+        units = store_unit_vectors(store)
     except UserError as e:
         return f"nearest codes by cosine are not shown: {e}"
     sites = list(store.sites)

@@ -31,6 +31,7 @@ from cbtool.model.generate import left_pad, pick_token
 from cbtool.model.refs import parse_code_ref
 from cbtool.model.sites import CodebookModel, CodebookSpec, Site
 from cbtool.util import progress
+from cbtool.util.limits import check_representable
 
 MODES = ("force", "add", "ablate")
 POSITIONS = ("all", "prompt", "generated")
@@ -61,6 +62,8 @@ def parse_interventions(refs: Sequence[str], model: CodebookModel, mode: str = "
     """`SITE:CODE` references -> interventions (UserError on unknown sites, codes out of range)."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    check_representable(strength, "--strength", torch.finfo(dtype).max, str(dtype).removeprefix("torch."))
     out: list[Intervention] = []
     for ref in refs:
         site, code = parse_code_ref(ref, model.sites)
@@ -308,7 +311,9 @@ def generate_with_twins(
             rows = [j.interventions for j in chunk] + [[] for _ in chunk]
             uniforms = sample_uniforms([j.seed for j in chunk] * 2, max_new_tokens)
             idx, start = left_pad(prompts)
-            with steering(model, rows, positions, device) as fwd:
+            own = getattr(model, "steering", None)  # an SAE model installs its own (cbtool/steering/sae.py)
+            with (own(rows, positions, device) if own is not None else steering(model, rows, positions, device)) \
+                    as fwd:
                 new = sample_steered(fwd, idx.to(device), start, uniforms, temperature, top_k).cpu()
             n = len(chunk)
             steered.extend(new[:n].tolist())

@@ -6,7 +6,6 @@ The interventions and the batched sampling are in cbtool/steering/interventions.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from cbtool.steering.interventions import (
 )
 from cbtool.tasks.tokfsm import TokFSM, valid_transitions
 from cbtool.util import strict_json
-from cbtool.util.files import read_text
+from cbtool.util.files import read_stdin_text, read_text
 from cbtool.util.limits import MAX_SAMPLES, MAX_SEQ_LEN, check_number
 from cbtool.util.regexes import UserRegex
 from cbtool.util.stats import wilson_interval
@@ -36,15 +35,21 @@ SPEC_KEYS = {"prompt", "codes", "mode", "seed", "strength", "samples"}
 
 def read_prompts(path: Path) -> list[str]:
     text = read_text(path, "prompt file")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in strict_json.lines(text) if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {path} is empty")
     return prompts
 
 
-def read_spec(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _parse(model: Any, refs: Sequence[str], mode: str, strength: float) -> list[Any]:
+    """Interventions for `model`: a CodebookModel's codes, or an SAE model's latents (its own parser)."""
+    own = getattr(model, "parse_interventions", None)
+    return own(refs, mode, strength) if own is not None else parse_interventions(refs, model, mode, strength)
+
+
+def read_spec(path: Path, modes: Sequence[str] = MODES) -> list[tuple[int, dict[str, Any]]]:
     """JSONL rows -> (line number, row), each checked; errors name the row (line) number."""
-    lines = read_text(path, "spec file").splitlines()
+    lines = strict_json.lines(read_text(path, "spec file"))
     rows = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
@@ -62,8 +67,8 @@ def read_spec(path: Path) -> list[tuple[int, dict[str, Any]]]:
         codes = row.get("codes", [])
         if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
             raise UserError(f"{where}: 'codes' must be a list of SITE:CODE strings")
-        if "mode" in row and row["mode"] not in MODES:
-            raise UserError(f"{where}: 'mode' must be one of {', '.join(MODES)}")
+        if "mode" in row and row["mode"] not in modes:
+            raise UserError(f"{where}: 'mode' must be one of {', '.join(modes)}")
         for key in ("seed", "samples"):
             if key in row and (not isinstance(row[key], int) or isinstance(row[key], bool) or row[key] < 0):
                 raise UserError(f"{where}: {key!r} must be a non-negative integer")
@@ -86,10 +91,10 @@ def make_jobs(ckpt: Checkpoint, args: dict[str, Any]) -> tuple[list[SampleJob], 
     info: list[dict[str, Any]] = []
     model = ckpt.model
     if args["spec"] is not None:
-        for i, (no, row) in enumerate(read_spec(args["spec"])):
+        for i, (no, row) in enumerate(read_spec(args["spec"], getattr(model, "modes", MODES))):
             try:
-                ivs = parse_interventions(row.get("codes", []), model, row.get("mode", args["mode"]),
-                                          row.get("strength", args["strength"]))
+                ivs = _parse(model, row.get("codes", []), row.get("mode", args["mode"]),
+                             row.get("strength", args["strength"]))
                 prompt = ckpt.task.encode(row["prompt"])
             except UserError as e:
                 raise UserError(f"{args['spec']} row {no}: {e}") from None
@@ -99,7 +104,7 @@ def make_jobs(ckpt: Checkpoint, args: dict[str, Any]) -> tuple[list[SampleJob], 
                 info.append({"row": no, "sample": j, "prompt": row["prompt"], "seed": seed + j,
                              "interventions": [iv.to_dict() for iv in ivs]})
         return jobs, info
-    ivs = parse_interventions(args["codes"], model, args["mode"], args["strength"])
+    ivs = _parse(model, args["codes"], args["mode"], args["strength"])
     if not ivs:
         raise UserError("no intervention: give --code SITE:CODE (repeatable) or a --spec file")
     if args["prompts_file"] is not None:
@@ -124,10 +129,11 @@ def rate(hits: int, n: int) -> dict[str, Any]:
 def check_options(*, codes: Sequence[str] = (), prompts: Sequence[str] = (), prompts_file: Path | None = None,
                   spec: Path | None = None, mode: str = "force", positions: str = "all", samples: int = 4,
                   max_new_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None,
-                  batch_size: int = 32, regex: str | None = None) -> UserRegex | None:
-    """Refuse malformed options (one UserError line) before a checkpoint is loaded; the compiled regex."""
-    if mode not in MODES:
-        raise UserError(f"unknown --mode {mode!r}: use {', '.join(MODES)}")
+                  batch_size: int = 32, regex: str | None = None, modes: Sequence[str] = MODES) -> UserRegex | None:
+    """Refuse malformed options (one UserError line) before a checkpoint is loaded; the compiled regex. `modes`:
+    the modes the target takes (an SAE's latents: cbtool/steering/sae.py)."""
+    if mode not in modes:
+        raise UserError(f"unknown --mode {mode!r}: use {', '.join(modes)}")
     if positions not in POSITIONS:
         raise UserError(f"unknown --positions {positions!r}: use {', '.join(POSITIONS)}")
     if sum(bool(x) for x in (list(prompts), prompts_file, spec)) > 1:
@@ -167,7 +173,8 @@ def steer(
     (topic words in garbled text must not pass for steering)."""
     pattern = check_options(codes=codes, prompts=prompts, prompts_file=prompts_file, spec=spec, mode=mode,
                             positions=positions, samples=samples, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, batch_size=batch_size, regex=regex)
+                            temperature=temperature, top_k=top_k, batch_size=batch_size, regex=regex,
+                            modes=getattr(checkpoint.model, "modes", MODES))
     args = {"spec": spec, "mode": mode, "strength": strength, "seed": seed, "samples": samples,
             "codes": list(codes), "prompts_file": prompts_file, "prompt": list(prompts)}
     jobs, info = make_jobs(checkpoint, args)
@@ -235,7 +242,7 @@ def codes_from(source: str, pick: int = 1, per_site: bool = False, best_sites: i
     if best_sites is not None and best_sites < 1:
         raise UserError(f"--best-sites must be >= 1, got {best_sites}")
     if source == "-":
-        return codes_from_results(sys.stdin.read(), "stdin", pick, per_site, best_sites)
+        return codes_from_results(read_stdin_text("--codes-from -"), "stdin", pick, per_site, best_sites)
     path = Path(source)
     if not path.is_file():
         raise UserError(f"--codes-from {source}: no such file")

@@ -6,6 +6,7 @@ offline corpus (docs/language-models.md)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ def _read_utf8(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Source]:
-    for i, line in enumerate(_read_utf8(path).splitlines(), 1):
+    for i, line in enumerate(strict_json.lines(_read_utf8(path)), 1):
         if not line.strip():
             continue
         row = strict_json.loads(line, f"{path}:{i}")
@@ -43,9 +44,20 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Source]:
         yield Source(f"{path.name}:{i}", value)
 
 
+def _utf8_name(path: Path) -> None:
+    """Refuse a corpus path that is not valid UTF-8 (bytes the file system allows, surrogate-escaped by Python):
+    checkpoints and stores record the corpus path in JSON, which could not hold it and be read back."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"corpus path {os.fsencode(path)!r} is not valid UTF-8; rename it (cbtool records the "
+                        f"corpus path in cbtool.json and manifest.json)") from None
+
+
 def corpus_files(path: str | Path) -> list[Path]:
     """The files a .txt/.jsonl file or a folder of them is read from, in reading order."""
     p = Path(path)
+    _utf8_name(p)
     if not p.exists():
         raise UserError(f"corpus {p} does not exist")
     if p.is_dir():
@@ -53,6 +65,8 @@ def corpus_files(path: str | Path) -> list[Path]:
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
             raise UserError(f"corpus folder {p} holds no .txt or .jsonl files")
+        for f in files:
+            _utf8_name(f)
         return files
     if p.suffix.lower() in TEXT_SUFFIXES:
         return [p]

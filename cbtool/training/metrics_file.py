@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cbtool.errors import UserError
+from cbtool.formats.schema import METRICS_ROW, validate
 from cbtool.util import strict_json
 from cbtool.util.files import read_text
 
@@ -14,18 +15,30 @@ FILE = "metrics.jsonl"
 DEFAULT_EVERY = 10
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics log file (a checkpoint's `metrics.jsonl`); [] when the checkpoint has none."""
+def read_metrics(path: Path, sites: set[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a metrics log file (a checkpoint's `metrics.jsonl`); [] when the checkpoint has none. Each row
+    is validated against one schema (formats/schema.py METRICS_ROW: a string where a number belongs is one
+    UserError line naming the line and key); with `sites` (the checkpoint's), a row naming another site is
+    refused too."""
     path = Path(path)
     if path.is_dir():
         path = path / FILE
     if not path.is_file():
         return []
     text = read_text(path, "metrics log")
-    rows = [strict_json.loads(line, f"metrics log {path} line {i}")
-            for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows):
-        raise UserError(f"{path} is not a cbtool metrics log (a row has no integer 'step')")
+    rows = []
+    for i, line in enumerate(strict_json.lines(text), 1):
+        if not line.strip():
+            continue
+        where = f"metrics log {path} line {i}"
+        row = strict_json.loads(line, where)
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+            raise UserError(f"{path} is not a cbtool metrics log (line {i} has no integer 'step')")
+        validate(row, METRICS_ROW, where)
+        unknown = sorted(set(row.get("sites") or {}) - sites) if sites is not None else []
+        if unknown:
+            raise UserError(f"{where}: site {unknown[0]!r} is not a site of this checkpoint")
+        rows.append(row)
     return rows
 
 

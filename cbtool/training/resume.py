@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cbtool.errors import UserError
 
 # TrainConfig fields a resumed run may change: none alters what the steps already taken computed
@@ -65,6 +67,31 @@ def reconcile(training: dict[str, Any], preset: str | None, options: dict[str, A
                      f"schedule follows the new length from here on)")
     notes += [f"{_flag(k)} {config[k]} -> {v}" for k, v in changes.items() if k != "steps"]
     return changes, notes
+
+
+def check_train_state(state: dict[str, Any], bad: str, codebooks: dict[str, Any]) -> None:
+    """A stored training state as `train --resume` will use it, checked in one pass (one UserError line, `bad`
+    first): every floating tensor finite, the trainer's counters single non-negative finite numbers, usage
+    counts (groups, C) and revival samples (n, groups, dim) of the codebooks they belong to."""
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.is_complex():
+            raise UserError(f"{bad} ({key} is not a real tensor)")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{bad} ({key} holds NaN or infinite values)")
+        if key.startswith(("trainer.", "metrics.revived", "metrics.tokens")):
+            if t.numel() != 1 or float(t) < 0:
+                raise UserError(f"{bad} ({key} must be one non-negative number)")
+    for cb_key, cb in codebooks.items():
+        usage, recent = state.get(f"usage.{cb_key}"), state.get(f"recent.{cb_key}")
+        if usage is not None and (tuple(usage.shape) != tuple(cb.usage.shape) or not usage.is_floating_point()
+                                  and usage.dtype not in (torch.int32, torch.int64)):
+            raise UserError(f"{bad} (usage.{cb_key} has shape {tuple(usage.shape)} and dtype "
+                            f"{str(usage.dtype).removeprefix('torch.')}; expected {tuple(cb.usage.shape)})")
+        want = (cb.codes.shape[0], cb.codes.shape[-1])
+        if recent is not None and (recent.dim() != 3 or (recent.shape[1], recent.shape[2]) != want
+                                   or not recent.is_floating_point()):
+            raise UserError(f"{bad} (recent.{cb_key} has shape {tuple(recent.shape)}; expected (n, {want[0]}, "
+                            f"{want[1]}))")
 
 
 def saved_line(target: Path, saved_step: int | None, total_steps: int | None, resuming: bool) -> str:

@@ -41,6 +41,7 @@ from cbtool.training.config import (
     TrainConfig,
 )
 from cbtool.training.kmeans import capture_inputs, init_codebook
+from cbtool.training.resume import check_train_state
 from cbtool.util import distributed, progress, signals
 from cbtool.util.limits import MAX_CODEBOOK_BYTES, MAX_CODES
 from cbtool.util.locks import Lock
@@ -425,6 +426,7 @@ class Trainer:
             if key not in state or state[key].numel() != 1:
                 raise UserError(f"{bad} ({key} missing)")
         self = cls(cfg, out, device, log, task=ckpt.task, device_map=device_map)
+        check_train_state(state, bad, self.model.codebooks)  # NaN, inf, wrong shapes: one line, before use
         self.step = self.saved_step = int(state["trainer.step"])
         self.elapsed = float(state["trainer.elapsed"])
         self.preset = training.get("preset") if isinstance(training.get("preset"), str) else None

@@ -20,7 +20,9 @@ import atexit
 import hashlib
 import json
 import os
+import select
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +32,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from cbtool.errors import UserError, first_line
+from cbtool.util.limits import env_int, env_seconds
 
+MAX_WORLD = 2**20  # ranks of one job
+WAIT_NOTE_S = 5.0  # joining the other ranks: say so when it takes longer than this
 TIMEOUT_ENV = "CBTOOL_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 1800)
 T = TypeVar("T")
 
@@ -86,11 +91,7 @@ def world() -> World:
 
 def requested_size() -> int:
     """WORLD_SIZE from the environment (1 when not launched by torchrun)."""
-    text = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"WORLD_SIZE={text!r} is not an integer") from None
+    return env_int("WORLD_SIZE", 1, low=1, high=MAX_WORLD)
 
 
 def init() -> World:
@@ -105,23 +106,72 @@ def init() -> World:
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
         raise UserError(f"WORLD_SIZE={size} but {', '.join(missing)} is not set: launch with torchrun")
-    rank = int(os.environ["RANK"])
+    rank = env_int("RANK", 0, low=0, high=MAX_WORLD)
+    if rank >= size:  # a stale environment: no peer would ever come
+        raise UserError(f"$RANK={rank} but $WORLD_SIZE={size}: a rank must be below the world size")
+    local_rank = env_int("LOCAL_RANK", 0, low=0, high=MAX_WORLD)
+    timeout = timedelta(seconds=env_seconds(TIMEOUT_ENV, 1800.0))
     import torch
 
     dist = _dist()
     backend = "gloo"
     if torch.cuda.is_available():  # CPU tensors (counts, hashes) still travel by gloo
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
         backend = "cpu:gloo,cuda:nccl"
-    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+    note = (f"cbtool: rank {rank}/{size}: waiting for the other ranks at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} (up to {timeout.total_seconds():g} s, ${TIMEOUT_ENV}; Ctrl-C stops)\n")
     try:
-        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
+        _interruptible(lambda: dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout), note)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot join the process group of {size} ranks: {first_line(e)}") from None
     _world = World(rank, size)
     signal.signal(signal.SIGTERM, _stopped)
     atexit.register(_leave)
     return _world
+
+
+def _interruptible(wait: Callable[[], None], note: str) -> None:
+    """Run `wait` (a blocking call inside torch that Python signal handlers cannot interrupt), printing `note`
+    on stderr when it takes more than WAIT_NOTE_S; SIGINT or SIGTERM meanwhile ends the process at once with
+    one line and exit 130 / 143 (the C-level handler still writes the signal's number to the wake-up fd,
+    which a thread watches)."""
+    if threading.current_thread() is not threading.main_thread():
+        wait()
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    done = threading.Event()
+
+    def watch() -> None:
+        if not select.select([r], [], [], WAIT_NOTE_S)[0] and not done.is_set():
+            os.write(2, note.encode())
+        while True:
+            data = os.read(r, 1)
+            if done.is_set() or not data:
+                return
+            if data[0] in (signal.SIGINT, signal.SIGTERM):
+                name = signal.Signals(data[0]).name
+                os.write(2, f"cbtool: interrupted by {name} while waiting for the other ranks\n".encode())
+                os._exit(128 + data[0])
+
+    try:
+        previous = signal.set_wakeup_fd(w)
+    except ValueError:  # pragma: no cover - not the main thread of the main interpreter
+        os.close(r)
+        os.close(w)
+        wait()
+        return
+    watcher = threading.Thread(target=watch, name="cbtool-rank-wait", daemon=True)
+    watcher.start()
+    try:
+        wait()
+    finally:
+        signal.set_wakeup_fd(previous)
+        done.set()
+        os.write(w, b"\0")
+        watcher.join(timeout=5)
+        os.close(w)
+        os.close(r)
 
 
 def _leave() -> None:

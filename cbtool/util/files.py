@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,15 @@ def content_hash(files: list[tuple[str, Path]]) -> str:
 
 
 def current_umask() -> int:
+    """The process umask, read without changing it where the system says (setting and restoring it would
+    briefly give every other thread's new files the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -103,3 +114,46 @@ def read_text(path: Path, what: str = "file") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+
+
+def read_stdin_text(what: str) -> str:
+    """Standard input's UTF-8 text, read to its end; closed or unreadable standard input (`0<&-`) or text that
+    is not UTF-8 is one UserError line naming `what`."""
+    stream = sys.stdin
+    if stream is None or stream.closed:
+        raise UserError(f"{what}: standard input is closed; give a file instead")
+    try:
+        data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8", "surrogatepass")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: cannot read standard input: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what}: standard input is not UTF-8 text (byte {e.start})") from None
+
+
+def refuse_overwriting_inputs(target: Path, option: str, files: Iterable[Path] = (), dirs: Iterable[Path] = (),
+                              replaced_dir: bool = False) -> None:
+    """Refuse (one `UserError` line) an output `target` that is one of the command's input `files` (the same
+    path after symlinks, or a hard link to it) or lies inside one of its input `dirs` (a checkpoint or store
+    directory): no command writes over what it reads. With `replaced_dir` (an output directory that may be
+    deleted and written again), no input may lie inside `target` either."""
+    out = Path(os.path.realpath(target))
+    if replaced_dir:
+        for inp in [*files, *dirs]:
+            if out in Path(os.path.realpath(inp)).parents:
+                raise UserError(f"{option} {target} holds one of the inputs ({inp}); write somewhere else")
+    for f in files:
+        real = Path(os.path.realpath(f))
+        same = out == real
+        if not same and out.exists() and real.exists():
+            try:
+                same = os.path.samefile(out, real)
+            except OSError:
+                same = False
+        if same:
+            raise UserError(f"{option} {target} is one of the inputs ({f}); write somewhere else")
+    for d in dirs:
+        real = Path(os.path.realpath(d))
+        if out == real or real in out.parents:
+            raise UserError(f"{option} {target} lies inside the input directory {d}; write somewhere else")

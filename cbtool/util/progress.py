@@ -11,7 +11,6 @@ stay quiet unless they ask for it.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
+
+from cbtool.util.limits import env_seconds
 
 SMOOTHING_SECONDS = 10.0  # time constant of the rate's exponential moving average
 
@@ -29,10 +30,7 @@ _live: dict[str, object] = {}  # the rich Progress (terminal) or the heartbeat t
 
 
 def heartbeat_seconds() -> float:
-    try:
-        return max(0.05, float(os.environ.get("CBTOOL_PROGRESS_SECONDS", "30")))
-    except ValueError:
-        return 30.0
+    return max(0.05, env_seconds("CBTOOL_PROGRESS_SECONDS", 30.0))
 
 
 def enable(console: Console | None) -> None:
@@ -163,9 +161,9 @@ def _start(console: Console) -> None:
         _live["bar"] = bar
         return
     stop = threading.Event()
+    every = heartbeat_seconds()  # read here: a bad $CBTOOL_PROGRESS_SECONDS is one error line, not a thread's
 
     def beat() -> None:
-        every = heartbeat_seconds()
         while not stop.wait(min(every, 1.0)):
             with _lock:
                 due = [t for t in _active if time.perf_counter() - t.last_line >= every]

@@ -95,3 +95,14 @@ def dumps(value: Any, **options: Any) -> str:
     would write NaN and Infinity literals that no strict parser accepts; a non-finite number is written as
     null instead (docs/formats.md: a metric that is not a finite number is null)."""
     return json.dumps(finite(value), allow_nan=False, **options)
+
+
+def lines(text: str) -> list[str]:
+    """The lines of a JSONL (or other line-per-record) text, split on "\\n" only, with a "\\r" before it
+    dropped. `str.splitlines()` would also split inside records, at U+2028, U+2029, U+0085 and other
+    separators that JSON strings may hold unescaped (docs/formats.md)."""
+    if not text:
+        return []
+    if text.endswith("\n"):
+        text = text[:-1]
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+from cbtool.formats.schema import METRICS_ROW, STR
 from cbtool.formats.store import Store, documents_to_arrays, write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.tokfsm import fsm_document
@@ -262,6 +264,78 @@ case("resume-config-bad-model", "train", "--resume", "--out", "{ck}",
 case("resume-state-missing-step", "train", "--resume", "--out", "{ck}", setup=_drop_train_state_key)
 case("resume-state-wrong-shape", "train", "--resume", "--out", "{ck}", setup=_wrong_opt_shape)
 
+# numbers in the precision used: tensors a model cannot compute with, re-hashed so only their values are wrong
+BAD_VALUES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "nan": lambda t: t.clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("nan")).reshape(t.shape),
+    "inf": lambda t: t.clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("inf")).reshape(t.shape),
+    "complex": lambda t: t.to(torch.complex64),
+    "int64": lambda t: t.round().to(torch.int64),
+}
+
+
+def _damage(file: str, pick: Callable[[str], bool], fn: Callable[[torch.Tensor], torch.Tensor],
+            unfinished: bool = False) -> Callable[[dict[str, Path]], None]:
+    def setup(w: dict[str, Path]) -> None:
+        f = w["ck"] / file
+        state = load_file(str(f))
+        key = next(k for k in sorted(state) if pick(k))
+        state[key] = fn(state[key]).contiguous()
+        save_file(state, str(f))
+        _rehash(w["ck"], file)
+        if unfinished:
+            _edit_json(w["ck"] / "cbtool.json", lambda m: m["training"].update(step=10, finished=False))
+
+    return setup
+
+
+for _file in ("codebooks.safetensors", "model.safetensors"):
+    for _kind, _fn in BAD_VALUES.items():
+        case(f"load-{_file.split('.')[0]}-{_kind}", "info", "{ck}", setup=_damage(_file, lambda k: True, _fn),
+             needle="NaN or infinite" if _kind in ("nan", "inf") else "real floating-point")
+RESUME_STATE = {
+    "elapsed-inf": (lambda k: k == "trainer.elapsed", BAD_VALUES["inf"]),
+    "elapsed-nan": (lambda k: k == "trainer.elapsed", BAD_VALUES["nan"]),
+    "elapsed-negative": (lambda k: k == "trainer.elapsed", lambda t: -t - 1),
+    "usage-nan": (lambda k: k.startswith("usage."), BAD_VALUES["nan"]),
+    "usage-complex": (lambda k: k.startswith("usage."), BAD_VALUES["complex"]),
+    "usage-wrong-shape": (lambda k: k.startswith("usage."), lambda t: t.reshape(-1)[:5].clone()),
+    "usage-3d": (lambda k: k.startswith("usage."), lambda t: t[None]),
+    "opt-inf": (lambda k: k.endswith(".exp_avg"), BAD_VALUES["inf"]),
+    "revived-vector": (lambda k: k == "metrics.revived", lambda t: torch.stack([t, t])),
+}
+for _name, (_pick, _fn) in RESUME_STATE.items():
+    case(f"resume-state-{_name}", "train", "--resume", "--out", "{ck}", needle="malformed training state",
+         setup=_damage("train_state.safetensors", _pick, _fn, unfinished=True))
+for _strength in ("1e39", "-1e39", "3.5e38"):
+    case(f"intervene-strength-{_strength}", "intervene", "{ck}", *INT, "--strength", _strength,
+         needle="too large for float32")
+
+# metrics.jsonl rows: one schema per row (formats/schema.py METRICS_ROW), a wrong type in each of its keys
+
+
+def _metrics_row(fn: Callable[[dict], object]) -> Callable[[dict[str, Path]], None]:
+    def setup(w: dict[str, Path]) -> None:
+        f = w["ck"] / "metrics.jsonl"
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        fn(rows[-1])
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _rehash(w["ck"], f.name)
+
+    return setup
+
+
+REPORT = ("report", "{ck}", "--out", "{w}/r.html")  # the report first says it has no code store: logs_ok
+for _key, _spec in METRICS_ROW.keys.items():
+    _bad = 5 if _spec is STR else ("x" if _key != "sites" else ["0.mlp"])
+    case(f"report-metrics-{_key}-wrong-type", *REPORT, needle=_key, logs_ok=True,
+         setup=_metrics_row(lambda r, k=_key, v=_bad: r.update({k: v})))
+case("report-metrics-unknown-site", *REPORT, needle="'9.mlp'", logs_ok=True,
+     setup=_metrics_row(lambda r: r["sites"].update({"9.mlp": {"mse": 0.1, "live": 1, "dead": 0}})))
+case("report-metrics-site-live-string", *REPORT, needle="live", logs_ok=True,
+     setup=_metrics_row(lambda r: r["sites"]["0.mlp"].update(live="many")))
+case("report-metrics-step-missing", *REPORT, needle="step", logs_ok=True,
+     setup=_metrics_row(lambda r: r.pop("step")))
+
 # eval / info: arguments and paths (damaged checkpoints: test_checkpoint.py)
 case("eval-samples-0", "eval", "{ck}", "--samples", "0", "--device", "cpu")
 case("eval-negative-temperature", "eval", "{ck}", "--temperature", "-1", "--device", "cpu")
@@ -331,6 +405,7 @@ READERS = {
     "find-codes-regex": ("find-codes", "{codes}", "--regex", "12"),
     "dead-codes": ("dead-codes", "{codes}"),
     "show-code": ("show-code", "{codes}", "0.mlp:1"),
+    "find-codes-window": ("find-codes", "{codes}", "--regex", "12", "--window", "2"),  # reads doc_offsets
 }
 ALL = ("find-codes", "dead-codes", "show-code")
 CODES = ("find-codes", "find-codes-regex", "show-code")  # the readers of codes.0.mlp.npy (dead-codes: counts only)
@@ -363,7 +438,7 @@ STORE_DAMAGE: dict[str, tuple[Callable[[dict[str, Path]], None], str, tuple[str,
     "shards-wrong-type": (_man(lambda m: m.update(shards=7)), "malformed", ALL),
     "shard-docs-wrong-type": (_man(lambda m: m["shards"][0].update(docs="four")), "malformed", ALL),
     "tokens-wrong-type": (_man(lambda m: m.update(tokens="many")), "malformed", ALL),
-    "shard-tokens-wrong": (_man(lambda m: m["shards"][0].update(tokens=999)), "rows", CODES),
+    "shard-tokens-wrong": (_man(lambda m: m["shards"][0].update(tokens=999)), "add up", CODES),
     "incomplete": (_man(lambda m: m.update(complete=False)), "incomplete", ALL),
     "k-changed": (_man(lambda m: [s.update(k=2) for s in m["sites"]]), "shape", CODES),
     "num-codes-changed": (_man(lambda m: [s.update(num_codes=32) for s in m["sites"]]), "", ALL),
@@ -401,6 +476,51 @@ STORE_DAMAGE: dict[str, tuple[Callable[[dict[str, Path]], None], str, tuple[str,
     "unhashed-text-not-utf8": (_unhashed(_save("text.npy", np.full(508, 0xFF, np.uint8))), "UTF-8",
                                ("find-codes-regex",)),
 }
+
+
+def _edit_npy(name: str, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[dict[str, Path]], None]:
+    """A store written before per-file hashes with one array of shard 0 changed by `fn`."""
+    def edit(d: Path) -> None:
+        a = np.load(d / name, allow_pickle=False)
+        np.save(d / name, fn(a), allow_pickle=False)
+
+    return _unhashed(edit)
+
+
+def _at(a: np.ndarray, i: int, v: int) -> np.ndarray:
+    a = a.copy()
+    a[i] = v
+    return a
+
+
+# every structural rule of docs/formats.md for the arrays a shard holds, broken one at a time
+REGEX, WINDOW = ("find-codes-regex",), ("find-codes-window",)
+STORE_DAMAGE.update({
+    "tokens-2d": (_edit_npy("tokens.npy", lambda a: a[:, None]), "tokens.npy", REGEX),
+    "tokens-float": (_edit_npy("tokens.npy", lambda a: a.astype(np.float32)), "tokens.npy", REGEX),
+    "doc-offsets-decreasing": (_edit_npy("doc_offsets.npy", lambda a: _at(a, 1, a[2] + 1)), "never decrease", WINDOW),
+    "doc-offsets-past-tokens": (_edit_npy("doc_offsets.npy", lambda a: _at(a, -1, a[-1] + 5)), "offsets end",
+                                WINDOW),
+    "doc-offsets-2d": (_edit_npy("doc_offsets.npy", lambda a: a[:, None]), "doc_offsets", WINDOW),
+    "doc-offsets-float": (_edit_npy("doc_offsets.npy", lambda a: a.astype(np.float64)), "doc_offsets", WINDOW),
+    "doc-offsets-one-short": (_edit_npy("doc_offsets.npy", lambda a: a[:-1]), "doc_offsets", WINDOW),
+    "doc-chars-decreasing": (_edit_npy("doc_chars.npy", lambda a: _at(a, 1, a[2] + 1)), "never decrease", REGEX),
+    "doc-chars-not-from-0": (_edit_npy("doc_chars.npy", lambda a: a + 1), "start at 0", REGEX),
+    "spans-3-columns": (_edit_npy("spans.npy", lambda a: np.concatenate([a, a[:, :1]], 1)), "spans", REGEX),
+    "spans-past-text": (_edit_npy("spans.npy", lambda a: _at(a, 3, [0, 10**6])), "within", ("show-code",)),
+    "spans-reversed": (_edit_npy("spans.npy", lambda a: _at(a, 3, [5, 2])), "start <= end", ("show-code",)),
+    "spans-signed-negative": (_edit_npy("spans.npy", lambda a: _at(a.astype(np.int64), 3, [-4, 2])), "within",
+                              ("show-code",)),
+    "labels-2d": (_edit_npy("labels.state.npy", lambda a: a[:, None]), "labels.state", ("find-codes",)),
+    "labels-complex": (_edit_npy("labels.state.npy", lambda a: a.astype(np.complex64)), "labels.state",
+                       ("find-codes",)),
+    "counts-float": (_edit_npy("counts.0.mlp.npy", lambda a: a.astype(np.float32)), "counts", ("dead-codes",)),
+    "counts-negative": (_edit_npy("counts.0.mlp.npy", lambda a: _at(a, 0, -3)), "negative", ("dead-codes",)),
+    "counts-2d": (_edit_npy("counts.0.mlp.npy", lambda a: a[:, None]), "counts", ("dead-codes",)),
+    "text-int64": (_edit_npy("text.npy", lambda a: a.astype(np.int64)), "text.npy", REGEX),
+    "totals-do-not-add-up": (_man(lambda m: m.update(tokens=m["tokens"] + 1)), "add up", ALL),
+    "shard-docs-negative": (_man(lambda m: m["shards"][0].update(docs=-1)), "malformed", ALL),
+})
 for _damage, (_setup, _needle, _readers) in STORE_DAMAGE.items():
     for _reader in _readers:
         case(f"{_reader}-{_damage}", *READERS[_reader], setup=_setup, needle=_needle)

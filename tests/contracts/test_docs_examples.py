@@ -135,6 +135,13 @@ RUN_AS: dict[str, object] = {
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 --rdzv-id cb1 "
     "-m cbtool embed /shared/ckpt --out /shared/codes --corpus /shared/corpus.jsonl --device cuda":
         (SKIP, "two machines with 8 GPUs each (docs/scaling.md)"),
+    "cbtool train --preset context --run runs/context":
+        "cbtool train --preset context --run runs/context --base-steps 3 --steps 2 --batch-size 2 --kmeans-seqs 4 "
+        "--layers 1 --heads 2 --d-model 32 --d-mlp 64 --vocab-size 320 --num-codes 16 --seq-len 232",
+    "cbtool embed runs/context/checkpoint --split train --out runs/context/codes-train":
+        "cbtool embed runs/context/checkpoint --split train --out runs/context/codes-train --max-tokens 20000",
+    ".venv/bin/python -m benchmarks topic_steering --run runs/context":
+        (SKIP, "the six-topic table (minutes); its commands are the examples above it, run here"),
     ".venv/bin/python -m benchmarks search_scale --tokens 100000000":
         (SKIP, "a benchmark that builds a 100M-token store (minutes)"),
     ".venv/bin/python -m benchmarks codebook": ".venv/bin/python -m benchmarks codebook --quick --repeats 1 "

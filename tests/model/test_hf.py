@@ -326,3 +326,24 @@ def test_bad_device_map_exit_2(tmp_path, corpus, args, needle):
     res = run_cli("train", "--preset", "tiny", "--corpus", corpus, "--out", tmp_path / "ck", *args)
     assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, res.output
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resid_site_reads_and_replaces_the_block_output(model_dirs, family):
+    """`L.resid` on a HF base: what the hook reads is the library's own hidden state after block L, and what it
+    returns is what block L + 1 reads."""
+    from cbtool.model.sites import hook_site
+
+    adapter, locator, _ = hf.load_hf_model(model_dirs[family])
+    idx = torch.tensor([[5, 6, 7, 8, 9]])
+    seen = []
+    h = hook_site(locator, "0.resid", lambda x: seen.append(x.clone()))
+    with torch.no_grad():
+        ref = adapter.hf(input_ids=idx, output_hidden_states=True)
+    h.remove()
+    assert torch.allclose(seen[0], ref.hidden_states[1], atol=1e-6)
+    h = hook_site(locator, "0.resid", lambda x: x * 0)
+    with torch.no_grad():
+        logits, _ = adapter(idx)
+    h.remove()
+    assert not torch.allclose(logits, ref.logits, atol=1e-4)

@@ -9,7 +9,7 @@ import torch
 
 from cbtool.errors import UserError
 from cbtool.model.refs import parse_code_ref, resolve_site
-from cbtool.model.sites import BuiltinLocator, CodebookModel, parse_sites_option
+from cbtool.model.sites import BuiltinLocator, CodebookModel, hook_site, parse_sites_option
 from cbtool.model.transformer import ModelConfig, Transformer
 
 CFG = ModelConfig(vocab_size=11, block_size=32, n_layer=3, n_head=4, d_model=32, d_mlp=64)
@@ -43,6 +43,8 @@ def tokens(b=3, t=20, seed=1):
         (" 2.mlp , 0.attn-heads, 2.mlp,", [(0, "attn_heads"), (2, "mlp")]),  # sorted, unique
         ("1.attn,1.attn_heads,1.heads", [(1, "attn_heads"), (1, "attn")]),
         ("mlp,attn-heads", [(i, c) for i in range(3) for c in ("attn_heads", "mlp")]),
+        ("2.resid,0-1.resid", [(0, "resid"), (1, "resid"), (2, "resid")]),
+        ("1.mlp,1.resid", [(1, "mlp"), (1, "resid")]),
     ],
 )
 def test_parse_sites_option(text, expected):
@@ -78,7 +80,7 @@ def test_site_names_and_codebook_shapes():
     assert tuple(cb.codes.shape) == (4, 16, 8) and cb.k == 2
 
 
-@pytest.mark.parametrize("chosen", [[(1, "attn_heads")], [(0, "attn")], [(2, "mlp")]])
+@pytest.mark.parametrize("chosen", [[(1, "attn_heads")], [(0, "attn")], [(2, "mlp")], [(1, "resid")]])
 def test_hooks_change_output_only_when_enabled(chosen):
     model, plain = build(chosen)
     idx = tokens()
@@ -93,6 +95,30 @@ def test_hooks_change_output_only_when_enabled(chosen):
     assert not torch.allclose(on, reference, atol=1e-3)
     (spec, cb), = model.items()
     assert cb.last is not None and cb.last.ids.shape == (3 * 20, spec.groups, 1)
+
+
+def test_hook_site_reads_and_replaces_the_residual_stream():
+    """`L.resid` is block L's output: read it, and a replacement is what the next block reads."""
+    _, plain = build([(0, "mlp")])
+    loc = BuiltinLocator(plain)
+    idx = tokens()
+    seen: list[torch.Tensor] = []
+    h = hook_site(loc, "1.resid", lambda x: seen.append(x.clone()))
+    with torch.no_grad():
+        reference, _ = plain(idx)
+        h.remove()
+        x = plain.tok_emb(idx) + plain.pos_emb(torch.arange(idx.shape[1]))
+        for block in plain.layers[:2]:
+            x, _ = block(x, None)
+    assert torch.allclose(seen[0], x, atol=1e-6)
+    h = hook_site(loc, "2.resid", lambda x: torch.zeros_like(x))
+    with torch.no_grad():
+        zeroed, _ = plain(idx)
+    h.remove()
+    assert torch.allclose(zeroed, plain.head(plain.ln_f(torch.zeros_like(x))).expand_as(zeroed), atol=1e-6)
+    assert not torch.allclose(zeroed, reference)
+    with pytest.raises(UserError, match="layers 0-"):
+        hook_site(loc, "9.resid", lambda x: None)
 
 
 def test_hook_output_is_the_mean_of_the_selected_codes():
