@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cbtool.errors import UserError
+from cbtool.training.config import SHAPE_OPTIONS  # the model shape, stored inside config["model"]
 
 # TrainConfig fields a resumed run may change: none alters what the steps already taken computed
 MAY_CHANGE = ("steps", "checkpoint_every", "log_every", "keep_optimizer")
@@ -22,7 +23,7 @@ PATH_OPTIONS = ("corpus", "base_model")  # stored resolved: compared as resolved
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return SHAPE_OPTIONS.get(name) or "--" + name.replace("_", "-")
 
 
 def _same(name: str, given: Any, stored: Any) -> bool:
@@ -46,6 +47,8 @@ def reconcile(training: dict[str, Any], preset: str | None, options: dict[str, A
         conflicts.append(f"--preset {preset} (the run's: {stored})" if stored is not None
                          else f"--preset {preset} (the checkpoint does not record its preset)")
     changes: dict[str, Any] = {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    config = {**config, **{k: model[k] for k in SHAPE_OPTIONS if k in model}}
     for name, value in given.items():
         if name not in config or _same(name, value, config[name]):
             continue

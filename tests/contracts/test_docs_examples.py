@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ RUN_AS: dict[str, object] = {
         "cbtool train --preset context --run runs/context --base-steps 3 --steps 2 --batch-size 2 --kmeans-seqs 4 "
         "--layers 1 --heads 2 --d-model 32 --d-mlp 64 --vocab-size 320 --num-codes 16 --seq-len 232",
     "cbtool embed runs/context/checkpoint --split train --out runs/context/codes-train":
-        "cbtool embed runs/context/checkpoint --split train --out runs/context/codes-train --max-tokens 20000",
+        "cbtool embed runs/context/checkpoint --split train --out runs/context/codes-train --max-tokens 150000",
     ".venv/bin/python -m benchmarks topic_steering --run runs/context":
         (SKIP, "the six-topic table (minutes); its commands are the examples above it, run here"),
     ".venv/bin/python -m benchmarks search_scale --tokens 100000000":
@@ -293,6 +294,7 @@ def test_every_doc_example_runs(tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CBTOOL_RUN", raising=False)
     _reader_files(tmp_path)
+    shutil.copytree(ROOT / "fixtures" / "topics", tmp_path / "fixtures" / "topics")  # the pages run in a checkout
     _setup_run(tmp_path)
     failures, ran, done = [], 0, set()
     for example in examples:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cbtool.training.config import TrainConfig, cli_fields
+from cbtool.training.config import SHAPE_OPTIONS, TrainConfig, cli_fields
 from cbtool.training.resume import MAY_CHANGE
 from cbtool.training.start import start_training
 from tests.helpers import run_cli
@@ -68,7 +68,8 @@ def _stored(out: Path) -> dict:
 @pytest.mark.parametrize("field", [f for f in cli_fields() if f.name not in MAY_CHANGE], ids=lambda f: f.name)
 def test_every_stored_option_that_differs_is_refused(field, unfinished):
     before = _digest(unfinished)
-    value = _different(_stored(unfinished)["config"][field.name])
+    config = _stored(unfinished)["config"]
+    value = _different(config["model"][field.name] if field.name in SHAPE_OPTIONS else config[field.name])
     res = run_cli("train", "--resume", "--out", unfinished, "--device", "cpu", *_option(field, value))
     errors = [line for line in res.stderr.splitlines() if line.startswith("cbtool: error:")]
     assert res.exit_code == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
