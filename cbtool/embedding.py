@@ -85,8 +85,16 @@ class EmbedJob(_StoreJob):
     device: torch.device
     worker: tuple[int, int]
 
-    def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Write this worker's missing shards; the summary `cbtool embed --json` prints."""
+    def run(self, on_tokens: Callable[[int], None] | None = None, close: bool = True) -> dict[str, Any]:
+        """Write this worker's missing shards; the summary `cbtool embed --json` prints. The store's writer
+        lock is released at the end unless `close` is False (the caller then calls `writer.close()`)."""
+        try:
+            return self._run(on_tokens)
+        finally:
+            if close:
+                self.writer.close()
+
+    def _run(self, on_tokens: Callable[[int], None] | None) -> dict[str, Any]:
         if self.complete:
             n = self.writer.manifest["num_shards"]
             res: dict[str, Any] = {"shards": n, "written": 0, "skipped": n, "tokens_written": 0, "complete": 1}
@@ -135,7 +143,7 @@ def plan_embed(
         "labels": docs.labels,
         "token_strings": docs.token_strings,
     }
-    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite)
+    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite, worker=worker)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     return EmbedJob(checkpoint, writer, docs, chosen, shard_tokens, max_tokens, batch_size, dev, worker)
 
@@ -257,6 +265,15 @@ def _stopping_forward(model: torch.nn.Module, codebooks: list[torch.nn.Module]) 
             h.remove()
 
 
+def raise_unfinished(writer: StoreWriter, num_shards: int) -> None:
+    """Every shard was this writer's, yet the store could not be finalised (shards removed or replaced under
+    it): an error, never a reported success."""
+    missing = [i for i in range(num_shards) if not writer.is_complete(i)]
+    raise UserError(f"store {writer.path} could not be finalised: {len(missing)} of {num_shards} shard(s) are "
+                    f"missing (first: {missing[0] if missing else '?'}), removed while this embed ran; run it "
+                    f"again to finish the store")
+
+
 def run_embed(
     checkpoint: Checkpoint,
     writer: StoreWriter,
@@ -297,6 +314,8 @@ def run_embed(
     if num_shards == 0:
         raise UserError("empty corpus: no tokens to embed")
     complete = writer.finalize(num_shards)
+    if not complete and worker[1] == 1:
+        raise_unfinished(writer, num_shards)
     return {
         "shards": num_shards,
         "written": written,
@@ -324,7 +343,14 @@ class SAEEmbedJob(_StoreJob):
     worker: tuple[int, int]
 
     def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Write this worker's missing shards; the summary `cbtool embed --sae --json` prints."""
+        """Write this worker's missing shards; the summary `cbtool embed --sae --json` prints (the store's
+        writer lock released at the end)."""
+        try:
+            return self._run(on_tokens)
+        finally:
+            self.writer.close()
+
+    def _run(self, on_tokens: Callable[[int], None] | None) -> dict[str, Any]:
         written = skipped = tokens = num_shards = 0
         start = time.perf_counter()
         if self.complete:
@@ -348,6 +374,8 @@ class SAEEmbedJob(_StoreJob):
             if num_shards == 0:
                 raise UserError("empty corpus: no tokens to embed")
             complete = self.writer.finalize(num_shards)
+            if not complete and self.worker[1] == 1:
+                raise_unfinished(self.writer, num_shards)
         secs = time.perf_counter() - start
         man = self.writer.manifest
         return {
@@ -384,7 +412,7 @@ def plan_sae_embed(
         "sae": {**sae.identity(), "site": name, **sae_ref(sae.path, Path(out))},
         "base_model": base.spec,
     }
-    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite)
+    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite, worker=worker)
     dev = torch.device(device)
     sae.to(dev)
     return SAEEmbedJob(sae, base, name, writer, docs, shard_tokens, max_tokens, batch_size, dev, worker)
