@@ -27,6 +27,7 @@ from cbtool.errors import UserError
 from cbtool.formats.checkpoint import Checkpoint
 from cbtool.formats.sae import SAEBase, SparseDictionary, TruncationCounter, check_site
 from cbtool.formats.store import (
+    MANIFEST,
     ShardArrays,
     StoreWriter,
     checkpoint_ref,
@@ -39,6 +40,7 @@ from cbtool.formats.store import (
 )
 from cbtool.model.sites import hook_site
 from cbtool.tasks.base import Corpus, Document
+from cbtool.util import budget
 
 DEFAULT_SHARD_TOKENS = 1_000_000
 ACT_MAX = 65504.0  # the largest float16: stored SAE activations are clamped to it
@@ -143,9 +145,29 @@ def plan_embed(
         "labels": docs.labels,
         "token_strings": docs.token_strings,
     }
+    _check_fits(plan["sites"], docs, checkpoint.task.block_size, Path(out), batch_size, shard_tokens, max_tokens,
+                overwrite)
     writer = StoreWriter.open(Path(out), plan, overwrite=overwrite, worker=worker)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     return EmbedJob(checkpoint, writer, docs, chosen, shard_tokens, max_tokens, batch_size, dev, worker)
+
+
+def _check_fits(entries: list[dict[str, Any]], docs: Corpus, block: int, out: Path, batch_size: int,
+                shard_tokens: int, max_tokens: int | None, overwrite: bool) -> None:
+    """Sizes that cannot fit are refused before a store is opened (cbtool/util/budget.py): each stored token takes
+    at least its span (8 bytes), a token id byte and its k code ids per site; a shard is held in memory while it
+    is written, and a forward pass holds at least one activation of a site's width per token."""
+    per_token = 9 + sum(int(e["k"]) * np.dtype(e["dtype"]).itemsize for e in entries)
+    dim = min((int(e["dim"]) for e in entries), default=0)
+    budget.check_memory(batch_size * block * 4 * dim, f"--batch-size {batch_size} (sequences of {block} tokens)",
+                        "use a smaller --batch-size")
+    total = docs.expected_tokens if max_tokens is None or docs.expected_tokens is None \
+        else min(docs.expected_tokens, max_tokens)
+    budget.check_memory(min(shard_tokens, total or shard_tokens) * per_token, f"--shard-tokens {shard_tokens}",
+                        "use a smaller --shard-tokens")
+    if total is not None and (overwrite or not (out / MANIFEST).is_file()):  # a new store: all of it is to write
+        budget.check_disk(total * per_token, out, f"embedding {total:,} tokens",
+                          "use a smaller --num-seqs or --max-tokens, or --out on a larger disk")
 
 
 def truncate(doc: Document, n: int) -> Document:
