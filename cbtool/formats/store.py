@@ -485,13 +485,10 @@ class Store:
         recorded = entry.get("sha256") if isinstance(entry, dict) else None
         if recorded is None:  # stores finalised before shard hashes were recorded
             return
-        f = self.path / shard_name(shard) / SHARD_META
-        if not f.is_file():
-            raise UserError(f"store {self.path}: {shard_name(shard)}/{SHARD_META} is missing (corrupt store)")
-        if sha256_file(f) != recorded:
+        if sha256_file(self.path / shard_name(shard) / SHARD_META) != recorded:
             raise UserError(f"store {self.path}: {shard_name(shard)} is not the shard this store was finalised with "
-                            f"({SHARD_META} does not match the sha256 in {MANIFEST}; replaced or copied from another "
-                            f"store); re-run `cbtool embed --overwrite`")
+                            f"({SHARD_META} does not match the sha256 in {MANIFEST}: corrupt, replaced or copied from "
+                            f"another store); re-run `cbtool embed --overwrite`")
 
     def _verify(self, shard: int, name: str) -> None:
         """Check a shard file against the sha256 in its shard.json (once per file and Store, and not again while
@@ -499,8 +496,9 @@ class Store:
         if (shard, name) in self._verified:
             return
         if shard not in self._shard_files:
+            files = _read_shard_meta(self.path, shard).get("files")
             self._check_shard_identity(shard)
-            self._shard_files[shard] = _read_shard_meta(self.path, shard).get("files")
+            self._shard_files[shard] = files
         files = self._shard_files[shard]
         if isinstance(files, dict):  # stores written before per-file hashes have none to check
             f = self.path / shard_name(shard) / name
