@@ -131,14 +131,25 @@ def _check_numbers(group: TyperGroup) -> None:
             continue
         flags = {p.name: max(getattr(p, "opts", None) or [f"--{p.name}"], key=len) for p in cmd.params}
 
-        def checked(*args, _run=cmd.callback, _flags=flags, **kwargs):
+        def checked(*args, _run=cmd.callback, _flags=flags, _name=cmd.name, **kwargs):
             check_environment()  # environment variables are parsed like options
             for name, value in kwargs.items():
                 check_option(_flags.get(name, f"--{name}"), value)
+            _agree_ranks(_name, kwargs)
             return _run(*args, **kwargs)
 
         checked._numbers_checked = True  # type: ignore[attr-defined]
         cmd.callback = checked
+
+
+def _agree_ranks(name: str | None, kwargs: dict) -> None:
+    """Under torchrun every rank must run the same command with the same arguments (paths made absolute):
+    else every rank refuses (exit 2) before any work, instead of merging different jobs or waiting forever."""
+    dist = sys.modules.get("cbtool.util.distributed")
+    if dist is None or not dist.world().active or name in ("train", "embed"):  # those two agree on more
+        return
+    args = {k: os.path.abspath(v) if isinstance(v, os.PathLike) else v for k, v in kwargs.items()}
+    dist.agree({"command": name, "arguments": args}, f"the {name} arguments")
 
 
 def _plain_flags(command) -> None:

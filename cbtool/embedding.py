@@ -27,6 +27,7 @@ from cbtool.errors import UserError
 from cbtool.formats.checkpoint import Checkpoint
 from cbtool.formats.sae import SAEBase, SparseDictionary, TruncationCounter, check_site
 from cbtool.formats.store import (
+    MANIFEST,
     ShardArrays,
     StoreWriter,
     checkpoint_ref,
@@ -39,6 +40,7 @@ from cbtool.formats.store import (
 )
 from cbtool.model.sites import hook_site
 from cbtool.tasks.base import Corpus, Document
+from cbtool.util import budget
 
 DEFAULT_SHARD_TOKENS = 1_000_000
 ACT_MAX = 65504.0  # the largest float16: stored SAE activations are clamped to it
@@ -85,8 +87,16 @@ class EmbedJob(_StoreJob):
     device: torch.device
     worker: tuple[int, int]
 
-    def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Write this worker's missing shards; the summary `cbtool embed --json` prints."""
+    def run(self, on_tokens: Callable[[int], None] | None = None, close: bool = True) -> dict[str, Any]:
+        """Write this worker's missing shards; the summary `cbtool embed --json` prints. The store's writer
+        lock is released at the end unless `close` is False (the caller then calls `writer.close()`)."""
+        try:
+            return self._run(on_tokens)
+        finally:
+            if close:
+                self.writer.close()
+
+    def _run(self, on_tokens: Callable[[int], None] | None) -> dict[str, Any]:
         if self.complete:
             n = self.writer.manifest["num_shards"]
             res: dict[str, Any] = {"shards": n, "written": 0, "skipped": n, "tokens_written": 0, "complete": 1}
@@ -135,9 +145,29 @@ def plan_embed(
         "labels": docs.labels,
         "token_strings": docs.token_strings,
     }
-    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite)
+    _check_fits(plan["sites"], docs, checkpoint.task.block_size, Path(out), batch_size, shard_tokens, max_tokens,
+                overwrite)
+    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite, worker=worker)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     return EmbedJob(checkpoint, writer, docs, chosen, shard_tokens, max_tokens, batch_size, dev, worker)
+
+
+def _check_fits(entries: list[dict[str, Any]], docs: Corpus, block: int, out: Path, batch_size: int,
+                shard_tokens: int, max_tokens: int | None, overwrite: bool) -> None:
+    """Sizes that cannot fit are refused before a store is opened (cbtool/util/budget.py): each stored token takes
+    at least its span (8 bytes), a token id byte and its k code ids per site; a shard is held in memory while it
+    is written, and a forward pass holds at least one activation of a site's width per token."""
+    per_token = 9 + sum(int(e["k"]) * np.dtype(e["dtype"]).itemsize for e in entries)
+    dim = min((int(e["dim"]) for e in entries), default=0)
+    budget.check_memory(batch_size * block * 4 * dim, f"--batch-size {batch_size} (sequences of {block} tokens)",
+                        "use a smaller --batch-size")
+    total = docs.expected_tokens if max_tokens is None or docs.expected_tokens is None \
+        else min(docs.expected_tokens, max_tokens)
+    budget.check_memory(min(shard_tokens, total or shard_tokens) * per_token, f"--shard-tokens {shard_tokens}",
+                        "use a smaller --shard-tokens")
+    if total is not None and (overwrite or not (out / MANIFEST).is_file()):  # a new store: all of it is to write
+        budget.check_disk(total * per_token, out, f"embedding {total:,} tokens",
+                          "use a smaller --num-seqs or --max-tokens, or --out on a larger disk")
 
 
 def truncate(doc: Document, n: int) -> Document:
@@ -257,6 +287,15 @@ def _stopping_forward(model: torch.nn.Module, codebooks: list[torch.nn.Module]) 
             h.remove()
 
 
+def raise_unfinished(writer: StoreWriter, num_shards: int) -> None:
+    """Every shard was this writer's, yet the store could not be finalised (shards removed or replaced under
+    it): an error, never a reported success."""
+    missing = [i for i in range(num_shards) if not writer.is_complete(i)]
+    raise UserError(f"store {writer.path} could not be finalised: {len(missing)} of {num_shards} shard(s) are "
+                    f"missing (first: {missing[0] if missing else '?'}), removed while this embed ran; run it "
+                    f"again to finish the store")
+
+
 def run_embed(
     checkpoint: Checkpoint,
     writer: StoreWriter,
@@ -297,6 +336,8 @@ def run_embed(
     if num_shards == 0:
         raise UserError("empty corpus: no tokens to embed")
     complete = writer.finalize(num_shards)
+    if not complete and worker[1] == 1:
+        raise_unfinished(writer, num_shards)
     return {
         "shards": num_shards,
         "written": written,
@@ -324,7 +365,14 @@ class SAEEmbedJob(_StoreJob):
     worker: tuple[int, int]
 
     def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Write this worker's missing shards; the summary `cbtool embed --sae --json` prints."""
+        """Write this worker's missing shards; the summary `cbtool embed --sae --json` prints (the store's
+        writer lock released at the end)."""
+        try:
+            return self._run(on_tokens)
+        finally:
+            self.writer.close()
+
+    def _run(self, on_tokens: Callable[[int], None] | None) -> dict[str, Any]:
         written = skipped = tokens = num_shards = 0
         start = time.perf_counter()
         if self.complete:
@@ -348,6 +396,8 @@ class SAEEmbedJob(_StoreJob):
             if num_shards == 0:
                 raise UserError("empty corpus: no tokens to embed")
             complete = self.writer.finalize(num_shards)
+            if not complete and self.worker[1] == 1:
+                raise_unfinished(self.writer, num_shards)
         secs = time.perf_counter() - start
         man = self.writer.manifest
         return {
@@ -384,7 +434,7 @@ def plan_sae_embed(
         "sae": {**sae.identity(), "site": name, **sae_ref(sae.path, Path(out))},
         "base_model": base.spec,
     }
-    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite)
+    writer = StoreWriter.open(Path(out), plan, overwrite=overwrite, worker=worker)
     dev = torch.device(device)
     sae.to(dev)
     return SAEEmbedJob(sae, base, name, writer, docs, shard_tokens, max_tokens, batch_size, dev, worker)

@@ -133,19 +133,23 @@ def embed(
             ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split, sites=sites,
             batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens, worker=parts, device=dev,
             overwrite=overwrite and world.is_main))
-        if job.complete:
-            err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
-            doc = job.run()
-        else:
-            with progress.track("embedding", job.expected_tokens, "tokens") as bar:  # a line every 30 s in logs
-                doc = job.run(bar.advance)
-            if world.active:
-                doc = _all_ranks(job, doc)
-            err.print(
-                f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in {doc['seconds']:.1f} s "
-                f"({doc['tokens_per_s']:,.0f} tokens/s); skipped {doc['skipped']} shard(s) already written or not ours",
-                soft_wrap=True,
-            )
+        try:
+            if job.complete:
+                err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
+                doc = job.run(close=False)
+            else:
+                with progress.track("embedding", job.expected_tokens, "tokens") as bar:  # a line every 30 s
+                    doc = job.run(bar.advance, close=False)
+                if world.active:
+                    doc = _all_ranks(job, doc)
+                err.print(
+                    f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in {doc['seconds']:.1f} "
+                    f"s ({doc['tokens_per_s']:,.0f} tokens/s); skipped {doc['skipped']} shard(s) already written or "
+                    f"not ours",
+                    soft_wrap=True,
+                )
+        finally:
+            job.writer.close()  # the store's writer lock, held until the store is finalised
     if as_json:
         emit_json("embed", doc)
         return
@@ -238,10 +242,13 @@ def _saved(target: Path) -> str:
 def _all_ranks(job: EmbedJob, doc: dict) -> dict:
     """Once every rank has written its shards: the store finalised and the summary of all ranks."""
     written, tokens = (int(x) for x in distributed.all_reduce_np(np.array([doc["written"], doc["tokens_written"]])))
-    if distributed.world().is_main:
-        job.writer.finalize(doc["shards"])
+    complete = job.writer.finalize(doc["shards"]) if distributed.world().is_main else False
     distributed.barrier()
     man = job.writer.manifest if distributed.world().is_main else read_manifest(job.writer.path)
+    if not (complete or man.get("complete")):  # every shard was some rank's: a store left unfinished is an error
+        from cbtool.embedding import raise_unfinished
+
+        raise_unfinished(job.writer, doc["shards"])
     return {**doc, "written": written, "skipped": doc["shards"] - written, "tokens_written": tokens,
             "complete": bool(man.get("complete")), "tokens": man.get("tokens"), "docs": man.get("docs"),
             "tokens_per_s": round(tokens / max(doc["seconds"], 1e-9), 1)}

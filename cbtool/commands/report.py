@@ -85,6 +85,8 @@ def report(
     if store is not None and checkpoint is None and store.checkpoint_path.name and \
             (store.checkpoint_path / META).is_file():
         checkpoint = store.checkpoint_path  # unchanged since embedding (open_store checked its hash)
+    if store is not None and checkpoint is not None:
+        store.check_same_checkpoint(checkpoint)
     if store is None:
         err.print("no code store: the report shows the checkpoint only (run `cbtool embed` for codes)")
     limits = Limits(codes_per_site=codes_per_site, contexts=contexts, context=context, min_count=min_count,

@@ -157,7 +157,8 @@ MANIFEST = Obj({
                    required=("format", "files", "d_sae", "k", "k_fixed", "site"))),
     "base_model": Opt(Obj({"kind": STR, "path": STR, "sha256": STR})),
     "num_shards": Opt(INT), "tokens": Opt(INT), "docs": Opt(INT),
-    "shards": Opt(ListOf(Obj({"index": INT, "tokens": INT, "docs": INT}, required=("index", "tokens", "docs")))),
+    "shards": Opt(ListOf(Obj({"index": INT, "tokens": INT, "docs": INT, "sha256": STR},
+                              required=("index", "tokens", "docs")))),
 }, required=("format", "format_version", "checkpoint", "sites"))
 
 

@@ -17,6 +17,9 @@ A store is a directory::
         counts.SITE.npy      (C,) how many tokens each code fired on (SAE stores: with a nonzero activation)
     shard-000001/ ...
     shard-000002.lock        a writer's claim on a shard it is writing (host, pid)
+    .writer.lock             a running `embed`'s claim on the store (.writer-I-of-N.lock for `--worker I/N`
+                             or rank I of N): a second writer of the same share is refused, and so is
+                             `--overwrite` while any writer is alive
 
 Everything is plain .npy, read with ``np.load(mmap_mode="r", allow_pickle=False)``, so a store much larger
 than memory is read shard by shard. A shard is written into a temporary directory and renamed into
@@ -50,7 +53,7 @@ from cbtool.model.specs import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.util import distributed, strict_json
 from cbtool.util.files import atomic_write_text, current_umask, read_text, save_npy, sha256_file
-from cbtool.util.locks import acquire, remove_if_stale
+from cbtool.util.locks import Lock, acquire, read_lock, remove_if_stale
 from cbtool.version import __version__
 
 FORMAT = "cbtool-codes"
@@ -155,16 +158,39 @@ def _smallest_uint(max_value: int) -> np.dtype:
     return code_dtype(max_value + 1)
 
 
-class StoreWriter:
-    """Creates or reopens a store and writes shards atomically under a per-shard claim."""
+WRITER_LOCK = ".writer.lock"
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+
+def writer_lock_name(worker: tuple[int, int] = (0, 1)) -> str:
+    """The store lock of one writer's share: `.writer.lock` for the whole store, else `.writer-I-of-N.lock`."""
+    return WRITER_LOCK if worker[1] == 1 else f".writer-{worker[0]}-of-{worker[1]}.lock"
+
+
+def _is_writer_lock(p: Path) -> bool:
+    return p.name.startswith(".writer") and p.name.endswith(".lock")
+
+
+class StoreWriter:
+    """Creates or reopens a store and writes shards atomically under a per-shard claim, holding the store's
+    writer lock of its share (`writer_lock_name`) until `close`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], lock: Lock | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        self.lock = lock
+
+    def close(self) -> None:
+        """Release the store's writer lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @classmethod
-    def open(cls, path: Path, plan: dict[str, Any], overwrite: bool = False) -> StoreWriter:
-        """Create a store for `plan` (the manifest without totals), or reopen a compatible one.
+    def open(cls, path: Path, plan: dict[str, Any], overwrite: bool = False,
+             worker: tuple[int, int] = (0, 1)) -> StoreWriter:
+        """Create a store for `plan` (the manifest without totals), or reopen a compatible one, under the
+        writer lock of `worker`'s share (refused while a live writer holds it; `overwrite` is refused while
+        any writer of the store is alive).
 
         `plan` holds: checkpoint {path, sha256}, corpus, shard_tokens, max_tokens, sites (entries),
         labels (names), token_strings (optional)."""
@@ -172,10 +198,38 @@ class StoreWriter:
         if path.exists() and not path.is_dir():
             raise UserError(f"store path {path} exists and is not a directory")
         man_path = path / MANIFEST
-        if path.exists() and overwrite:
-            if not man_path.is_file() and any(path.iterdir()):
-                raise UserError(f"{path} exists and is not a code store; refusing to replace it")
-            shutil.rmtree(path)
+        if path.exists() and overwrite and not man_path.is_file() \
+                and any(not _is_writer_lock(p) for p in path.iterdir()):
+            raise UserError(f"{path} exists and is not a code store; refusing to replace it")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create store {path}: {e.strerror or e}") from None
+        lock = acquire(path / writer_lock_name(worker), f"code store {path}")
+        try:
+            return cls._open(path, plan, overwrite, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _open(cls, path: Path, plan: dict[str, Any], overwrite: bool, lock: Lock) -> StoreWriter:
+        man_path = path / MANIFEST
+        if overwrite:
+            for other in sorted(p for p in path.iterdir() if _is_writer_lock(p) and p != lock.path):
+                if not remove_if_stale(other):
+                    holder = read_lock(other)
+                    if holder:  # a live writer of another share: replacing the store would cut it off
+                        who = f"pid {holder.get('pid')} on {holder.get('host')}"
+                        raise UserError(f"code store {path} is being written by {who}; --overwrite refused "
+                                        f"(delete {other} if that writer is gone)")
+            for entry in path.iterdir():  # everything but our own claim
+                if entry == lock.path:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
         if man_path.is_file():
             old = read_manifest(path)
             keys = ("checkpoint", "corpus", "shard_tokens", "max_tokens", "sites", "sae", "base_model")
@@ -185,10 +239,10 @@ class StoreWriter:
                         f"store {path} was written with a different {key} "
                         f"(use --overwrite to start over, or --out for a new store)"
                     )
-            return cls(path, old)
+            return cls(path, old, lock)
         if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
             if man_path.is_file():  # a concurrent writer (`--worker`) has just created it: reopen
-                return cls.open(path, plan)
+                return cls._open(path, plan, False, lock)
             raise UserError(f"{path} exists and is not a code store; choose another --out")
         manifest = {
             "format": FORMAT,
@@ -205,7 +259,7 @@ class StoreWriter:
             atomic_write_text(man_path, strict_json.dumps(manifest, indent=2))
         except OSError as e:
             raise UserError(f"cannot create store {path}: {e.strerror or e}") from None
-        return cls(path, manifest)
+        return cls(path, manifest, lock)
 
     def is_complete(self, index: int) -> bool:
         return (self.path / shard_name(index) / SHARD_META).is_file()
@@ -299,7 +353,10 @@ class StoreWriter:
             num_shards=num_shards,
             tokens=sum(m["tokens"] for m in metas),
             docs=sum(m["docs"] for m in metas),
-            shards=[{"index": m["index"], "tokens": m["tokens"], "docs": m["docs"]} for m in metas],
+            # each shard.json's sha256 (it holds the sha256 of every file of its shard): readers refuse a shard
+            # that is not the one finalised here, e.g. one copied in from another store of the same size
+            shards=[{"index": m["index"], "tokens": m["tokens"], "docs": m["docs"],
+                     "sha256": sha256_file(self.path / shard_name(i) / SHARD_META)} for i, m in enumerate(metas)],
         )
         try:
             atomic_write_text(self.path / MANIFEST, strict_json.dumps(self.manifest, indent=2))
@@ -412,14 +469,36 @@ class Store:
             )
         return None
 
+    def check_same_checkpoint(self, checkpoint: Path) -> None:
+        """Refuse (exit 2) when the store records a checkpoint sha256 and `checkpoint` is not that checkpoint."""
+        recorded = self.manifest["checkpoint"].get("sha256")
+        meta = Path(checkpoint) / META
+        if recorded and meta.is_file() and sha256_file(meta) != recorded:
+            raise UserError(f"code store {self.path} was embedded from another checkpoint than {checkpoint} "
+                            f"(its {META} sha256 differs from the one the store records); give the store of "
+                            f"this checkpoint, or re-run `cbtool embed {checkpoint} --out STORE`")
+
     # -- arrays --------------------------------------------------------------------------------
+    def _check_shard_identity(self, shard: int) -> None:
+        """The shard's shard.json is the one this store finalised (its sha256 in the manifest, when recorded)."""
+        entry = self.manifest["shards"][shard]
+        recorded = entry.get("sha256") if isinstance(entry, dict) else None
+        if recorded is None:  # stores finalised before shard hashes were recorded
+            return
+        if sha256_file(self.path / shard_name(shard) / SHARD_META) != recorded:
+            raise UserError(f"store {self.path}: {shard_name(shard)} is not the shard this store was finalised with "
+                            f"({SHARD_META} does not match the sha256 in {MANIFEST}: corrupt, replaced or copied from "
+                            f"another store); re-run `cbtool embed --overwrite`")
+
     def _verify(self, shard: int, name: str) -> None:
         """Check a shard file against the sha256 in its shard.json (once per file and Store, and not again while
         the file is unchanged since a reader recorded the check: cbtool/formats/verified.py)."""
         if (shard, name) in self._verified:
             return
         if shard not in self._shard_files:
-            self._shard_files[shard] = _read_shard_meta(self.path, shard).get("files")
+            files = _read_shard_meta(self.path, shard).get("files")
+            self._check_shard_identity(shard)
+            self._shard_files[shard] = files
         files = self._shard_files[shard]
         if isinstance(files, dict):  # stores written before per-file hashes have none to check
             f = self.path / shard_name(shard) / name
@@ -669,8 +748,11 @@ def write_store(
         "token_strings": token_strings,
     }
     writer = StoreWriter.open(path, plan, overwrite=True)
-    for i, arrays in enumerate(shards):
-        with writer.claim(i):
-            writer.write_shard(i, arrays)
-    writer.finalize(len(shards))
+    try:
+        for i, arrays in enumerate(shards):
+            with writer.claim(i):
+                writer.write_shard(i, arrays)
+        writer.finalize(len(shards))
+    finally:
+        writer.close()
     return Store(path)

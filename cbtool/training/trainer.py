@@ -42,7 +42,7 @@ from cbtool.training.config import (
 )
 from cbtool.training.kmeans import capture_inputs, init_codebook
 from cbtool.training.resume import check_train_state
-from cbtool.util import distributed, progress, signals
+from cbtool.util import budget, distributed, progress, signals
 from cbtool.util.limits import MAX_CODEBOOK_BYTES, MAX_CODES
 from cbtool.util.locks import Lock
 
@@ -113,6 +113,7 @@ class Trainer:
         locator.check_sites(chosen)
         site_codes = self._site_codes(chosen, locator)
         self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k, site_codes)
+        self._check_memory(locator, device)
         self.device_map = device_map
         if device_map is None:
             self.model.to(device)
@@ -129,6 +130,23 @@ class Trainer:
         self.metrics.attach(self.model)
         ddp.attach(self.world, self.model)
         self._make_optimizer(self.phase(0))
+
+    def _check_memory(self, locator: Locator, device: torch.device) -> None:
+        """--batch-size and --kmeans-seqs that cannot fit are refused before anything runs (cbtool/util/budget.py):
+        a training step keeps at least 4 d_model-wide activations per layer and token for the backward pass
+        and the logits with their gradient; k-means holds every token's activations of a codebook's site."""
+        cfg, t = self.cfg, self.task.block_size
+        limit = budget.physical_memory()
+        if limit is not None and device.type == "cuda":
+            limit = max(limit, torch.cuda.get_device_properties(device).total_memory)
+        rows = -(-cfg.batch_size // self.world.size)
+        per_seq = 4 * t * (4 * locator.n_layer * locator.d_model + 2 * self.task.vocab_size)
+        budget.check_memory(rows * per_seq, f"--batch-size {cfg.batch_size} (sequences of {t} tokens)",
+                            "use a smaller --batch-size", limit)
+        if cfg.steps > 0:
+            dim = min((spec.dim for spec, _ in self.model.items()), default=0)
+            budget.check_memory(cfg.kmeans_seqs * t * (8 + 4 * dim), f"--kmeans-seqs {cfg.kmeans_seqs} "
+                                f"(sequences of {t} tokens)", "use a smaller --kmeans-seqs", limit)
 
     def _site_codes(self, chosen: list[tuple[int, str]], locator: Locator) -> dict[tuple[int, str], int]:
         """`site_codes`: C per (layer, component) where it differs from num_codes, checked like --num-codes."""

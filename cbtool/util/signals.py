@@ -1,7 +1,8 @@
 """Interrupts and closed pipes: how any command ends when the user stops it or stops reading its output.
 
-- Ctrl-C (SIGINT) and SIGTERM end a command with ONE line saying what was saved and how to continue, exit 130
-  or 143 (128 + the signal's number), no traceback. SIGTERM is raised as `Terminated` where the process is,
+- Ctrl-C (SIGINT), SIGTERM and SIGHUP end a command with ONE line saying what was saved and how to continue, exit 130
+  143 or 129 (128 + the signal's number), no traceback (SIGHUP ignored at the start, as by `nohup`, stays
+  ignored). SIGTERM is raised as `Terminated` where the process is,
   as Python raises KeyboardInterrupt for SIGINT, so the same clean-up runs for both: `finally` blocks release
   locks (cbtool/util/locks.py) and the temp files of atomic writes are removed (cbtool/util/files.py,
   cbtool/formats/checkpoint.py). A command that writes something resumable wraps its work in `describing(...)`,
@@ -25,10 +26,17 @@ from contextlib import contextmanager
 from typing import Any
 
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
+# SIGHUP (the terminal closed, an ssh session dropped) ends a command as SIGTERM does, exit 129; unless it is
+# ignored when the command starts (`nohup`), which is then respected
+_STOPS = (signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the process is (not an Exception: nothing catches it as an error)."""
+    """SIGTERM (or SIGHUP), raised where the process is (not an Exception: nothing catches it as an error)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 class Interrupted(Exception):
@@ -44,21 +52,25 @@ def _main_thread() -> bool:
 
 
 def install() -> Callable[[], None]:
-    """Raise `Terminated` on SIGTERM from now on; returns a function that puts the previous handler back."""
+    """Raise `Terminated` on SIGTERM and SIGHUP (unless SIGHUP is ignored, as under `nohup`) from now on;
+    returns a function that puts the previous handlers back."""
     if not _main_thread():
         return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = {s: signal.getsignal(s) for s in _STOPS}
+    for s, handler in previous.items():
+        if s == signal.SIGTERM or handler is signal.SIG_DFL:
+            signal.signal(s, _terminate)
 
     def restore() -> None:
-        if signal.getsignal(signal.SIGTERM) is _terminate and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if signal.getsignal(s) is _terminate and handler is not None:
+                signal.signal(s, handler)
 
     return restore
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def is_interrupt(e: BaseException) -> bool:
@@ -82,21 +94,24 @@ def describing(saved: Callable[[], str]) -> Iterator[None]:
 
 def interrupted(e: BaseException) -> Interrupted:
     """The one line and exit code for an interrupt `e`."""
-    name, code = ("SIGTERM", EXIT_SIGTERM) if isinstance(e, Terminated) else ("SIGINT", EXIT_SIGINT)
+    num = e.signum if isinstance(e, Terminated) else signal.SIGINT
+    name, code = signal.Signals(num).name, 128 + num
     saved = getattr(e, "saved", None)
     return Interrupted(f"interrupted by {name}" + (f": {saved}" if saved else ""), code)
 
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while the block runs; a signal that arrived meanwhile is acted on after it."""
+    """Hold SIGINT, SIGTERM and SIGHUP while the block runs; a signal that arrived meanwhile is acted on after
+    it."""
     if not _main_thread():
         yield
         return
     pending: list[int] = []
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda signum, frame: pending.append(signum))
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, *_STOPS)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:

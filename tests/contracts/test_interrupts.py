@@ -29,7 +29,7 @@ def _interrupt(args: list[object], sig: int, ready, cwd: Path) -> tuple[int, lis
     """Start `cbtool ARGS`, read its stderr until `ready(line)` holds, send `sig`; the exit code and the
     stderr lines that followed."""
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, env=ENV, text=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_sighup)
     try:
         for line in proc.stderr:
             if ready(line):
@@ -42,6 +42,12 @@ def _interrupt(args: list[object], sig: int, ready, cwd: Path) -> tuple[int, lis
             proc.kill()
             proc.wait()
     return proc.returncode, rest.splitlines()
+
+
+def _default_sighup() -> None:
+    """The command starts with SIGHUP's default disposition, as from a terminal (not one pytest ran under
+    `nohup` would pass on, which the command would then keep ignoring)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -57,7 +63,7 @@ def _one_line(lines: list[str], start: str) -> str:
     return ours[0]
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_train_interrupted_names_its_last_checkpoint_which_resumes(sig, code, tmp_path):
     out = tmp_path / "ck"
     rc, lines = _interrupt(["train", "--preset", "tiny", "--device", "cpu", "--out", out, "--base-steps", 20,
@@ -108,7 +114,7 @@ def test_other_commands_interrupted_say_so_in_one_line(tiny_checkpoint_master, t
 
 def _interrupt_embed(args: list[object], first: Path, cwd: Path) -> tuple[int, list[str]]:
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, env=ENV, text=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_sighup)
     try:
         deadline = time.monotonic() + 120
         while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:

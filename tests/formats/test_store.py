@@ -93,6 +93,8 @@ def test_failed_shard_write_leaves_nothing_and_store_reads_as_incomplete(tmp_pat
     with pytest.raises(ValueError), w.claim(1):
         w.write_shard(1, bad)
     assert w.is_complete(0) and not w.is_complete(1)
+    assert (tmp_path / "st" / ".writer.lock").is_file()  # the writer's claim on the store, until closed
+    w.close()
     assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["manifest.json", shard_name(0)]
     assert not w.finalize(2)
     with pytest.raises(UserError, match="incomplete"):

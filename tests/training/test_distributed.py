@@ -191,3 +191,15 @@ def test_embed_and_search_on_two_ranks_equal_one_process(runs, tmp_path):
     assert rc0 == rc1 == 0, err0
     assert json.loads(out0) == ref and out1 == ""
     assert ref[4]["examples"] and ref[1]["rows"]
+
+
+def test_every_distributed_command_refuses_ranks_with_different_arguments(tmp_path):
+    """find-codes, dead-codes and show-code agree on their arguments like train and embed (cbtool/cli.py
+    `_agree_ranks`): every rank refuses with one line before reading anything, instead of merging two jobs."""
+    store = str(tmp_path / "codes")  # never opened: the ranks disagree first
+    for args, rank1 in ((["find-codes", store, "--labels", "state"], ["--top", "3"]),
+                        (["dead-codes", store], ["--json"]),
+                        (["show-code", "0.mlp:5", store], ["--examples", "2"])):
+        for rc, out, err in _cli(*args, per_rank={1: rank1}):
+            assert rc == 2 and one_error(err, f"ranks disagree on the {args[0]} arguments"), err
+            assert out == ""
