@@ -34,7 +34,8 @@ from cbtool.analysis.features import label_feature, regex_feature
 from cbtool.analysis.scoring import score_labels, score_mask
 from cbtool.embedding import run_embed
 from cbtool.formats.checkpoint import load_checkpoint, save_checkpoint
-from cbtool.formats.store import ShardArrays, Store, StoreWriter, site_entry
+from cbtool.formats.store import ShardArrays, Store, site_entry
+from cbtool.formats.store_writer import StoreWriter
 from cbtool.model.sites import BuiltinLocator, CodebookModel, CodebookSpec, Site
 from cbtool.model.transformer import ModelConfig, Transformer
 from cbtool.tasks.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents

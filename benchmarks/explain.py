@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from cbtool.explanations.explainer import explain
-from cbtool.formats.store import documents_to_arrays, write_store
+from cbtool.formats.store import documents_to_arrays
+from cbtool.formats.store_writer import write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document
 

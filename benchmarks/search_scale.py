@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cbtool.formats.store import ShardArrays, StoreWriter, site_entry
+from cbtool.formats.store import ShardArrays, site_entry
+from cbtool.formats.store_writer import StoreWriter
 from cbtool.formats.verified import RECORD
 from cbtool.model.sites import CodebookSpec, Site
 

@@ -29,7 +29,6 @@ from cbtool.formats.sae import SAEBase, SparseDictionary, TruncationCounter, che
 from cbtool.formats.store import (
     MANIFEST,
     ShardArrays,
-    StoreWriter,
     checkpoint_ref,
     code_dtype,
     documents_to_arrays,
@@ -38,6 +37,7 @@ from cbtool.formats.store import (
     sae_site_entry,
     site_entry,
 )
+from cbtool.formats.store_writer import StoreWriter
 from cbtool.model.sites import hook_site
 from cbtool.tasks.base import Corpus, Document
 from cbtool.util import budget

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cbtool.formats.checkpoint import load_checkpoint
-from cbtool.formats.store import Store, documents_to_arrays, write_store
+from cbtool.formats.store import Store, documents_to_arrays
+from cbtool.formats.store_writer import write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.tokfsm import HELD_OUT_SEED, TokFSM, fsm_documents
 from tests.helpers import run_cli

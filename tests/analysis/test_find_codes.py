@@ -12,7 +12,8 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 
 from cbtool.analysis.features import regex_feature, tokens_overlapping
 from cbtool.analysis.scoring import score_labels, score_mask
-from cbtool.formats.store import Store, documents_to_arrays, write_store
+from cbtool.formats.store import Store, documents_to_arrays
+from cbtool.formats.store_writer import write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.tasks.tokfsm import fsm_document

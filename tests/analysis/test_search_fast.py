@@ -12,7 +12,8 @@ import pytest
 
 import cbtool.formats.store as store_module
 from cbtool.analysis.search import find_codes
-from cbtool.formats.store import Store, documents_to_arrays, shard_name, write_store
+from cbtool.formats.store import Store, documents_to_arrays, shard_name
+from cbtool.formats.store_writer import write_store
 from cbtool.formats.verified import RECORD
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document

@@ -72,7 +72,8 @@ def test_second_writer_of_a_held_shard_is_refused(tiny_checkpoint_master, tmp_pa
     assert res.exit_code == 0, res.output
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time, json\n"
-        "from cbtool.formats.store import StoreWriter, read_manifest\n"
+        "from cbtool.formats.store import read_manifest\n"
+        "from cbtool.formats.store_writer import StoreWriter\n"
         f"w = StoreWriter({str(out)!r}, read_manifest({str(out)!r}))\n"
         "with w.claim(0):\n"
         "    print('held', flush=True)\n"

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from cbtool.analysis.features import match_ranges, tokens_overlapping
 from cbtool.analysis.scoring import SiteScores, score_labels, score_mask
 from cbtool.errors import UserError
-from cbtool.formats.store import documents_to_arrays, write_store
+from cbtool.formats.store import documents_to_arrays
+from cbtool.formats.store_writer import write_store
 from cbtool.model.refs import parse_code_ref, resolve_site
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document

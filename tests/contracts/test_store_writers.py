@@ -1,4 +1,4 @@
-"""One writer per share of a code store (cbtool/formats/store.py `.writer.lock`), a store that could not be
+"""One writer per share of a code store (cbtool/formats/store_writer.py `.writer.lock`), a store that could not be
 finalised is an error, and a store or shard is only read with the checkpoint and store it belongs to.
 
 The concurrency cases run the real CLI in separate processes on the tiny checkpoint."""
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from cbtool.formats.store import StoreWriter
+from cbtool.formats.store_writer import StoreWriter
 from tests.helpers import run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbtool.formats.store import documents_to_arrays, write_store
+from cbtool.formats.store import documents_to_arrays
+from cbtool.formats.store_writer import write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.util.safe_text import visible

@@ -25,7 +25,8 @@ from cbtool.explanations.hypotheses import (
     position_buckets,
     position_regex,
 )
-from cbtool.formats.store import Store, documents_to_arrays, write_store
+from cbtool.formats.store import Store, documents_to_arrays
+from cbtool.formats.store_writer import write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.base import Document
 from cbtool.tasks.tokfsm import FSMSpec, TokFSM

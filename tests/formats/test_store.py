@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from cbtool.errors import UserError
-from cbtool.formats.store import Store, StoreWriter, code_dtype, documents_to_arrays, shard_name, write_store
+from cbtool.formats.store import Store, code_dtype, documents_to_arrays, shard_name
+from cbtool.formats.store_writer import StoreWriter, write_store
 from cbtool.model.sites import CodebookSpec, Site
 from cbtool.tasks.tokfsm import fsm_document
 from cbtool.util.files import sha256_file
