@@ -129,6 +129,7 @@ class CodebookModel(nn.Module):
             {_module_key(s): Codebook(s.dim, s.num_codes, s.k, s.groups) for s in self.specs}
         )
         self._handles = [self._hook(s) for s in self.specs]
+        self._off: set[str] = set()  # module keys kept bypassed (`only_sites`)
         self.sites: dict[str, Site] = {
             name: Site(name, s, g) for s in self.specs for g, name in enumerate(s.site_names)
         }
@@ -157,8 +158,25 @@ class CodebookModel(nn.Module):
         return self.base(*args, **kwargs)
 
     def set_enabled(self, enabled: bool) -> None:
-        for cb in self.codebooks.values():
-            cb.enabled = enabled
+        """Codebooks on (their codes replace the activations) or bypassed; those outside `only_sites` stay
+        bypassed."""
+        for key, cb in self.codebooks.items():
+            cb.enabled = enabled and key not in self._off
+
+    def only_sites(self, names: list[str]) -> None:
+        """Keep the codebooks of these sites switchable and every other one bypassed from now on (`cbtool eval
+        --sites`). A codebook is switched whole: naming some heads of a per-head codebook is a UserError."""
+        chosen = set(names)
+        off = set()
+        for spec in self.specs:
+            named = chosen & set(spec.site_names)
+            if named and len(named) < len(spec.site_names):
+                raise UserError(f"--sites names {len(named)} of the {len(spec.site_names)} heads of one codebook "
+                                f"({spec.site_names[0]} ...); a codebook is switched on or off whole")
+            if not named:
+                off.add(_module_key(spec))
+        self._off = off
+        self.set_enabled(True)
 
     def set_record(self, record: bool) -> None:
         for cb in self.codebooks.values():

@@ -152,3 +152,27 @@ def test_plot_bad_input_exit_2(tiny_checkpoint_master, store, tmp_path, monkeypa
     res = run_cli("dead-codes", store, "--plot", tmp_path / "usage.png")
     assert res.exit_code == 2 and "pip install matplotlib" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "usage.png").exists()
+
+
+def test_eval_plot_only_draws_from_the_log(tiny_checkpoint_master, tmp_path):
+    """`eval --plot F --plot-only`: the same curves from metrics.jsonl and the evaluation recorded at the end of
+    training, in a fresh interpreter that never imports torch (no model is run)."""
+    import subprocess
+
+    path = tmp_path / "curves.svg"
+    code = ("import sys; from cbtool.cli import main; sys.argv = ['cbtool', 'eval', sys.argv[1], '--plot', "
+            "sys.argv[2], '--plot-only']\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    res = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint_master), str(path)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    svg = path.read_text()
+    results = json.loads((tiny_checkpoint_master / "cbtool.json").read_text())["training"]["results"]
+    assert f"{results['on']['loss']:.4f}" in svg and f"{results['bypassed']['loss']:.4f}" in svg
+    for args, needle in ((("--plot-only",), "give the file"),
+                         (("--plot", tmp_path / "a.png", "--plot-only", "--json"), "--json needs an evaluation"),
+                         (("--plot", tmp_path / "a.png", "--plot-only", "--sites", "*.mlp"), "--sites")):
+        res = run_cli("eval", tiny_checkpoint_master, *args)
+        assert res.exit_code == 2 and needle in res.output, res.output
+    res = run_cli("eval", tmp_path, "--plot", tmp_path / "b.png", "--plot-only")
+    assert res.exit_code == 2 and "not a cbtool checkpoint" in res.output, res.output
