@@ -63,6 +63,18 @@ class _StoreJob:
         n = self.corpus.expected_tokens
         return n if n is None or self.max_tokens is None else min(n, self.max_tokens)
 
+    def run(self, on_tokens: Callable[[int], None] | None = None, close: bool = True) -> dict[str, Any]:
+        """Write this worker's missing shards; the summary `cbtool embed --json` prints. The store's writer
+        lock is released at the end unless `close` is False (the caller then calls `writer.close()`)."""
+        try:
+            return self._run(on_tokens)
+        finally:
+            if close:
+                self.writer.close()
+
+    def _run(self, on_tokens: Callable[[int], None] | None) -> dict[str, Any]:
+        raise NotImplementedError
+
 
 def _check_sizes(batch_size: int, shard_tokens: int, max_tokens: int | None) -> None:
     if batch_size < 1:
@@ -86,15 +98,6 @@ class EmbedJob(_StoreJob):
     batch_size: int
     device: torch.device
     worker: tuple[int, int]
-
-    def run(self, on_tokens: Callable[[int], None] | None = None, close: bool = True) -> dict[str, Any]:
-        """Write this worker's missing shards; the summary `cbtool embed --json` prints. The store's writer
-        lock is released at the end unless `close` is False (the caller then calls `writer.close()`)."""
-        try:
-            return self._run(on_tokens)
-        finally:
-            if close:
-                self.writer.close()
 
     def _run(self, on_tokens: Callable[[int], None] | None) -> dict[str, Any]:
         if self.complete:
@@ -363,14 +366,6 @@ class SAEEmbedJob(_StoreJob):
     batch_size: int
     device: torch.device
     worker: tuple[int, int]
-
-    def run(self, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Write this worker's missing shards; the summary `cbtool embed --sae --json` prints (the store's
-        writer lock released at the end)."""
-        try:
-            return self._run(on_tokens)
-        finally:
-            self.writer.close()
 
     def _run(self, on_tokens: Callable[[int], None] | None) -> dict[str, Any]:
         written = skipped = tokens = num_shards = 0

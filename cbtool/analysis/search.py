@@ -346,4 +346,7 @@ def document_scores(store: Store, site: str, matching: list[np.ndarray]) -> Site
         pairs = np.unique((doc[:, None] * c + ids).reshape(-1))
         fires += np.bincount(pairs % c, minlength=c)
         hits += np.bincount(pairs[match[pairs // c]] % c, minlength=c)
+    latents = store.site_entries[site].get("latents")
+    if isinstance(latents, int) and 0 < latents < c:  # an SAE store's padding code is in many documents' slots
+        fires[latents:] = hits[latents:] = 0  # but never fires (docs/formats.md "SAE stores")
     return SiteScores(site, hits, fires, int(sum(int(m.sum()) for m in matching)))

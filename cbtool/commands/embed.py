@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ from cbtool.util import distributed, progress, signals
 from cbtool.util.files import refuse_overwriting_inputs
 
 if TYPE_CHECKING:
-    from cbtool.embedding import EmbedJob
+    from cbtool.embedding import EmbedJob, SAEEmbedJob
 
 # cbtool.embedding.DEFAULT_SHARD_TOKENS, here without importing torch for --help (tests/contracts/test_startup.py
 # checks that they agree)
@@ -135,23 +136,9 @@ def embed(
             ckpt, target, corpus, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split, sites=sites,
             batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens, worker=parts, device=dev,
             overwrite=overwrite and world.is_main))
-        try:
-            if job.complete:
-                err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
-                doc = job.run(close=False)
-            else:
-                with progress.track("embedding", job.expected_tokens, "tokens") as bar:  # a line every 30 s
-                    doc = job.run(bar.advance, close=False)
-                if world.active:
-                    doc = _all_ranks(job, doc)
-                err.print(
-                    f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in {doc['seconds']:.1f} "
-                    f"s ({doc['tokens_per_s']:,.0f} tokens/s); skipped {doc['skipped']} shard(s) already written or "
-                    f"not ours",
-                    soft_wrap=True,
-                )
-        finally:
-            job.writer.close()  # the store's writer lock, held until the store is finalised
+        doc = _run_job(job, target, lambda d: (
+            f"embedded {d['tokens_written']:,} tokens in {d['written']} shard(s) in {d['seconds']:.1f} s "
+            f"({d['tokens_per_s']:,.0f} tokens/s); skipped {d['skipped']} shard(s) already written or not ours"))
     if as_json:
         emit_json("embed", doc)
         return
@@ -212,7 +199,8 @@ def _embed_sae(sae_dir: Path | None, base_model: Path | None, gguf_file: str | N
                corpus: Path | None, text_field: str, num_seqs: int, seed: int, split: str, sites: str | None,
                batch_size: int, max_tokens: int | None, shard_tokens: int, worker: str | None, device: str,
                overwrite: bool, as_json: bool) -> None:
-    """`embed --sae DIR --base-model MODEL`: one process (no torchrun), the SAE's site of the base model."""
+    """`embed --sae DIR --base-model MODEL`: the SAE's site of the base model; under torchrun rank R of N writes
+    the shards of worker R/N, as `embed` does."""
     from cbtool.embedding import plan_sae_embed
     from cbtool.formats.sae import load_sae, open_base
     from cbtool.model.devices import resolve_device
@@ -223,27 +211,30 @@ def _embed_sae(sae_dir: Path | None, base_model: Path | None, gguf_file: str | N
         raise UserError("with --sae give the model as --base-model, not as a checkpoint argument")
     if sites is not None:
         raise UserError("--sites selects codebook sites; an SAE reads one site (--site overrides its own)")
-    if distributed.world().active:
-        raise UserError("embed --sae runs as one process: use --worker I/N to split the shards")
     if seq_len is not None and seq_len < 2:
         raise UserError(f"--seq-len must be >= 2, got {seq_len}")
+    world = distributed.world()
     parts = _parse_worker(worker)
+    if world.active:  # under torchrun: rank R of N is worker R/N
+        if worker is not None:
+            raise UserError("--worker and torchrun both split the shards: give one of them")
+        parts = (world.rank, world.size)
     dev = resolve_device(device)
+    target = default_store(out_dir, run)
+    distributed.agree([str(Path(sae_dir).resolve()), str(Path(base_model).resolve()), gguf_file, site, k_max, seq_len,
+                       str(Path(target).resolve()), str(corpus), text_field, num_seqs, seed, split, batch_size,
+                       max_tokens, shard_tokens, str(dev), overwrite], "the embed arguments")
     sae = load_sae(sae_dir, k_max)
     base = open_base(base_model, gguf_file, dev, seq_len)
-    target = default_store(out_dir, run)
     with signals.describing(lambda: _saved(target)):
-        job = plan_sae_embed(sae, base, target, corpus, site=site, text_field=text_field, num_seqs=num_seqs,
-                             seed=seed, split=split, batch_size=batch_size, max_tokens=max_tokens,
-                             shard_tokens=shard_tokens, worker=parts, device=dev, overwrite=overwrite)
-        if job.complete:
-            err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
-            doc = job.run()
-        else:
-            with progress.track("embedding", job.expected_tokens, "tokens") as bar:
-                doc = job.run(bar.advance)
-            err.print(f"embedded {doc['tokens_written']:,} tokens in {doc['written']} shard(s) in "
-                      f"{doc['seconds']:.1f} s through SAE {sae.path} at {job.site}", soft_wrap=True)
+        # rank 0 creates (or replaces) the store, then the other ranks reopen it
+        job = distributed.main_first(lambda: plan_sae_embed(
+            sae, base, target, corpus, site=site, text_field=text_field, num_seqs=num_seqs, seed=seed, split=split,
+            batch_size=batch_size, max_tokens=max_tokens, shard_tokens=shard_tokens, worker=parts, device=dev,
+            overwrite=overwrite and world.is_main))
+        doc = _run_job(job, target, lambda d: (
+            f"embedded {d['tokens_written']:,} tokens in {d['written']} shard(s) in {d['seconds']:.1f} s through "
+            f"SAE {sae.path} at {job.site}"))
     if as_json:
         emit_json("embed", doc)
         return
@@ -269,7 +260,24 @@ def _saved(target: Path) -> str:
             f"shards are skipped)")
 
 
-def _all_ranks(job: EmbedJob, doc: dict) -> dict:
+def _run_job(job: EmbedJob | SAEEmbedJob, target: Path, summary: Callable[[dict], str]) -> dict:
+    """Run an embed job (its writer lock held until the store is finalised, by all ranks under torchrun) and
+    say what it wrote."""
+    try:
+        if job.complete:
+            err.print(f"store {target} is complete; nothing to do (--overwrite starts over)", soft_wrap=True)
+            return job.run(close=False)
+        with progress.track("embedding", job.expected_tokens, "tokens") as bar:  # a line every 30 s
+            doc = job.run(bar.advance, close=False)
+        if distributed.world().active:
+            doc = _all_ranks(job, doc)
+        err.print(summary(doc), soft_wrap=True)
+        return doc
+    finally:
+        job.writer.close()
+
+
+def _all_ranks(job: EmbedJob | SAEEmbedJob, doc: dict) -> dict:
     """Once every rank has written its shards: the store finalised and the summary of all ranks."""
     written, tokens = (int(x) for x in distributed.all_reduce_np(np.array([doc["written"], doc["tokens_written"]])))
     complete = job.writer.finalize(doc["shards"]) if distributed.world().is_main else False

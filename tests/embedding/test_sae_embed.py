@@ -258,3 +258,20 @@ def test_bad_input_exit_2(world, tmp_path):
     bad = saelens_dir(tmp_path / "trunc")
     (bad / "sae_weights.safetensors").write_bytes(b"not safetensors")
     one_line("--sae", bad, *base, needle="safetensors")
+
+
+def test_document_level_never_lists_the_padding_code(world, tmp_path):
+    """Tokens with fewer active latents than --k-max pad their slots with code d_sae; it is in every document's
+    slots but never fires, so document-level find-codes does not score it."""
+    out = tmp_path / "relu-codes"
+    res = run_cli("embed", "--sae", world["relu"], "--base-model", world["gpt2"], "--corpus", world["corpus"],
+                  "--k-max", "40", "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    store = Store(out)
+    ids, _ = stored(store, "0.mlp")
+    assert (ids == D_SAE).any()  # padding is there
+    res = run_cli("find-codes", out, "--regex", "king|snow", "--level", "document", "--min-count", "1", "--top", "0",
+                  "--json")
+    assert res.exit_code in (0, 1), res.output
+    codes = [r["code"] for r in json.loads(res.stdout)["rows"]]
+    assert codes and f"0.mlp:{D_SAE}" not in codes

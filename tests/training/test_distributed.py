@@ -203,3 +203,32 @@ def test_every_distributed_command_refuses_ranks_with_different_arguments(tmp_pa
         for rc, out, err in _cli(*args, per_rank={1: rank1}):
             assert rc == 2 and one_error(err, f"ranks disagree on the {args[0]} arguments"), err
             assert out == ""
+
+
+def test_sae_embed_on_two_ranks_equals_one_process(runs, tmp_path):
+    """`embed --sae` under torchrun: rank R writes worker R/N's shards; the store equals one process's."""
+    from safetensors.torch import save_file
+
+    ck = runs / "ranks1"
+    d_model = int(json.loads((ck / "cbtool.json").read_text())["model"]["config"]["d_model"])
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({"W_enc": torch.randn(d_model, 24, generator=g), "b_enc": torch.zeros(24),
+               "W_dec": torch.randn(24, d_model, generator=g), "b_dec": torch.zeros(d_model)},
+              str(sae / "sae_weights.safetensors"))
+    (sae / "cfg.json").write_text(json.dumps({"d_in": d_model, "d_sae": 24, "architecture": "topk", "k": 3,
+                                              "metadata": {"hook_name": "blocks.1.hook_resid_post"}}))
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--sae", str(sae), "--base-model", str(ck), "--num-seqs", "40", "--shard-tokens", "1000",
+              "--device", "cpu"]
+    res = run_cli("embed", *common, "--out", one)
+    assert res.exit_code == 0, res.output
+    for rc, _, err in _cli("embed", *common, "--out", str(two)):
+        assert rc == 0, err
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert len([f for f in files if f.name == "shard.json"]) >= 4
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files), "stores differ"
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert m2["complete"] and m1["tokens"] == m2["tokens"] and m1["shards"] == m2["shards"]
