@@ -8,7 +8,8 @@ docs: the held-out speeches, `cbtool embed CK --split heldout` and `cbtool embed
 --split heldout`). For each dictionary, restricted to `--site`:
 
 * loss with the dictionary spliced in vs the base model: `cbtool eval CK --sites SITE` (only that site's codebook
-  on) and `cbtool eval --sae SAE --base-model CK` (the same held-out blocks of the checkpoint's corpus);
+  on) and `cbtool eval --sae SAE --base-model CK` (the same held-out blocks of the checkpoint's corpus), and the
+  share of the loss that zeroing the site costs which each dictionary recovers;
 * the concept codes of benchmarks/lm_claims.py (months, years, dollar amounts, quotation marks): `cbtool
   find-codes STORE --sites SITE --regex RE --min-count 10`, the best code by F1 with its precision and recall;
 * dead codes: `cbtool dead-codes STORE --sites SITE` (never fired on the store's tokens);
@@ -89,6 +90,14 @@ def table(res: dict) -> str:
         return f"{on:.4f} vs {e['bypassed']['loss']:.4f} ({on - e['bypassed']['loss']:+.4f})"
 
     row("held-out loss spliced vs bypassed (nats/token)", loss)
+    zero, off = sae["loss"]["ablated"]["loss"], sae["loss"]["bypassed"]["loss"]  # same base, same tokens
+
+    def recovered(d: dict) -> str:
+        e = d["loss"]
+        on = e["on"]["loss"] if "on" in e else e["spliced"]["loss"]
+        return f"{(zero - on) / (zero - off):.3f}"
+
+    row(f"loss recovered vs the site zeroed ({zero:.4f})", recovered)
     lines.append(f"| fraction of variance unexplained | - | {sae['loss']['fvu']:.3f} |")
     for name in SIDE_CONCEPTS:
         def concept(d: dict, name: str = name) -> str:

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 def evaluate(
     path: Path | None = typer.Argument(None, help="Checkpoint directory (default RUN/checkpoint)."),
     run: Path | None = typer.Option(None, "--run", help=RUN_OPTION_HELP),
-    samples: int = typer.Option(512, "--samples", help="TokFSM: sampled sequences for transition accuracy."),
+    samples: int | None = typer.Option(None, "--samples", help="TokFSM: sampled sequences for transition accuracy "
+                                       "(default: the number the run itself was evaluated with, 512 for the "
+                                       "default preset, 32 for --preset tiny)."),
     temperature: float = typer.Option(1.0, "--temperature", help="TokFSM: sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed", help="TokFSM: seed of the sampled sequences."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -83,7 +85,7 @@ def evaluate(
     from cbtool.tasks.tokfsm import TokFSM
 
     plot = check_plot_path(plot)
-    if not 1 <= samples <= MAX_SAMPLES:
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
         raise UserError(f"--samples must be in 1..{MAX_SAMPLES:,}, got {samples}")
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
@@ -103,6 +105,8 @@ def evaluate(
         from cbtool.formats.store import match_sites
         chosen = match_sites(list(ckpt.model.sites), sites, f"checkpoint {ckpt.path}")
         ckpt.model.only_sites(chosen)
+    if samples is None:
+        samples = _own_samples(ckpt)
     res = task.evaluate(ckpt.model, dev, samples=samples, seed=seed, temperature=temperature, blocks=blocks)
     if sites is not None:
         res["sites_on"] = chosen
@@ -127,6 +131,17 @@ def evaluate(
     if "context_use" in res:
         out.print(_context_table(res["context_use"]))
     _plot(ckpt, res, plot)
+
+
+DEFAULT_SAMPLES = 512
+
+
+def _own_samples(ckpt: Checkpoint) -> int:
+    """`eval --samples` unset: the sequences the run's own final evaluation sampled (`eval_samples` of its training
+    config: 32 for `--preset tiny`, whose eval would otherwise cost more than its training), else 512."""
+    cfg = (ckpt.meta.get("training") or {}).get("config") or {}
+    n = cfg.get("eval_samples") if isinstance(cfg, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SAMPLES else DEFAULT_SAMPLES
 
 
 def _plot_only(ckpt_path: Path, plot: Path | None, others: tuple[tuple[str, Any], ...]) -> None:

@@ -149,3 +149,14 @@ def test_loaded_checkpoint_matches_trained_model(tiny_checkpoint):
     ckpt.model.set_enabled(False)
     logits_off, _ = ckpt.model(tokens)
     assert not torch.allclose(logits_on, logits_off)
+
+
+def test_eval_samples_default_to_the_runs_own(tiny_checkpoint_master):
+    """`eval` without --samples samples as many sequences as the run's own final evaluation (tiny: 32), so that
+    evaluating a seconds-long run does not cost more than training it; --samples still chooses."""
+    own = json.loads((tiny_checkpoint_master / "cbtool.json").read_text())["training"]["config"]["eval_samples"]
+    res = run_cli("eval", tiny_checkpoint_master, "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["samples"] == own == 32
+    res = run_cli("eval", tiny_checkpoint_master, "--json", "--device", "cpu", "--samples", "8")
+    assert res.exit_code == 0 and json.loads(res.stdout)["samples"] == 8, res.output
