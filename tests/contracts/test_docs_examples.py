@@ -68,21 +68,21 @@ RUN_AS: dict[str, object] = {
     "cbtool eval runs/mlp/checkpoint --samples 2048 --json": "cbtool eval runs/mlp/checkpoint --samples 8 --json",
     "cbtool eval --plot curves.png": "cbtool eval --plot curves.png --samples 8",
     "cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
-    "--per-site --prompt 45157023 -n 200 --regex '^46' --plot rates.png":
+    "--per-site --prompt 45157023 -n 200 --regex '^(08|19|34|37|51|58|63|69|70|79)' --plot rates.png":
         "cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
-        "--per-site --prompt 45157023 -n 8 --regex '^46' --plot rates.png",
+        "--per-site --prompt 45157023 -n 8 --regex '^(08|19|34|37|51|58|63|69|70|79)' --plot rates.png",
     "cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
-    "--per-site --prompt 45157023 -n 200 --regex '^46' --json > steer.json":
+    "--per-site --prompt 45157023 -n 200 --regex '^(08|19|34|37|51|58|63|69|70|79)' --json > steer.json":
         ("cbtool find-codes --labels state --label 46 --sites '*.mlp' --jsonl | cbtool intervene --codes-from - "
-         "--per-site --prompt 45157023 -n 8 --regex '^46' --json > steer.json", (0, 1)),
+         "--per-site --prompt 45157023 -n 8 --regex '^(08|19|34|37|51|58|63|69|70|79)' --json > steer.json", (0, 1)),
     "cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 200 --max-new-tokens 8 "
     "--jsonl > samples.jsonl":
         "cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 8 --max-new-tokens 8 "
         "--jsonl > samples.jsonl",
-    "cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 200 --regex '^46' "
-    "--require-gain 0.02":  # a few-step checkpoint need not steer
-        ("cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 8 --regex '^46' "
-         "--require-gain 0.02", (0, 1)),
+    "cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 200 "
+    "--regex '^(08|19|34|37|51|58|63|69|70|79)' --require-gain 0.02":  # a few-step checkpoint need not steer
+        ("cbtool intervene --codes-from state46.jsonl --per-site --prompt 45157023 -n 8 "
+         "--regex '^(08|19|34|37|51|58|63|69|70|79)' --require-gain 0.02", (0, 1)),
     "cbtool intervene --fsm-eval --fsm-mode steering --plot fsm.png":
         "cbtool intervene --fsm-eval --fsm-mode steering --plot fsm.png --pairs 8 --code-seqs 8",
     "cbtool embed --num-seqs 1600 --sites '*.mlp' --out runs/a/codes":

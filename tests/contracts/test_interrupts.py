@@ -31,9 +31,13 @@ def _interrupt(args: list[object], sig: int, ready, cwd: Path) -> tuple[int, lis
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=cwd, env=ENV, text=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, preexec_fn=_default_sighup)
     try:
+        seen = []
         for line in proc.stderr:
+            seen.append(line)
             if ready(line):
                 break
+        else:
+            raise AssertionError(f"the command ended before it was ready to be interrupted: {''.join(seen)[-800:]}")
         proc.send_signal(sig)
         rest = proc.stderr.read()
         proc.wait(timeout=120)
@@ -44,10 +48,17 @@ def _interrupt(args: list[object], sig: int, ready, cwd: Path) -> tuple[int, lis
     return proc.returncode, rest.splitlines()
 
 
+def _stepping(line: str) -> bool:
+    """A training progress line: `N steps/s`, or `N s/step` when a loaded machine makes steps slower than 1 s."""
+    return "steps/s" in line or "s/step" in line
+
+
 def _default_sighup() -> None:
-    """The command starts with SIGHUP's default disposition, as from a terminal (not one pytest ran under
-    `nohup` would pass on, which the command would then keep ignoring)."""
+    """The command starts with SIGHUP's and SIGINT's default dispositions, as from a terminal (not the ignored ones
+    a pytest run under `nohup` or started with `&` by a script would pass on, which the command would then keep
+    ignoring)."""
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -68,7 +79,7 @@ def test_train_interrupted_names_its_last_checkpoint_which_resumes(sig, code, tm
     out = tmp_path / "ck"
     rc, lines = _interrupt(["train", "--preset", "tiny", "--device", "cpu", "--out", out, "--base-steps", 20,
                             "--steps", 2000, "--checkpoint-every", 10],
-                           sig, lambda line: "steps/s" in line and (out / "cbtool.json").is_file(), tmp_path)
+                           sig, lambda line: _stepping(line) and (out / "cbtool.json").is_file(), tmp_path)
     assert rc == code
     name = signal.Signals(sig).name
     line = _one_line(lines, f"cbtool: interrupted by {name}: the last checkpoint, step ")
@@ -86,7 +97,7 @@ def test_train_interrupted_names_its_last_checkpoint_which_resumes(sig, code, tm
 def test_train_terminated_before_any_checkpoint_says_nothing_was_saved(tmp_path):
     out = tmp_path / "ck"
     rc, lines = _interrupt(["train", "--preset", "tiny", "--device", "cpu", "--out", out, "--base-steps", 2000,
-                            "--checkpoint-every", 0], signal.SIGTERM, lambda line: "steps/s" in line, tmp_path)
+                            "--checkpoint-every", 0], signal.SIGTERM, _stepping, tmp_path)
     assert rc == 143
     _one_line(lines, "cbtool: interrupted by SIGTERM: nothing was saved yet")
     assert not (out / "cbtool.json").exists() and _leftovers(tmp_path) == []
