@@ -71,7 +71,7 @@ def sae_eval(base: SAEBase, sae: SparseDictionary, batches: Iterable[torch.Tenso
     """Loss spliced / bypassed / ablated on `batches` of (n, L) token ids, and the SAE's fvu, l0 and alive
     share (module docstring)."""
     name, _ = check_site(sae, base, site)
-    chunks = [b for b in batches]
+    chunks = list(batches)
     splice = _Splice(sae)
     handle = hook_site(base.locator, name, splice)
     was_training = base.model.training

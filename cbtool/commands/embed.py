@@ -186,7 +186,8 @@ def _own_corpus_cap(ckpt) -> int | None:
     except (KeyError, TypeError, ValueError):
         return None
     cap = max(OWN_CORPUS_FACTOR * trained, OWN_CORPUS_MIN)
-    total = ckpt.task.num_tokens
+    recorded = (ckpt.meta.get("task") or {}).get("tokens")  # the corpus size training recorded: no re-tokenising
+    total = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else ckpt.task.num_tokens
     if cap >= total:
         return None
     err.print(f"embedding the first {cap:,} of the corpus's {total:,} tokens ({OWN_CORPUS_FACTOR} x the {trained:,} "

@@ -315,11 +315,12 @@ def make_config(preset: str = "default", **options: Any) -> TrainConfig:
     own_sizes = options.get("site_codes") is None and (options.get("sites") is not None
                                                        or options.get("num_codes") is not None)
     extra: dict[str, Any] = {"site_codes": ""} if own_sizes else {}
-    fit = apply_preset(preset, task, options.get("base_model")).fit_corpus.split(",")
+    base = apply_preset(preset, task, options.get("base_model"))
     given = {"codes": ("sites", "num_codes", "site_codes"), "steps": ("base_steps", "steps")}
-    extra["fit_corpus"] = ",".join(f for f in fit if f in given and all(options.get(o) is None for o in given[f]))
+    extra["fit_corpus"] = ",".join(f for f in base.fit_corpus.split(",")
+                                   if f in given and all(options.get(o) is None for o in given[f]))
     if options.get("base_steps") == 0 and options.get("base_model") is None:  # from scratch: see SCRATCH
         extra.update({k: v for k, v in SCRATCH.items() if options.get(k) is None})
-    return apply_preset(preset, task, options.get("base_model")).override(**{**options, "task": task, **extra})
+    return base.override(**{**options, "task": task, **extra})
 
 
